@@ -1,0 +1,734 @@
+"""llama3.py: the Llama 3 text models (3, 3.1, 3.2, 3.3) in one file.
+
+Run it:    python llama3.py --ckpt DIR --prompt "The capital of France is"
+Read it:   top to bottom, in data-flow order: config, RMSNorm, RoPE, attention,
+           feed-forward, block, model, checkpoint loading, sampling, generation, CLI.
+Copy it:   everything from ModelArgs to Transformer imports only torch and the
+           standard library; tiktoken and safetensors are imported where used.
+
+Shape symbols used in the comments:
+    B           batch size
+    T           tokens fed in this call (the whole prompt in prefill, 1 in decode)
+    S           start_pos + T, the positions visible to attention (cache + new)
+    dim         model width (4096 for 8B)
+    n_heads     query heads (32 for 8B); n_kv_heads key/value heads (8 for 8B)
+    head_dim    dim // n_heads (128 for every released Llama 3)
+    hidden_dim  SwiGLU width (14336 for 8B)
+    vocab_size  128256 (128000 BPE tokens + 256 special tokens)
+
+References: Meta's github.com/meta-llama/llama3 (model.py, generation.py) and
+github.com/meta-llama/llama-models; "The Llama 3 Herd of Models" (arXiv 2407.21783).
+Left out on purpose: training, quantisation, LoRA, the vision models.
+
+Deliberate differences from Meta's model.py, each marked where it happens:
+no fairscale (plain nn.Linear); real-valued RoPE instead of complex numbers;
+the 3.1 rope scaling factor is a config field, not a literal; optional SDPA;
+the KV cache is created by the caller, not allocated in __init__.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import re
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# -----------------------------------------------------------------------------
+# Configuration
+#
+# Field names are the keys of Meta's params.json, so a params.json maps onto
+# ModelArgs one to one. The defaults describe Llama 3 8B. Two builders below
+# read Meta's params.json and Hugging Face's config.json; both ignore keys this
+# file does not use (Meta's quantized releases add `quantization_args`) with a
+# one-line note on stderr.
+# -----------------------------------------------------------------------------
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None means n_heads (plain multi-head attention)
+    vocab_size: int = 128256
+    multiple_of: int = 1024  # SwiGLU width is rounded up to a multiple of this
+    ffn_dim_multiplier: float | None = 1.3  # scales the SwiGLU width (1.3 for 8B)
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    use_scaled_rope: bool = False  # Llama 3.1+ frequency scaling for long context
+    # The four numbers of the 3.1 scaling (see the RoPE section). Meta's params.json
+    # carries none of them; convert.py writes them so nothing is guessed at load time.
+    rope_scaling_factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_seq_len: int = 8192  # Llama 3's pre-training context
+    max_seq_len: int = 8192  # positions this model instance can address (RoPE table size)
+    hidden_dim: int | None = None  # SwiGLU width; None: Meta's rule from multiple_of
+    tie_word_embeddings: bool = False  # output layer shares tok_embeddings (HF 3.2 1B/3B)
+    use_sdpa: bool = False  # attention through F.scaled_dot_product_attention
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError(f"head_dim={self.dim // self.n_heads} must be even for RoPE's channel pairs")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        # SwiGLU uses three matrices instead of a plain MLP's two, so Meta shrinks the
+        # 4*dim width by 2/3 to keep the parameter count, scales it by ffn_dim_multiplier
+        # and rounds up to multiple_of (friendly to GPUs and tensor-parallel splits):
+        # 8B 4096 -> 14336, 70B 8192 -> 28672, 405B 16384 -> 53248, 3.2 1B/3B -> 8192.
+        if self.hidden_dim is not None:
+            return self.hidden_dim
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+# The 3.1 scaling factor. Hugging Face configs state it; Meta's params.json only
+# says use_scaled_rope, and Meta's reference code hard-codes 8, which is right for
+# 3.1 and 3.3 but wrong for 3.2 1B and 3B: their Hugging Face configs say 32
+# (llama-models issues #166 and #241). So for a params.json without a factor we
+# recognise the two 3.2 shapes (dim, n_layers) and fall back to 8 for the rest;
+# load_model(..., rope_scaling_factor=...) or --rope-scaling-factor overrides it.
+LLAMA32_ROPE_FACTORS = {(2048, 16): 32.0, (3072, 28): 32.0}
+
+
+def _note(msg: str) -> None:
+    print(f"llama3: {msg}", file=sys.stderr)
+
+
+def args_from_params(params: dict, source: str = "params.json") -> ModelArgs:
+    """ModelArgs from Meta's params.json (or the one convert.py writes)."""
+    known = {f.name for f in fields(ModelArgs)}
+    unused = sorted(k for k in params if k not in known)
+    if unused:
+        _note(f"{source}: ignoring keys not used by llama3.py: {', '.join(unused)}")
+    kw = {k: v for k, v in params.items() if k in known}
+    if kw.get("use_scaled_rope") and "rope_scaling_factor" not in kw:
+        kw["rope_scaling_factor"] = LLAMA32_ROPE_FACTORS.get((kw.get("dim"), kw.get("n_layers")), 8.0)
+    if "max_seq_len" not in kw:  # params.json has no context length: 3.0 has 8K, 3.1+ 128K
+        kw["max_seq_len"] = 131072 if kw.get("use_scaled_rope") else 8192
+    try:
+        return ModelArgs(**kw)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: {e}") from None
+
+
+# Hugging Face config.json key -> ModelArgs field.
+HF_CONFIG_KEYS = {
+    "hidden_size": "dim",
+    "num_hidden_layers": "n_layers",
+    "num_attention_heads": "n_heads",
+    "num_key_value_heads": "n_kv_heads",
+    "vocab_size": "vocab_size",
+    "intermediate_size": "hidden_dim",
+    "rms_norm_eps": "norm_eps",
+    "max_position_embeddings": "max_seq_len",
+    "tie_word_embeddings": "tie_word_embeddings",
+}
+
+
+def args_from_hf_config(config: dict, source: str = "config.json") -> ModelArgs:
+    """ModelArgs from a Hugging Face LlamaForCausalLM config.json.
+
+    Two layouts of the rope numbers exist: the hub's Llama 3.x repos write
+    `rope_theta` plus a `rope_scaling` dict; transformers 5 writes one
+    `rope_parameters` dict holding rope_theta and the scaling numbers.
+    """
+    if config.get("model_type", "llama") != "llama":
+        raise CheckpointError(f"{source}: model_type is {config['model_type']!r}, expected 'llama'")
+    kw = {field: config[key] for key, field in HF_CONFIG_KEYS.items() if config.get(key) is not None}
+    rope = dict(config.get("rope_scaling") or {})
+    rope.update(config.get("rope_parameters") or {})
+    theta = rope.get("rope_theta", config.get("rope_theta"))
+    if theta is not None:
+        kw["rope_theta"] = theta
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "llama3":
+        kw["use_scaled_rope"] = True
+        kw["rope_scaling_factor"] = rope["factor"]
+        kw["low_freq_factor"] = rope["low_freq_factor"]
+        kw["high_freq_factor"] = rope["high_freq_factor"]
+        kw["original_max_seq_len"] = rope["original_max_position_embeddings"]
+    elif rope_type != "default":
+        raise CheckpointError(f"{source}: rope type {rope_type!r} is not Llama 3's ('llama3' or 'default')")
+    head_dim = config.get("head_dim")
+    if head_dim is not None and head_dim != config["hidden_size"] // config["num_attention_heads"]:
+        raise CheckpointError(f"{source}: head_dim={head_dim} differs from hidden_size // num_attention_heads")
+    try:
+        return ModelArgs(**kw)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: {e}") from None
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or its config is missing, malformed or doesn't match: the message names the file or tensor."""
+
+
+# -----------------------------------------------------------------------------
+# RMSNorm
+#
+# Llama normalises by the root mean square of the features only (no mean
+# subtraction, no bias): cheaper than LayerNorm and as good in practice
+# (Zhang & Sennrich 2019). eps = 1e-5 comes from params.json's norm_eps.
+# -----------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # bf16 keeps only 2-3 significant digits: average the squares in float32,
+        # cast back, and only then multiply by the weight (Meta's order of operations).
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+# -----------------------------------------------------------------------------
+# Rotary position embedding (RoPE, Su et al. 2021)
+#
+# Position enters attention by rotating each (even, odd) channel pair of q and
+# k by an angle pos * freq_i, with freq_i = theta^(-2i/head_dim). The dot
+# product of a rotated q and k then depends only on their distance. Pairs are
+# interleaved (channels 2i, 2i+1) as in Meta's weights; Hugging Face permutes
+# the rows of wq/wk to rotate halves instead, which the loader undoes.
+#
+# theta = 500000: Llama 2 used 10000. The Llama 3 paper raised the base so the
+# slowest pairs turn more slowly and positions far apart keep distinct angles.
+#
+# 3.1 frequency scaling stretches the slow pairs to reach 128K tokens. Meta's
+# only note on its constants is that a grid search chose them: factor 8,
+# low_freq_factor 1, high_freq_factor 4, original context 8192. Pairs whose
+# wavelength is under 8192/4 = 2048 tokens are kept, pairs over 8192/1 tokens
+# are divided by the factor, pairs in between are blended. For head_dim 128 at
+# theta 500000 that is 29 kept, 6 blended and 29 divided.
+#
+# Meta computes the rotation in complex numbers; we use real cos/sin tables of
+# shape (max_seq_len, head_dim // 2) in float32 and two multiply-adds per pair:
+# same numbers, runs on every device (MPS has no complex dtype) and shows the
+# 2x2 rotation.
+# -----------------------------------------------------------------------------
+
+
+def rope_frequencies(args: ModelArgs) -> torch.Tensor:
+    """Angular speed of each channel pair, (head_dim // 2,) float32, 3.1-scaled if asked."""
+    dim = args.head_dim
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim))
+    if not args.use_scaled_rope:
+        return freqs
+    low_freq_wavelen = args.original_max_seq_len / args.low_freq_factor  # 8192 tokens
+    high_freq_wavelen = args.original_max_seq_len / args.high_freq_factor  # 2048 tokens
+    wavelen = 2 * math.pi / freqs
+    # 0 at the low-frequency edge, 1 at the high-frequency edge, linear in 1/wavelength between.
+    smooth = (args.original_max_seq_len / wavelen - args.low_freq_factor) / (
+        args.high_freq_factor - args.low_freq_factor
+    )
+    blended = (1 - smooth) * freqs / args.rope_scaling_factor + smooth * freqs
+    scaled = torch.where(wavelen > low_freq_wavelen, freqs / args.rope_scaling_factor, blended)
+    return torch.where(wavelen < high_freq_wavelen, freqs, scaled)
+
+
+def precompute_rope(args: ModelArgs, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each (max_seq_len, head_dim // 2) float32."""
+    t = torch.arange(args.max_seq_len, dtype=torch.float32, device="cpu")
+    angles = torch.outer(t, rope_frequencies(args))  # (max_seq_len, head_dim // 2)
+    return angles.cos().to(device or "cpu"), angles.sin().to(device or "cpu")
+
+
+def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each channel pair of x (B, T, H, head_dim) by the angles in cos/sin (T, head_dim // 2)."""
+    # The rotation runs in float32, as Meta's does: bf16 angles would drift at long positions.
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, head_dim // 2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]  # (B, T, H, head_dim // 2)
+    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, head_dim // 2), broadcast over B and H
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # (B, T, H, head_dim // 2, 2)
+    return out.flatten(-2).type_as(x)  # (B, T, H, head_dim)
+
+
+# -----------------------------------------------------------------------------
+# Grouped-query attention (GQA, Ainslie et al. 2023) with a KV cache
+#
+# 8B has 32 query heads but only 8 key/value heads; each K/V head serves a group
+# of n_rep = 4 query heads. Quality stays close to full multi-head attention,
+# while the cache, which stores K/V heads only, is 4x smaller: 2 (K and V) x 32
+# layers x 8 heads x 128 x 2 bytes = 128 KiB per token in bf16, 1 GiB at 8K.
+#
+# The KV cache keeps the keys and values of past positions, so decoding token
+# t costs one row of work instead of recomputing all t rows. The caller creates
+# it (Transformer.new_cache) sized to its batch and request, in the weights'
+# dtype and device; Meta allocates it in __init__ for the maximum batch and
+# length instead. It is stored (B, n_kv_heads, S, head_dim), the layout the
+# attention product reads, so no step transposes the whole cache.
+# -----------------------------------------------------------------------------
+
+
+class KVCache:
+    """Keys and values of one layer for positions [0, max_seq_len) of a batch."""
+
+    def __init__(self, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    def update(self, start_pos: int, xk: torch.Tensor, xv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store xk, xv (B, n_kv_heads, T, head_dim) at start_pos; return all S positions so far."""
+        B, _, T, _ = xk.shape
+        self.k[:B, :, start_pos : start_pos + T] = xk
+        self.v[:B, :, start_pos : start_pos + T] = xv
+        return self.k[:B, :, : start_pos + T], self.v[:B, :, : start_pos + T]  # (B, n_kv_heads, S, head_dim)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, n_kv_heads, S, head_dim) -> (B, n_kv_heads * n_rep, S, head_dim): head h reads K/V head h // n_rep."""
+    if n_rep == 1:
+        return x
+    B, n_kv_heads, S, head_dim = x.shape
+    return x[:, :, None].expand(B, n_kv_heads, n_rep, S, head_dim).reshape(B, n_kv_heads * n_rep, S, head_dim)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.n_rep = args.n_heads // args.n_kv_heads
+        self.use_sdpa = args.use_sdpa
+        # Meta uses fairscale's Column/RowParallelLinear here; one process needs plain Linear.
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        xq = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, n_heads, head_dim)
+        xk = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
+        xv = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
+        xq, xk = apply_rotary_emb(xq, cos, sin), apply_rotary_emb(xk, cos, sin)
+
+        q, k, v = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)  # (B, heads, T, head_dim)
+        if cache is not None:
+            k, v = cache.update(start_pos, k, v)  # (B, n_kv_heads, S, head_dim)
+        # Repeat after reading the cache, so the cache itself keeps only n_kv_heads heads.
+        k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)  # (B, n_heads, S, head_dim)
+
+        if self.use_sdpa:
+            # Not is_causal=True: SDPA then anchors the causal triangle at the top-left
+            # corner, which is right only when T == S. With a cache T < S, so pass the
+            # mask from Transformer.forward, whose first start_pos columns are 0.
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, n_heads, T, head_dim)
+        else:
+            # The 1/sqrt(head_dim) keeps the scores' variance near 1 (Vaswani et al. 2017).
+            scores = q @ k.transpose(2, 3) / math.sqrt(self.head_dim)  # (B, n_heads, T, S)
+            if mask is not None:
+                scores = scores + mask
+            # Softmax in float32: exp() of bf16 scores loses the small probabilities.
+            probs = F.softmax(scores.float(), dim=-1).type_as(q)
+            out = probs @ v  # (B, n_heads, T, head_dim)
+        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, dim)
+        return self.wo(out)
+
+
+# -----------------------------------------------------------------------------
+# Feed-forward: SwiGLU (Shazeer 2020)
+#
+# w2(silu(w1 x) * w3 x): w1 is the gate, w3 the up projection and w2 the down
+# projection (Hugging Face calls them gate_proj, up_proj, down_proj). The gated
+# unit trains better than a ReLU MLP at equal parameters; the width rule lives
+# in ModelArgs.ffn_hidden_dim.
+# -----------------------------------------------------------------------------
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        hidden_dim = args.ffn_hidden_dim
+        self.w1 = nn.Linear(args.dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # (B, T, hidden_dim) inside, (B, T, dim) out
+
+
+# -----------------------------------------------------------------------------
+# Transformer block
+#
+# Pre-norm residual block: normalise, transform, add back. Keeping the residual
+# stream itself un-normalised lets gradients pass straight through 32 to 126
+# layers, which is why every Llama normalises the input of each sub-layer.
+# -----------------------------------------------------------------------------
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), start_pos, cos, sin, mask, cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+# -----------------------------------------------------------------------------
+# The model
+#
+# tokens -> embedding -> n_layers blocks -> RMSNorm -> output projection -> logits.
+#
+# Calling it: model(tokens) runs a fresh sequence, no set-up needed. To decode
+# incrementally, make a cache with model.new_cache(B, max_len), run the prompt
+# once as model(prompt, 0, cache) (prefill), then feed each new token as
+# model(next_token, start_pos, cache) with start_pos = tokens already cached.
+# -----------------------------------------------------------------------------
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            # Llama 3.2 1B/3B reuse the embedding matrix as the output projection.
+            self.output.weight = self.tok_embeddings.weight
+        # Non-persistent: they are computed, not learned, so the state_dict keeps Meta's keys only.
+        # A model built on the "meta" device (see load_model) still gets real tables.
+        device = self.tok_embeddings.weight.device
+        cos, sin = precompute_rope(args, "cpu" if device.type == "meta" else device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def new_cache(self, batch_size: int, max_seq_len: int | None = None) -> list[KVCache]:
+        """One KVCache per layer for batch_size sequences of up to max_seq_len positions."""
+        a, w = self.args, self.tok_embeddings.weight
+        n = min(max_seq_len or a.max_seq_len, a.max_seq_len)
+        return [KVCache(batch_size, n, a.n_kv_heads, a.head_dim, w.device, w.dtype) for _ in range(a.n_layers)]
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: list[KVCache] | None = None) -> torch.Tensor:
+        """tokens (B, T) int64 at positions [start_pos, start_pos + T) -> logits (B, T, vocab_size) float32."""
+        T = tokens.shape[1]
+        if cache is None and start_pos != 0:
+            raise ValueError(f"start_pos={start_pos} needs the cache that holds the earlier positions")
+        if start_pos + T > self.rope_cos.shape[0]:
+            raise ValueError(f"positions up to {start_pos + T} exceed max_seq_len={self.rope_cos.shape[0]}")
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        cos = self.rope_cos[start_pos : start_pos + T]  # (T, head_dim // 2)
+        sin = self.rope_sin[start_pos : start_pos + T]
+
+        # Causal mask: query i (at position start_pos + i) sees keys 0 .. start_pos + i.
+        # The first start_pos columns are the cached past, visible to every query.
+        # A single query sees everything cached, so decoding needs no mask.
+        mask = None
+        if T > 1:
+            mask = torch.full((T, T), float("-inf"), device=tokens.device).triu(1)
+            mask = torch.hstack([torch.zeros(T, start_pos, device=tokens.device), mask]).to(h.dtype)  # (T, S)
+
+        for i, layer in enumerate(self.layers):
+            h = layer(h, start_pos, cos, sin, mask, cache[i] if cache is not None else None)
+        h = self.norm(h)
+        # Logits in float32: softmax and sampling over 128K entries need the precision.
+        return self.output(h).float()  # (B, T, vocab_size)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoint loading
+#
+# Three layouts, all read into Meta's tensor names:
+#   1. Meta's download: params.json + consolidated.00.pth ... consolidated.NN.pth,
+#      one file per tensor-parallel rank (1 for 8B, 8 for 70B, 8 or 16 for 405B);
+#   2. convert.py's output: params.json + model.safetensors with Meta's names;
+#   3. Hugging Face: config.json + model.safetensors, or several *.safetensors
+#      files listed in model.safetensors.index.json.
+# The files are memory-mapped and each tensor is read, merged and cast on its
+# own, then assigned into a model built on the "meta" device (which allocates
+# nothing), so the weights never exist twice in memory.
+# -----------------------------------------------------------------------------
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A file or directory the checkpoint needs does not exist."""
+
+
+# Meta trained with Megatron-style tensor parallelism (fairscale), and each
+# consolidated.NN.pth holds rank NN's slice. Column-parallel layers were split
+# along their output features (dim 0), row-parallel ones along their input
+# features (dim 1); norms are replicated on every rank. Llama 3 splits the
+# embedding by vocabulary (dim 0); Llama 2 split it along dim 1.
+SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "tok_embeddings": 0,
+             "wo": 1, "w2": 1, "attention_norm": None, "ffn_norm": None, "norm": None}
+
+
+def shard_dim(name: str) -> int | None:
+    """The dim Meta split tensor `name` along; None for replicated norms."""
+    part = name.removesuffix(".weight").rsplit(".", 1)[-1]  # layers.0.attention.wq.weight -> wq
+    if part not in SHARD_DIM or not name.endswith(".weight"):
+        raise CheckpointError(f"unknown tensor name {name!r}: not part of a Llama 3 text model")
+    return SHARD_DIM[part]
+
+
+def merge_shards(name: str, parts: list[torch.Tensor], n_kv_heads: int, source: str = "") -> torch.Tensor:
+    """Reassemble tensor `name` from its per-rank slices `parts` (in rank order)."""
+    dim = shard_dim(name)
+    if dim is None:
+        for i, p in enumerate(parts[1:], 1):
+            if p.shape != parts[0].shape or not torch.allclose(p.float(), parts[0].float(), atol=1e-3):
+                _note(f"{source}: replicated {name} differs between shard 0 and shard {i}; using shard 0")
+        return parts[0]
+    if len(parts) == 1:
+        return parts[0]
+    if name.endswith(("wk.weight", "wv.weight")) and len(parts) > n_kv_heads:
+        # More ranks than K/V heads (405B on 16 ranks, 8 K/V heads): each head was
+        # stored on len(parts) // n_kv_heads consecutive ranks; keep one copy of each.
+        parts = parts[:: len(parts) // n_kv_heads]
+    other = 1 - dim
+    for i, p in enumerate(parts):
+        if p.dim() != 2 or p.shape[other] != parts[0].shape[other]:
+            raise CheckpointError(f"{source}: {name} has shape {tuple(p.shape)} in shard {i} "
+                                  f"but {tuple(parts[0].shape)} in shard 0")
+    return torch.cat(parts, dim=dim)
+
+
+def hf_to_meta_name(name: str) -> str | None:
+    """Hugging Face tensor name -> Meta's, or None for a tensor to skip."""
+    if name.endswith("rotary_emb.inv_freq"):  # older exports save the RoPE table; we compute it
+        return None
+    fixed = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+             "lm_head.weight": "output.weight"}
+    if name in fixed:
+        return fixed[name]
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", name)
+    parts = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+             "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
+             "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+             "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
+             "post_attention_layernorm": "ffn_norm"}
+    if m is None or m.group(2) not in parts:
+        raise CheckpointError(f"unknown tensor name {name!r}: not part of a Hugging Face Llama model")
+    return f"layers.{m.group(1)}.{parts[m.group(2)]}.weight"
+
+
+def unpermute_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo Hugging Face's reordering of wq/wk rows (n_heads * head_dim, dim).
+
+    Hugging Face rotates the two halves of each head instead of Meta's
+    interleaved pairs, so its converter moved row 2i + j of each head to row
+    j * head_dim/2 + i. Reading each head as (2, head_dim/2) and transposing
+    puts the rows back. For wk, n_heads is n_kv_heads.
+    """
+    rows, cols = w.shape
+    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: cannot read JSON ({e})") from None
+
+
+def _load_pth(file: Path) -> dict[str, torch.Tensor]:
+    # weights_only=True: a .pth is a pickle, and unpickling untrusted files runs code.
+    try:
+        return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:  # truncated zip, bad pickle
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{file}: cannot read checkpoint, truncated or corrupt? ({msg})") from None
+
+
+class CheckpointReader:
+    """The tensors of a checkpoint directory under Meta's names, read one at a time.
+
+    Used by load_model and convert.py. `args` is the ModelArgs its config
+    describes, `names` the Meta names it holds, `tensor(name)` one tensor merged
+    from the shards (or un-permuted from Hugging Face's layout), still
+    memory-mapped where no merge was needed.
+    """
+
+    def __init__(self, path: str | Path, rope_scaling_factor: float | None = None):
+        self.path = path = Path(path)
+        if not path.is_dir():
+            raise CheckpointNotFoundError(f"{path}: no such checkpoint directory")
+        if (path / "params.json").is_file():
+            params = _read_json(path / "params.json")
+            if not isinstance(params, dict):
+                raise CheckpointError(f"{path / 'params.json'}: expected a JSON object")
+            if rope_scaling_factor is not None:
+                params["rope_scaling_factor"] = rope_scaling_factor
+            self.args = args_from_params(params, str(path / "params.json"))
+            self._open_meta(path)
+        elif (path / "config.json").is_file():
+            config = _read_json(path / "config.json")
+            self.args = args_from_hf_config(config, str(path / "config.json"))
+            if rope_scaling_factor is not None:
+                self.args.rope_scaling_factor = rope_scaling_factor
+            self._open_safetensors(path, hf=True)
+        else:
+            raise CheckpointNotFoundError(f"{path}: no params.json (Meta) or config.json (Hugging Face) found")
+
+    def _open_meta(self, path: Path) -> None:
+        if (path / "model.safetensors").is_file():
+            return self._open_safetensors(path, hf=False)
+        files = sorted(path.glob("consolidated.*.pth"))
+        if not files:
+            raise CheckpointNotFoundError(f"{path}: no consolidated.*.pth or model.safetensors; "
+                                          "expected Meta's download layout or convert.py's output")
+        for i, f in enumerate(files):
+            if f.name != f"consolidated.{i:02d}.pth":
+                raise CheckpointNotFoundError(f"{path}: consolidated.{i:02d}.pth is missing "
+                                              f"({len(files)} shards found)")
+        self.layout, self.files = "meta", files
+        self.shards = [_load_pth(f) for f in files]
+        names = [k for k in self.shards[0] if k != "rope.freqs"]  # Llama 2 saved its RoPE table
+        for f, shard in zip(files[1:], self.shards[1:]):
+            missing = set(names) - set(shard)
+            if missing:
+                raise CheckpointError(f"{f}: tensor {min(missing)} missing (present in {files[0].name})")
+        self.names = names
+
+    def _open_safetensors(self, path: Path, hf: bool) -> None:
+        from safetensors import (  # imported here: the model itself needs only torch
+            SafetensorError,
+            safe_open,
+        )
+
+        index = path / "model.safetensors.index.json"
+        if (path / "model.safetensors").is_file() and not index.is_file():
+            files = [path / "model.safetensors"]
+        elif index.is_file():
+            weight_map = _read_json(index).get("weight_map", {})
+            files = [path / f for f in sorted(set(weight_map.values()))]
+        else:
+            files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise CheckpointNotFoundError(f"{path}: no *.safetensors files next to config.json")
+        self.layout, self.files, self.handles, self._where = ("hf" if hf else "safetensors"), files, [], {}
+        for f in files:
+            if not f.is_file():
+                raise CheckpointNotFoundError(f"{f}: listed in {index.name} but missing")
+            try:
+                handle = safe_open(str(f), framework="pt", device="cpu")
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{f}: cannot read safetensors, truncated or corrupt? ({e})") from None
+            self.handles.append(handle)
+            keys = handle.keys()  # a safe_open handle is not iterable itself
+            for key in keys:
+                name = hf_to_meta_name(key) if hf else key
+                if name is not None:
+                    shard_dim(name)  # raises on a name that is not a Llama 3 tensor
+                    self._where[name] = (handle, key, f)
+        self.names = list(self._where)
+
+    def source(self, name: str) -> str:
+        """The file that holds `name`, for error messages."""
+        if self.layout == "meta":
+            return str(self.files[0]) if len(self.files) == 1 else f"{self.path}/consolidated.*.pth"
+        return str(self._where[name][2])
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if name not in self.names:
+            raise CheckpointError(f"{name} missing from {self.path}")
+        if self.layout == "meta":
+            return merge_shards(name, [s[name] for s in self.shards], self.args.n_kv_heads, self.source(name))
+        from safetensors import SafetensorError
+
+        handle, key, file = self._where[name]
+        try:
+            t = handle.get_tensor(key)
+        except (SafetensorError, RuntimeError, OSError) as e:  # data cut short after a valid header
+            raise CheckpointError(f"{file}: cannot read {key} ({e})") from None
+        if self.layout == "hf" and name.endswith(("wq.weight", "wk.weight")):
+            n = self.args.n_heads if name.endswith("wq.weight") else self.args.n_kv_heads
+            if t.dim() != 2 or t.shape[0] % (2 * n):
+                raise CheckpointError(f"{file}: {key} has shape {tuple(t.shape)}, not {n} heads of even size")
+            t = unpermute_hf(t, n)
+        return t
+
+
+def load_model(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
+               max_seq_len: int | None = None, rope_scaling_factor: float | None = None,
+               use_sdpa: bool = False) -> Transformer:
+    """Load a checkpoint directory in any of the three layouts above.
+
+    device: where the weights go (default cpu); dtype: cast the weights to it
+    (default: keep the checkpoint's). max_seq_len caps the positions the model
+    addresses (smaller RoPE tables); rope_scaling_factor overrides the 3.1
+    factor (see LLAMA32_ROPE_FACTORS); use_sdpa picks the SDPA attention path.
+    """
+    reader = CheckpointReader(path, rope_scaling_factor)
+    args = reader.args
+    if max_seq_len is not None:
+        args.max_seq_len = max_seq_len
+    args.use_sdpa = use_sdpa
+    device = torch.device(device or "cpu")
+    with torch.device("meta"):  # parameters without storage; load_state_dict(assign=True) fills them
+        model = Transformer(args)
+
+    expected = model.state_dict()
+    if args.tie_word_embeddings:
+        del expected["output.weight"]  # shares tok_embeddings; a saved lm_head copy is ignored
+    extra = set(reader.names) - set(expected) - {"output.weight"}
+    if extra:
+        name = min(extra)
+        raise CheckpointError(f"{reader.source(name)}: tensor {name} is not in a {args.n_layers}-layer model "
+                              f"(config says n_layers={args.n_layers})")
+    state = {}
+    for name, want in expected.items():
+        if name not in reader.names:
+            raise CheckpointError(f"{name} missing from {reader.source(reader.names[0]) if reader.names else path}")
+        t = reader.tensor(name)
+        if t.shape != want.shape:
+            raise CheckpointError(f"{reader.source(name)}: {name} has shape {tuple(t.shape)}, model expects "
+                                  f"{tuple(want.shape)}: {_config_hint(name, args)}")
+        if not t.is_floating_point():
+            raise CheckpointError(f"{reader.source(name)}: {name} has dtype {t.dtype}, expected a float type")
+        state[name] = t.to(device=device, dtype=dtype or t.dtype)
+    if args.tie_word_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if args.tie_word_embeddings:
+        model.output.weight = model.tok_embeddings.weight  # one Parameter, not two views
+    return model.to(device)  # moves the RoPE tables; the weights are already there
+
+
+def _config_hint(name: str, args: ModelArgs) -> str:
+    """Which config numbers determine the expected shape of tensor `name`."""
+    part = name.removesuffix(".weight").rsplit(".", 1)[-1]
+    hints = {"wq": f"dim={args.dim}, n_heads={args.n_heads}",
+             "wk": f"dim={args.dim}, n_heads={args.n_heads}, n_kv_heads={args.n_kv_heads}",
+             "wo": f"dim={args.dim}, n_heads={args.n_heads}",
+             "tok_embeddings": f"vocab_size={args.vocab_size}, dim={args.dim}",
+             "output": f"vocab_size={args.vocab_size}, dim={args.dim}"}
+    hints["wv"] = hints["wk"]
+    for w in ("w1", "w2", "w3"):
+        hints[w] = f"dim={args.dim}, SwiGLU width {args.ffn_hidden_dim}"
+    return "the config says " + hints.get(part, f"dim={args.dim}")

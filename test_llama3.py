@@ -1,0 +1,494 @@
+"""Tests for llama3.py, tokenizer.py and convert.py, in llama3.py's section order.
+
+Every model here is tiny and random, so the suite runs on a laptop CPU with no
+weights on disk. Correctness is anchored by independent references: golden
+logits that Hugging Face transformers computed (testdata/make_golden.py), live
+comparisons with transformers, and Meta's own tokenizer from llama-models.
+Tests that need an optional reference skip without it, except under
+LLAMA3_REQUIRE_REFERENCES=1 (set by CI), where a missing reference fails.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import llama3
+from llama3 import KVCache, ModelArgs, Transformer, load_model
+
+HERE = Path(__file__).parent
+GOLDEN = HERE / "testdata" / "golden"
+
+
+def require(module: str):
+    """Import an optional reference, or skip (fail when CI demands references)."""
+    if os.environ.get("LLAMA3_REQUIRE_REFERENCES") == "1":
+        return __import__(module)
+    return pytest.importorskip(module)
+
+
+def tiny_args(**kw) -> ModelArgs:
+    base = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32,
+                ffn_dim_multiplier=None, max_seq_len=64, use_scaled_rope=True, original_max_seq_len=16)
+    base.update(kw)
+    return ModelArgs(**base)
+
+
+def random_model(args: ModelArgs, seed: int = 0) -> Transformer:
+    """A Transformer with random weights, norms included (ones would hide a missing norm weight)."""
+    torch.manual_seed(seed)
+    model = Transformer(args)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def save_meta_shards(model: Transformer, folder: Path, n_shards: int) -> None:
+    """Write model in Meta's download layout: params.json + consolidated.NN.pth, split like fairscale."""
+    folder.mkdir(parents=True, exist_ok=True)
+    a = model.args
+    params = {"dim": a.dim, "n_layers": a.n_layers, "n_heads": a.n_heads, "n_kv_heads": a.n_kv_heads,
+              "vocab_size": a.vocab_size, "multiple_of": a.multiple_of, "ffn_dim_multiplier": a.ffn_dim_multiplier,
+              "norm_eps": a.norm_eps, "rope_theta": a.rope_theta, "use_scaled_rope": a.use_scaled_rope,
+              "rope_scaling_factor": a.rope_scaling_factor, "original_max_seq_len": a.original_max_seq_len,
+              "max_seq_len": a.max_seq_len}
+    (folder / "params.json").write_text(json.dumps(params))
+    shards = [{} for _ in range(n_shards)]
+    for name, t in model.state_dict().items():
+        dim = llama3.shard_dim(name)
+        pieces = [t] * n_shards if dim is None else t.chunk(n_shards, dim=dim)
+        if name.endswith(("wk.weight", "wv.weight")) and n_shards > a.n_kv_heads:
+            # Meta's 405B on 16 ranks: each K/V head is stored on n_shards // n_kv_heads ranks.
+            pieces = [p for p in t.chunk(a.n_kv_heads, dim=0) for _ in range(n_shards // a.n_kv_heads)]
+        for shard, piece in zip(shards, pieces):
+            shard[name] = piece.clone()
+    for i, shard in enumerate(shards):
+        torch.save(shard, folder / f"consolidated.{i:02d}.pth")
+
+
+# -----------------------------------------------------------------------------
+# Golden logits from an independent reference
+# -----------------------------------------------------------------------------
+
+
+def test_golden_logits_match_transformers():
+    # The anchor of the suite: a Meta-layout checkpoint whose logits transformers'
+    # LlamaForCausalLM computed (testdata/make_golden.py). Needs only torch.
+    # 1e-5: both sides are float32; observed differences are ~6e-6 from summation order.
+    model = load_model(GOLDEN)
+    expected = torch.load(GOLDEN / "expected.pt", weights_only=True)
+    with torch.no_grad():
+        logits = model(expected["tokens"])
+    assert logits.dtype == torch.float32
+    assert logits.shape == (2, 40, 256)  # (B, T, vocab_size)
+    torch.testing.assert_close(logits, expected["logits"], atol=1e-5, rtol=1e-5)
+
+
+def test_golden_checkpoint_exercises_rope_scaling():
+    # The golden test must be able to catch a broken 3.1 scaling: without it the
+    # 40-token logits (past the 16-token original context) must differ a lot.
+    model = load_model(GOLDEN)
+    model.rope_cos, model.rope_sin = llama3.precompute_rope(
+        ModelArgs(**{**model.args.__dict__, "use_scaled_rope": False}))
+    expected = torch.load(GOLDEN / "expected.pt", weights_only=True)
+    with torch.no_grad():
+        logits = model(expected["tokens"])
+    assert (logits - expected["logits"]).abs().max() > 0.1
+
+
+# -----------------------------------------------------------------------------
+# Configuration
+# -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dim, multiplier, multiple_of, width", [
+    (4096, 1.3, 1024, 14336),  # 8B
+    (8192, 1.3, 4096, 28672),  # 70B
+    (16384, 1.2, 4096, 53248),  # 405B
+    (2048, 1.5, 256, 8192),  # 3.2 1B
+    (3072, 1.0, 256, 8192),  # 3.2 3B
+])
+def test_feed_forward_width_follows_meta_rounding(dim, multiplier, multiple_of, width):
+    # The width is not in params.json; a wrong rule makes every real checkpoint fail to load.
+    args = ModelArgs(dim=dim, n_heads=dim // 128, n_kv_heads=8, ffn_dim_multiplier=multiplier,
+                     multiple_of=multiple_of)
+    assert args.ffn_hidden_dim == width
+
+
+def test_params_json_ignores_unknown_keys_with_a_note(capsys):
+    # Meta's quantized releases add keys; they must not break loading, nor pass silently.
+    args = llama3.args_from_params({"dim": 128, "n_layers": 1, "n_heads": 2, "quantization_args": {"x": 1}})
+    assert args.dim == 128 and args.n_kv_heads == 2
+    assert "quantization_args" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dim, n_layers, factor", [(2048, 16, 32.0), (3072, 28, 32.0), (4096, 32, 8.0)])
+def test_rope_factor_for_params_json_comes_from_release_shapes(dim, n_layers, factor):
+    # Meta's params.json says only use_scaled_rope; 3.2 1B/3B need 32, the rest 8.
+    args = llama3.args_from_params({"dim": dim, "n_layers": n_layers, "n_heads": dim // 64, "use_scaled_rope": True})
+    assert args.rope_scaling_factor == factor
+    assert args.max_seq_len == 131072
+
+
+def test_hf_config_rope_formats_agree():
+    # The hub's 3.x repos write rope_scaling + rope_theta; transformers 5 writes rope_parameters.
+    common = {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+              "intermediate_size": 8192, "vocab_size": 128256, "rms_norm_eps": 1e-5,
+              "max_position_embeddings": 131072, "tie_word_embeddings": True}
+    scaling = {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192, "rope_type": "llama3"}
+    old = llama3.args_from_hf_config({**common, "rope_theta": 500000.0, "rope_scaling": scaling})
+    new = llama3.args_from_hf_config({**common, "rope_parameters": {**scaling, "rope_theta": 500000.0}})
+    assert old == new
+    assert (new.rope_scaling_factor, new.use_scaled_rope, new.tie_word_embeddings) == (32.0, True, True)
+    assert new.ffn_hidden_dim == 8192 and new.n_kv_heads == 8
+
+
+# -----------------------------------------------------------------------------
+# RMSNorm and RoPE
+# -----------------------------------------------------------------------------
+
+
+def test_rmsnorm_runs_in_float32_and_returns_input_dtype():
+    # bf16 statistics would be off by ~1%; the output must still be bf16 for the next matmul.
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64).bfloat16()
+    norm = llama3.RMSNorm(64).bfloat16()
+    expected = (x.float() / x.float().pow(2).mean(-1, keepdim=True).add(1e-5).sqrt()).bfloat16()
+    out = norm(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected)
+
+
+def test_rope_matches_complex_number_formulation():
+    # Meta's reference rotates pairs as complex numbers; our real cos/sin must equal it.
+    args = tiny_args()
+    torch.manual_seed(0)
+    x = torch.randn(2, 10, 4, args.head_dim)  # (B, T, H, head_dim)
+    cos, sin = llama3.precompute_rope(args)
+    freqs = torch.polar(torch.ones(args.max_seq_len, args.head_dim // 2),
+                        torch.outer(torch.arange(args.max_seq_len).float(), llama3.rope_frequencies(args)))
+    xc = torch.view_as_complex(x.reshape(2, 10, 4, -1, 2))
+    expected = torch.view_as_real(xc * freqs[:10, None, :]).flatten(-2)
+    torch.testing.assert_close(llama3.apply_rotary_emb(x, cos[:10], sin[:10]), expected)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    # The point of RoPE: q at position m and k at position n score by m - n only.
+    args = tiny_args(use_scaled_rope=True)
+    cos, sin = llama3.precompute_rope(args)
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, args.head_dim), torch.randn(1, 1, 1, args.head_dim)
+
+    def score(m, n):
+        qm = llama3.apply_rotary_emb(q, cos[m : m + 1], sin[m : m + 1])
+        kn = llama3.apply_rotary_emb(k, cos[n : n + 1], sin[n : n + 1])
+        return (qm * kn).sum()
+
+    torch.testing.assert_close(score(5, 2), score(40, 37), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(score(5, 2), score(5, 3))
+
+
+def test_llama31_scaling_keeps_short_wavelengths_and_divides_long_ones():
+    # The 8B's head_dim 128 at theta 500000: 29 pairs kept, 6 blended, 29 divided by 8.
+    args = ModelArgs(use_scaled_rope=True)
+    base = llama3.rope_frequencies(ModelArgs(use_scaled_rope=False))
+    scaled = llama3.rope_frequencies(args)
+    ratio = base / scaled
+    kept = torch.isclose(ratio, torch.tensor(1.0))
+    divided = torch.isclose(ratio, torch.tensor(8.0))
+    assert (int(kept.sum()), int((~kept & ~divided).sum()), int(divided.sum())) == (29, 6, 29)
+    assert kept[:29].all() and divided[35:].all()  # fast pairs first, slow pairs last
+
+
+# -----------------------------------------------------------------------------
+# Attention, the model and its KV cache
+# -----------------------------------------------------------------------------
+
+
+def test_state_dict_keys_match_meta_checkpoint():
+    # Meta's names make load_state_dict(strict=True) work without a mapping.
+    model = Transformer(tiny_args(n_layers=1))
+    expected = {"tok_embeddings.weight", "norm.weight", "output.weight"} | {
+        f"layers.0.{n}.weight" for n in ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                                         "feed_forward.w1", "feed_forward.w2", "feed_forward.w3",
+                                         "attention_norm", "ffn_norm")}
+    assert set(model.state_dict()) == expected
+    assert model.layers[0].attention.wk.weight.shape == (2 * 16, 64)  # (n_kv_heads * head_dim, dim)
+
+
+def test_gqa_equals_mha_with_repeated_kv_heads():
+    # Grouped-query attention is multi-head attention whose K/V heads are shared by groups of query heads.
+    gqa = random_model(tiny_args(n_kv_heads=2))
+    mha = Transformer(tiny_args(n_kv_heads=4)).eval()
+    sd = gqa.state_dict()
+    for i in range(2):
+        for w in ("wk", "wv"):
+            key = f"layers.{i}.attention.{w}.weight"
+            sd[key] = sd[key].view(2, 1, 16, 64).expand(2, 2, 16, 64).reshape(64, 64)
+    mha.load_state_dict(sd)
+    tokens = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(gqa(tokens), mha(tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_logits_are_causal():
+    # A later token must never change an earlier position's logits.
+    model = random_model(tiny_args())
+    a = torch.randint(0, 256, (1, 10))
+    b = a.clone()
+    b[0, 6:] = (b[0, 6:] + 1) % 256
+    with torch.no_grad():
+        torch.testing.assert_close(model(a)[:, :6], model(b)[:, :6])
+
+
+@pytest.mark.parametrize("use_sdpa", [False, True])
+@pytest.mark.parametrize("prompt_len", [1, 2, 9])
+def test_cached_decode_matches_full_recompute(use_sdpa, prompt_len):
+    # Prefill then one token at a time through the cache must give what one full forward gives.
+    model = random_model(tiny_args(use_sdpa=use_sdpa))
+    tokens = torch.randint(0, 256, (2, prompt_len + 6))
+    with torch.no_grad():
+        full = model(tokens)
+        cache = model.new_cache(batch_size=2, max_seq_len=32)
+        steps = [model(tokens[:, :prompt_len], 0, cache)]
+        for pos in range(prompt_len, tokens.shape[1]):
+            steps.append(model(tokens[:, pos : pos + 1], pos, cache))
+    # 1e-5: float32, the cached path only changes the order of some sums.
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_cached_chunks_match_full_recompute():
+    # A multi-token chunk after a cached prefix (chat turns) needs the offset causal mask.
+    for use_sdpa in (False, True):
+        model = random_model(tiny_args(use_sdpa=use_sdpa))
+        tokens = torch.randint(0, 256, (1, 20))
+        with torch.no_grad():
+            full = model(tokens)
+            cache = model.new_cache(1, 20)
+            parts = [model(tokens[:, :7], 0, cache), model(tokens[:, 7:15], 7, cache), model(tokens[:, 15:], 15, cache)]
+        torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_path_matches_teaching_path_in_prefill_and_decode():
+    # --sdpa must be a pure speed choice: same numbers as the explicit attention.
+    explicit = random_model(tiny_args())
+    sdpa = Transformer(tiny_args(use_sdpa=True)).eval()
+    sdpa.load_state_dict(explicit.state_dict())
+    tokens = torch.randint(0, 256, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(sdpa(tokens), explicit(tokens), atol=1e-5, rtol=1e-5)
+        c1, c2 = explicit.new_cache(2, 16), sdpa.new_cache(2, 16)
+        explicit(tokens[:, :10], 0, c1)
+        sdpa(tokens[:, :10], 0, c2)
+        torch.testing.assert_close(sdpa(tokens[:, 10:], 10, c2), explicit(tokens[:, 10:], 10, c1),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_cache_takes_the_weights_dtype_and_the_requested_size():
+    # A short request must not allocate the model's whole context.
+    model = random_model(tiny_args()).to(torch.bfloat16)
+    cache = model.new_cache(batch_size=3, max_seq_len=20)
+    assert isinstance(cache[0], KVCache) and len(cache) == 2
+    assert cache[0].k.shape == (3, 2, 20, 16)  # (B, n_kv_heads, S, head_dim)
+    assert cache[0].k.dtype == torch.bfloat16
+
+
+def test_bf16_model_returns_float32_logits():
+    model = random_model(tiny_args()).to(torch.bfloat16)
+    with torch.no_grad():
+        assert model(torch.randint(0, 256, (1, 5))).dtype == torch.float32
+
+
+def test_positions_past_max_seq_len_are_an_error():
+    model = random_model(tiny_args(max_seq_len=8))
+    with pytest.raises(ValueError, match="max_seq_len=8"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_model_imports_with_only_torch_installed(tmp_path):
+    # Copyable: `import llama3`, building, running and loading a Meta checkpoint
+    # must work where tiktoken and safetensors are absent.
+    save_meta_shards(random_model(tiny_args()), tmp_path / "ckpt", 1)
+    code = (
+        "import sys\n"
+        "sys.modules['tiktoken'] = None\nsys.modules['safetensors'] = None\n"
+        "import torch, llama3\n"
+        "m = llama3.Transformer(llama3.ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=50))\n"
+        "assert m(torch.zeros(1, 3, dtype=torch.long)).shape == (1, 3, 50)\n"
+        f"llama3.load_model({str(tmp_path / 'ckpt')!r})\n"
+        "assert 'tiktoken' not in sys.modules or sys.modules['tiktoken'] is None\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+# -----------------------------------------------------------------------------
+# Checkpoint loading
+# -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_shards", [1, 2, 8])
+def test_meta_shards_merge_to_the_same_model(tmp_path, n_shards):
+    # 70B and 405B ship as 8 (or 16) tensor-parallel shards; merged they must be the original model.
+    args = tiny_args(n_kv_heads=2, dim=128, n_heads=8)  # 8 shards > 2 K/V heads: replicated K/V as in 405B-MP16
+    model = random_model(args)
+    save_meta_shards(model, tmp_path, n_shards)
+    loaded = load_model(tmp_path)
+    for name, t in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], t), name
+    tokens = torch.randint(0, 256, (1, 20))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), model(tokens))
+
+
+def test_load_model_casts_to_dtype():
+    model = load_model(GOLDEN, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert model.rope_cos.dtype == torch.float32  # RoPE tables stay float32
+
+
+def hf_model(args: ModelArgs, seed: int = 0):
+    """A random transformers LlamaForCausalLM with the shape args describes."""
+    transformers = require("transformers")
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_hidden_dim,
+        num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads,
+        rms_norm_eps=args.norm_eps, max_position_embeddings=args.max_seq_len,
+        tie_word_embeddings=args.tie_word_embeddings,
+        rope_parameters={"rope_type": "llama3", "rope_theta": args.rope_theta, "factor": args.rope_scaling_factor,
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": args.original_max_seq_len},
+        attn_implementation="eager")
+    model = transformers.LlamaForCausalLM(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif p.dim() == 2:
+                p.normal_(0, 0.2 if "embed" not in name else 1.0)
+    return model
+
+
+@pytest.mark.parametrize("n_heads, n_kv_heads, tied, factor, shard", [
+    (4, 4, False, 8.0, False),  # GQA ratio 1 (plain multi-head)
+    (4, 2, True, 32.0, True),  # ratio 2, tied like 3.2 1B/3B, factor 32, index + several files
+    (8, 2, False, 32.0, False),  # ratio 4
+    (8, 2, True, 8.0, True),
+])
+def test_hf_checkpoint_matches_transformers(tmp_path, n_heads, n_kv_heads, tied, factor, shard):
+    # The live cross-check: through load_model's Hugging Face path (un-permuting q/k),
+    # our logits equal transformers' on sequences longer than the original context.
+    args = tiny_args(dim=128, n_heads=n_heads, n_kv_heads=n_kv_heads, tie_word_embeddings=tied,
+                     rope_scaling_factor=factor, original_max_seq_len=16, max_seq_len=64)
+    ref = hf_model(args)
+    ref.save_pretrained(tmp_path, max_shard_size="100KB" if shard else "1GB")
+    assert (tmp_path / "model.safetensors.index.json").exists() == shard
+    ours = load_model(tmp_path)
+    assert ours.args.rope_scaling_factor == factor
+    if tied:
+        assert ours.output.weight.data_ptr() == ours.tok_embeddings.weight.data_ptr()
+    tokens = torch.randint(0, 256, (2, 48))
+    with torch.no_grad():
+        expected = ref(tokens).logits.float()
+        torch.testing.assert_close(ours(tokens), expected, atol=1e-4, rtol=1e-4)
+        # 1e-4: |logits| reach ~30 here and float32 sums of 128 products differ in order.
+
+
+def test_hf_checkpoint_with_old_rope_scaling_config(tmp_path):
+    # The hub's Llama 3.1/3.2 repos write rope_scaling + rope_theta (transformers 4 style).
+    args = tiny_args(dim=128, n_heads=4, n_kv_heads=2, rope_scaling_factor=32.0)
+    ref = hf_model(args, seed=1)
+    ref.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config["rope_theta"] = rope.pop("rope_theta")
+    config["rope_scaling"] = rope
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    tokens = torch.randint(0, 256, (1, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path)(tokens), ref(tokens).logits.float(), atol=1e-4, rtol=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# Bad checkpoints: clear errors that name the file, the tensor and the shapes
+# -----------------------------------------------------------------------------
+
+
+def test_missing_directory_and_config_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such checkpoint directory"):
+        load_model(tmp_path / "nope")
+    with pytest.raises(ValueError, match="no params.json .* or config.json"):
+        load_model(tmp_path)
+    (tmp_path / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 1, "n_heads": 4}))
+    with pytest.raises(llama3.CheckpointError, match="no consolidated"):
+        load_model(tmp_path)
+
+
+def test_params_that_dont_match_the_tensors_name_the_tensor_and_both_shapes(tmp_path):
+    save_meta_shards(random_model(tiny_args()), tmp_path, 1)
+    params = json.loads((tmp_path / "params.json").read_text())
+    params["n_kv_heads"] = 4
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    with pytest.raises(llama3.CheckpointError) as e:
+        load_model(tmp_path)
+    msg = str(e.value)
+    assert "layers.0.attention.wk.weight" in msg and "(32, 64)" in msg and "(64, 64)" in msg
+    assert "n_kv_heads=4" in msg and "consolidated.00.pth" in msg
+
+
+def test_missing_tensor_error_names_key_and_file(tmp_path):
+    save_meta_shards(random_model(tiny_args()), tmp_path, 1)
+    sd = torch.load(tmp_path / "consolidated.00.pth", weights_only=True)
+    del sd["layers.1.feed_forward.w3.weight"]
+    torch.save(sd, tmp_path / "consolidated.00.pth")
+    with pytest.raises(llama3.CheckpointError, match=r"layers\.1\.feed_forward\.w3\.weight missing from .*consol"):
+        load_model(tmp_path)
+
+
+def test_truncated_pth_error_names_the_file(tmp_path):
+    save_meta_shards(random_model(tiny_args()), tmp_path, 2)
+    f = tmp_path / "consolidated.01.pth"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(llama3.CheckpointError, match=r"consolidated\.01\.pth: cannot read"):
+        load_model(tmp_path)
+
+
+def test_missing_shard_is_named(tmp_path):
+    save_meta_shards(random_model(tiny_args()), tmp_path, 4)
+    (tmp_path / "consolidated.02.pth").unlink()
+    with pytest.raises(FileNotFoundError, match=r"consolidated\.02\.pth is missing"):
+        load_model(tmp_path)
+
+
+def test_truncated_safetensors_error_names_the_file(tmp_path):
+    ref = hf_model(tiny_args())
+    ref.save_pretrained(tmp_path)
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size - 1000])
+    with pytest.raises(llama3.CheckpointError, match=r"model\.safetensors"):
+        load_model(tmp_path)
+
+
+def test_torch_load_is_only_called_with_weights_only():
+    # A .pth is a pickle; unpickling with weights_only=False runs arbitrary code from the file.
+    src = "".join((HERE / f).read_text() for f in ("llama3.py", "convert.py") if (HERE / f).exists())
+    calls = src.count("torch.load(")
+    assert calls >= 1 and src.count("weights_only=True") >= calls
+
+
+def test_rope_scaling_factor_can_be_overridden(tmp_path):
+    save_meta_shards(random_model(tiny_args()), tmp_path, 1)
+    params = json.loads((tmp_path / "params.json").read_text())
+    del params["rope_scaling_factor"]
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    assert load_model(tmp_path).args.rope_scaling_factor == 8.0
+    assert load_model(tmp_path, rope_scaling_factor=32.0).args.rope_scaling_factor == 32.0
+    assert load_model(tmp_path, max_seq_len=20).rope_cos.shape == (20, 8)  # (max_seq_len, head_dim // 2)
