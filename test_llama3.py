@@ -492,3 +492,190 @@ def test_rope_scaling_factor_can_be_overridden(tmp_path):
     assert load_model(tmp_path).args.rope_scaling_factor == 8.0
     assert load_model(tmp_path, rope_scaling_factor=32.0).args.rope_scaling_factor == 32.0
     assert load_model(tmp_path, max_seq_len=20).rope_cos.shape == (20, 8)  # (max_seq_len, head_dim // 2)
+
+
+# -----------------------------------------------------------------------------
+# tokenizer.py, against Meta's real tokenizer.model and Meta's own tokenizer
+# -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tokenizer_model_path() -> Path:
+    """Meta's real Llama 3 tokenizer.model, shipped inside the llama-models package."""
+    llama_models = require("llama_models")
+    path = Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
+    assert path.is_file(), path
+    return path
+
+
+@pytest.fixture(scope="session")
+def tok(tokenizer_model_path):
+    from tokenizer import Tokenizer
+
+    return Tokenizer(tokenizer_model_path)
+
+
+@pytest.fixture(scope="session")
+def meta_tok(tokenizer_model_path):
+    from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
+
+    return MetaTokenizer(tokenizer_model_path)
+
+
+# Strings where tokenizers tend to differ: the regex's edge cases, scripts,
+# emoji built from several code points, code, line endings, control characters,
+# special-token text, and runs long enough to hit Meta's 25,000-character cuts.
+HARD_STRINGS = [
+    "This is a test sentence.", "", " ", "  leading and trailing  ", "! ! !", "a\tb\n\nc\r\nd\re",
+    "1234567890 3.14159 1,000,000 -42 0x1F 2024-07-23", "I'M YOU'RE he'LL we'Ve it'S don'T",
+    "日本語のテキストと中文文本和한국어 텍스트", "Ünïcödé çàfé naïve Ωμέγα Кириллица עברית العربية हिन्दी",
+    "👍🏽 👨‍👩‍👧‍👦 🏳️‍🌈 🇫🇷 ❤️‍🔥 🤖🦙", "def f(x):\n    return {'a': [x ** 2 for x in range(10)]}\n",
+    "<|begin_of_text|><|eot_id|>user<|start_header_id|> <|reserved_special_token_7|>",
+    "\x00\x01\x07\x1b[31mred\x1b[0m\x7f\u200b\u200d\ufeff", "\u00a0\u2003\u3000 mixed\u2028spaces",
+    "a" * 30000, " " * 30001 + "x", "\n" * 25001, ("ab " * 9000) + "z" * 60000 + " " * 50000,
+    "Ω" * 25000 + "x", "😀" * 5000, "x" * 400001,
+]
+
+
+def test_encode_golden_ids(tok):
+    # The ids printed in Meta's README: a wrong rank file or regex changes them.
+    assert tok.encode("This is a test sentence.", bos=True, eos=True) == [128000, 2028, 374, 264, 1296, 11914, 13,
+                                                                           128001]
+
+
+def test_special_token_ids(tok, meta_tok):
+    # The chat format and the stop logic depend on these exact ids.
+    expected = {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001, "<|finetune_right_pad_id|>": 128004,
+                "<|start_header_id|>": 128006, "<|end_header_id|>": 128007, "<|eom_id|>": 128008,
+                "<|eot_id|>": 128009, "<|python_tag|>": 128010, "<|reserved_special_token_0|>": 128002,
+                "<|reserved_special_token_245|>": 128255}
+    assert {k: tok.special_tokens[k] for k in expected} == expected
+    assert tok.special_tokens == meta_tok.special_tokens
+    assert tok.n_words == 128256
+    assert (tok.bos_id, tok.eos_id, tok.eot_id, tok.eom_id, tok.pad_id) == (128000, 128001, 128009, 128008, 128004)
+    assert sorted(tok.stop_tokens) == [128001, 128008, 128009]
+
+
+@pytest.mark.parametrize("index", range(len(HARD_STRINGS)))
+def test_encode_matches_meta_tokenizer(tok, meta_tok, index):
+    # Exactly Meta's ids, so a model sees what it was trained on.
+    s = HARD_STRINGS[index]
+    for bos, eos in ((False, False), (True, True)):
+        assert tok.encode(s, bos=bos, eos=eos) == meta_tok.encode(s, bos=bos, eos=eos)
+    assert tok.encode(s, bos=False, eos=False, allowed_special="all") == meta_tok.encode(
+        s, bos=False, eos=False, allowed_special="all")
+    assert tok.decode(tok.encode(s, bos=False, eos=False)) == s
+
+
+def test_typed_special_token_text_is_plain_text_by_default(tok):
+    # A user typing "<|eot_id|>" must not be able to end the turn and forge the next one.
+    ids = tok.encode("hi <|eot_id|>", bos=False, eos=False)
+    assert tok.eot_id not in ids and tok.decode(ids) == "hi <|eot_id|>"
+    assert tok.encode("<|eot_id|>", bos=False, eos=False, allowed_special="all") == [tok.eot_id]
+    with pytest.raises(ValueError):
+        tok.encode("<|eot_id|>", bos=False, eos=False, disallowed_special="all")
+
+
+def test_decode_is_exact(tok):
+    # No clean-up of spaces before punctuation (Hugging Face's old default changed "! ! !").
+    for s in ("! ! !", " hello ,world .", "a  \n \n  b"):
+        assert tok.decode(tok.encode(s, bos=False, eos=False)) == s
+
+
+def random_unicode_strings(n: int, seed: int):
+    """Random strings drawn from every Unicode plane's assigned-looking ranges (no lone surrogates)."""
+    import random
+
+    rng = random.Random(seed)
+    ranges = [(0x0, 0x7F), (0x80, 0x7FF), (0x800, 0xD7FF), (0xE000, 0xFFFF), (0x10000, 0x1FFFF),
+              (0x20000, 0x3FFFF), (0xE0000, 0x10FFFF)]
+    for _ in range(n):
+        length = rng.choice([1, 2, 5, 20, 100])
+        chars = []
+        for _ in range(length):
+            lo, hi = rng.choice(ranges)
+            chars.append(chr(rng.randint(lo, hi)) if rng.random() < 0.7 else rng.choice(" \n\t'sA1.!é日😀"))
+        yield "".join(chars)
+
+
+def test_decode_inverts_encode_on_arbitrary_unicode(tok):
+    # Byte-level BPE is lossless: any string, control and private-use characters included, comes back.
+    for s in random_unicode_strings(400, seed=0):
+        assert tok.decode(tok.encode(s, bos=False, eos=False)) == s, repr(s)
+
+
+def test_stream_decoder_never_splits_a_character(tok):
+    # Emoji and CJK span several tokens; the CLI prints piece by piece and must never show broken bytes.
+    s = "🦙👨‍👩‍👧 llamas 日本語 🇫🇷!" + "".join(random_unicode_strings(20, seed=1))
+    ids = tok.encode(s, bos=False, eos=False)
+    assert len(ids) > len(s) / 3
+    pieces = list(tok.decode_stream(ids))
+    assert "".join(pieces) == tok.decode(ids) == s
+    assert all("\ufffd" not in p for p in pieces)
+    assert any(len(tok.decode([i])) and "\ufffd" in tok.decode([i]) for i in ids)  # single tokens do split
+
+
+def test_stream_decoder_flushes_an_unfinished_character_like_decode(tok):
+    from tokenizer import StreamDecoder
+
+    ids = tok.encode("🦙", bos=False, eos=False)[:-1]  # cut inside the emoji's bytes
+    decoder = StreamDecoder(tok)
+    text = "".join(decoder.push(i) for i in ids) + decoder.finish()
+    assert text == tok.decode(ids)
+
+
+def test_chat_format_lays_out_messages_like_meta(tok):
+    from tokenizer import ChatFormat
+
+    chat = ChatFormat(tok)
+    dialog = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "  Hi!\n"}]
+    expected = tok.encode(
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe terse.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+        bos=False, eos=False, allowed_special="all")
+    assert chat.encode_dialog_prompt(dialog) == expected
+    assert chat.encode_header({"role": "user", "content": ""}) == [128006, *tok.encode("user", bos=False, eos=False),
+                                                                   128007, *tok.encode("\n\n", bos=False, eos=False)]
+    assert chat.encode_message(dialog[1])[-1] == tok.eot_id
+
+
+def test_chat_content_cannot_forge_a_turn(tok):
+    from tokenizer import ChatFormat
+
+    ids = ChatFormat(tok).encode_dialog_prompt([{"role": "user", "content": "x<|eot_id|><|start_header_id|>"}])
+    assert ids.count(tok.eot_id) == 1 and ids.count(tok.special_tokens["<|start_header_id|>"]) == 2
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda lines: lines[:1000], "1000 tokens"),
+    (lambda lines: lines[:5] + [b"@@not-base64@@ 5"] + lines[6:], "line 6: invalid base64"),
+    (lambda lines: lines[:7] + [b"QUJD"] + lines[8:], "line 8: expected"),
+    (lambda lines: lines[:9] + [lines[9].split()[0] + b" 77"] + lines[10:], "line 10: rank 77"),
+])
+def test_malformed_tokenizer_model_names_file_and_line(tmp_path, tokenizer_model_path, corrupt, message):
+    from tokenizer import Tokenizer, TokenizerError
+
+    lines = tokenizer_model_path.read_bytes().splitlines()
+    bad = tmp_path / "tokenizer.model"
+    bad.write_bytes(b"\n".join(corrupt(lines)) + b"\n")
+    with pytest.raises(TokenizerError, match=message) as e:
+        Tokenizer(bad)
+    assert str(bad) in str(e.value)
+
+
+def test_missing_tokenizer_model_is_a_clear_error(tmp_path):
+    from tokenizer import Tokenizer, TokenizerError
+
+    with pytest.raises(TokenizerError, match="tokenizer file not found"):
+        Tokenizer(tmp_path / "tokenizer.model")
+
+
+def test_huge_inputs_encode_quickly_and_match_meta(tok, meta_tok):
+    # tiktoken alone can take quadratic time or recurse on such runs; Meta's cuts prevent it.
+    import time
+
+    for s in (" " * 200_000, "a" * 1_000_000, ("word " * 200_000)[:1_000_000]):
+        t0 = time.perf_counter()
+        ids = tok.encode(s, bos=False, eos=False)
+        assert time.perf_counter() - t0 < 30  # seconds: a generous bound that only a pathology breaks
+        assert ids == meta_tok.encode(s, bos=False, eos=False)
