@@ -687,6 +687,9 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
     reader = CheckpointReader(path, rope_scaling_factor)
     args = reader.args
     if max_seq_len is not None:
+        if not 0 < max_seq_len <= args.max_seq_len:
+            raise ValueError(f"max_seq_len {max_seq_len} is outside the 1..{args.max_seq_len} positions "
+                             f"{path} supports")
         args.max_seq_len = max_seq_len
     args.use_sdpa = use_sdpa
     device = torch.device(device or "cpu")
@@ -732,3 +735,343 @@ def _config_hint(name: str, args: ModelArgs) -> str:
     for w in ("w1", "w2", "w3"):
         hints[w] = f"dim={args.dim}, SwiGLU width {args.ffn_hidden_dim}"
     return "the config says " + hints.get(part, f"dim={args.dim}")
+
+
+# -----------------------------------------------------------------------------
+# Sampling
+#
+# The next token is drawn from softmax(logits / temperature), optionally
+# restricted to the k most likely tokens (top-k) and to the smallest set whose
+# probabilities add up to top_p (nucleus sampling, Holtzman et al. 2019).
+# temperature 0 means greedy: always the most likely token. Meta's defaults
+# for its chat models are temperature 0.6 and top_p 0.9.
+# -----------------------------------------------------------------------------
+
+
+def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample from the nucleus of probs (B, vocab_size) -> token ids (B, 1).
+
+    Meta's rule: sort descending and keep each token whose preceding mass is
+    at most p, so the token that crosses p is kept and the nucleus is never empty.
+    """
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)  # (B, vocab_size)
+    probs_sum = torch.cumsum(probs_sort, dim=-1)
+    probs_sort[probs_sum - probs_sort > p] = 0.0
+    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
+    next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)  # (B, 1) index into the sort
+    return torch.gather(probs_idx, -1, next_token)  # (B, 1) token ids
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.6, top_p: float = 0.9, top_k: int | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick the next token from logits (B, vocab_size) -> (B,) int64."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1), the k-th largest logit
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)  # (B, vocab_size)
+    if top_p < 1.0:
+        return sample_top_p(probs, top_p, generator).squeeze(-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+# -----------------------------------------------------------------------------
+# Generation
+#
+# Prefill runs the prompt through the model once, filling the KV cache; decode
+# then feeds one token per step. A batch of prompts of different lengths uses
+# Meta's scheme, which needs no padding mask: every row starts decoding at the
+# shortest prompt's length, and while a row still has prompt tokens left, its
+# sampled token is replaced by the prompt's own. Position t of every row is
+# thus always a real token, and the causal mask keeps each row from ever
+# seeing the unfilled positions after it. Greedy results equal running each
+# prompt alone.
+# -----------------------------------------------------------------------------
+
+# Llama 3's stop tokens: <|end_of_text|> (base models), <|eom_id|> (hand-over to a
+# tool), <|eot_id|> (end of an instruct turn); tokenizer.py's Tokenizer.stop_tokens,
+# repeated here so generate runs without tiktoken (a test checks the two agree).
+LLAMA3_STOP_TOKENS = (128001, 128008, 128009)
+
+
+@torch.inference_mode()
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.6,
+             top_p: float = 0.9, top_k: int | None = None, stop_tokens: list[int] | tuple[int, ...] | None = None,
+             seed: int | None = None, on_token=None, cache: list[KVCache] | None = None,
+             cached_len: int = 0) -> list[list[int]]:
+    """Continue each prompt (a list of token ids) by up to max_new_tokens tokens.
+
+    Returns the new tokens of each prompt, without the stop token that ended it.
+    stop_tokens: ids that end a row (default LLAMA3_STOP_TOKENS; [] never stops).
+    seed: makes sampling repeatable (a torch.Generator; greedy needs none).
+    on_token(row, token_id): called for each new token as it is chosen (streaming).
+    cache, cached_len: reuse a cache whose first cached_len positions already hold
+        prompts[0][:cached_len] (the CLI's chat keeps one across turns; batch size 1).
+    """
+    stop_tokens = LLAMA3_STOP_TOKENS if stop_tokens is None else stop_tokens
+    max_seq_len = model.rope_cos.shape[0]
+    B = len(prompts)
+    if B == 0 or min(len(p) for p in prompts) == 0:
+        raise ValueError("every prompt needs at least one token (start it with <|begin_of_text|>)")
+    lengths = [len(p) for p in prompts]
+    if max_new_tokens <= 0:
+        return [[] for _ in prompts]
+    if max(lengths) >= max_seq_len:
+        raise ValueError(f"prompt of {max(lengths)} tokens leaves no room in the {max_seq_len}-position context "
+                         "(max_seq_len)")
+    device = model.tok_embeddings.weight.device
+    total_len = min(max_seq_len, max(lengths) + max_new_tokens)  # clip to the model's context
+    if cache is None:
+        cache, cached_len = model.new_cache(B, total_len), 0  # sized to this request, not to max_seq_len
+    elif B != 1 or cached_len >= lengths[0] or cache[0].k.shape[2] < total_len:
+        raise ValueError("a reused cache needs one prompt longer than cached_len and room for total_len positions")
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+
+    tokens = torch.zeros((B, total_len), dtype=torch.long, device=device)  # (B, total_len)
+    is_prompt = torch.zeros((B, total_len), dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long, device=device)
+        is_prompt[i, : len(p)] = True
+    stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    # A row ends after max_new_tokens of its own, not the longest prompt's.
+    limit = torch.tensor([min(n + max_new_tokens, total_len) for n in lengths], device=device)
+
+    prev_pos = cached_len
+    for cur_pos in range(min(lengths), total_len):
+        logits = model(tokens[:, prev_pos:cur_pos], prev_pos, cache)  # (B, cur_pos - prev_pos, vocab_size)
+        next_token = sample(logits[:, -1], temperature, top_p, top_k, generator)  # (B,)
+        next_token = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
+        tokens[:, cur_pos] = next_token
+        new = ~is_prompt[:, cur_pos] & ~done & (cur_pos < limit)
+        stopped = new & torch.isin(next_token, stop)
+        if on_token is not None:
+            for i in (new & ~stopped).nonzero().flatten().tolist():
+                on_token(i, int(next_token[i]))
+        done |= stopped | (cur_pos + 1 >= limit)
+        prev_pos = cur_pos
+        if bool(done.all()):
+            break
+
+    out = []
+    for i, n in enumerate(lengths):
+        row = tokens[i, n : int(limit[i])].tolist()
+        ends = [j for j, t in enumerate(row) if t in set(stop_tokens)]
+        out.append(row[: ends[0]] if ends else row)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Command line
+#
+#   python llama3.py --ckpt DIR --prompt "The capital of France is"     (base model)
+#   python llama3.py --ckpt DIR --chat [--system "Be brief."]           (instruct model)
+#
+# The completion streams to stdout; timing goes to stderr. Bad input ends with
+# a one-line message on stderr and exit code 2.
+# -----------------------------------------------------------------------------
+
+
+def _fail(msg: str) -> None:
+    print(f"llama3.py: error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _pick_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _pick_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """None keeps the checkpoint's dtype (bf16 for Meta's and the hub's files): no conversion, no copy."""
+    if name != "auto":
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float16": torch.float16, "fp16": torch.float16}[name]
+    # bf16 is what Llama 3 was trained in; MPS computes fp16 more reliably than bf16.
+    return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device.type)
+
+
+def _parser():
+    import argparse
+
+    p = argparse.ArgumentParser(prog="llama3.py", description="Run a Llama 3 / 3.1 / 3.2 / 3.3 text model.")
+    p.add_argument("--ckpt", help="checkpoint directory: Meta's (params.json + consolidated.*.pth), "
+                   "convert.py's output, or Hugging Face's (config.json + *.safetensors)")
+    p.add_argument("--prompt", help="text to continue; with --chat, one user message to answer, then exit")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    p.add_argument("--temperature", type=float, default=0.6,
+                   help="sampling temperature; 0 = greedy (default 0.6, Meta's)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9, Meta's)")
+    p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
+    p.add_argument("--seed", type=int, default=None, help="random seed, for repeatable sampling")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "fp32", "bfloat16", "bf16", "float16",
+                   "fp16"], help="weight dtype (default: bfloat16 on CUDA, float16 on MPS, the checkpoint's on CPU)")
+    p.add_argument("--sdpa", action="store_true", help="attention through F.scaled_dot_product_attention")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="context positions to support (default: the model's; --chat caps its cache at 8192)")
+    p.add_argument("--rope-scaling-factor", type=float, default=None,
+                   help="override the Llama 3.1 RoPE scaling factor (8; 32 for 3.2 1B/3B)")
+    p.add_argument("--tokenizer", default=None, help="path of tokenizer.model (default: CKPT/tokenizer.model)")
+    p.add_argument("--chat", action="store_true", help="interactive chat in the Llama 3 chat format "
+                   "(instruct models); /reset clears the history, Ctrl-D quits")
+    p.add_argument("--system", default=None, help="system message for --chat")
+    p.error = _fail  # one line, exit code 2, instead of argparse's usage block
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    import time
+
+    from tokenizer import ChatFormat, StreamDecoder, Tokenizer, TokenizerError
+
+    opts = _parser().parse_args(argv)
+    if not opts.ckpt:
+        _fail("--ckpt is required: a checkpoint directory")
+    if opts.prompt is None and not opts.chat:
+        _fail("--prompt is required (or --chat for an interactive chat)")
+    if opts.system is not None and not opts.chat:
+        _fail("--system needs --chat")
+    if opts.max_new_tokens < 0 or (opts.top_k is not None and opts.top_k < 1) or not 0 < opts.top_p <= 1:
+        _fail("--max-new-tokens must be >= 0, --top-k >= 1 and --top-p in (0, 1]")
+    ckpt = Path(opts.ckpt)
+    if not ckpt.is_dir():
+        _fail(f"--ckpt {ckpt}: no such directory")
+    try:
+        tokenizer = Tokenizer(opts.tokenizer or ckpt / "tokenizer.model")
+    except TokenizerError as e:
+        _fail(f"{e} (pass --tokenizer PATH)" if opts.tokenizer is None else str(e))
+
+    device = _pick_device(opts.device)
+    t0 = time.perf_counter()
+    try:
+        model = load_model(ckpt, device, _pick_dtype(opts.dtype, device), max_seq_len=opts.max_seq_len,
+                           rope_scaling_factor=opts.rope_scaling_factor, use_sdpa=opts.sdpa)
+    except (CheckpointError, ValueError, OSError) as e:
+        _fail(str(e))
+    except RuntimeError as e:  # e.g. CUDA out of memory
+        _fail(f"loading {ckpt} on {device}: {str(e).splitlines()[0]}")
+    if model.args.vocab_size < tokenizer.n_words:
+        _fail(f"{ckpt} has vocab_size={model.args.vocab_size}, fewer than the tokenizer's {tokenizer.n_words} ids")
+    dtype = model.tok_embeddings.weight.dtype
+    print(f"loaded {ckpt} in {time.perf_counter() - t0:.1f}s: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B "
+          f"parameters, {str(dtype).removeprefix('torch.')} on {device}", file=sys.stderr)
+
+    sampling = {"temperature": opts.temperature, "top_p": opts.top_p, "top_k": opts.top_k, "seed": opts.seed}
+    if opts.chat:
+        run_chat(model, tokenizer, ChatFormat(tokenizer), opts, sampling)
+        return
+
+    if opts.prompt != opts.prompt.rstrip():
+        print("llama3.py: warning: the prompt ends in whitespace; Llama 3 usually puts spaces at the start of the "
+              "next token, so this prompt is unlike its training text", file=sys.stderr)
+    prompt = tokenizer.encode(opts.prompt, bos=True, eos=False)
+    if len(prompt) >= model.args.max_seq_len:
+        _fail(f"--prompt is {len(prompt)} tokens, too long for the {model.args.max_seq_len}-position context "
+              "(--max-seq-len)")
+    _, interrupted = stream(model, StreamDecoder(tokenizer), prompt, opts.max_new_tokens, sampling)
+    print()
+    if interrupted:
+        raise SystemExit(130)
+
+
+def stream(model: Transformer, decoder, prompt: list[int], max_new_tokens: int, sampling: dict,
+           **cache_kw) -> tuple[list[int], bool]:
+    """Generate for one prompt, printing text as it comes and timing to stderr.
+
+    Returns the new tokens and whether Ctrl-C stopped the generation.
+    """
+    import time
+
+    new: list[int] = []
+    times = [time.perf_counter()]
+
+    def on_token(_row: int, token: int) -> None:
+        new.append(token)
+        times.append(time.perf_counter())
+        print(decoder.push(token), end="", flush=True)
+
+    try:
+        generate(model, [prompt], max_new_tokens, on_token=on_token, **sampling, **cache_kw)
+    except ValueError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        print(decoder.finish(), flush=True)
+        print("llama3.py: interrupted", file=sys.stderr)
+        return new, True
+    print(decoder.finish(), end="", flush=True)
+    fed = len(prompt) - cache_kw.get("cached_len", 0)  # a chat turn feeds only what the cache lacks
+    prefill = times[1] - times[0] if len(times) > 1 else float("nan")
+    decode = (len(times) - 2) / (times[-1] - times[1]) if len(times) > 2 else float("nan")
+    print(f"\n[{len(prompt)} prompt tokens ({fed} fed), prefill {fed / prefill:.1f} tok/s; "
+          f"{len(new)} new tokens, decode {decode:.1f} tok/s]", file=sys.stderr)
+    return new, False
+
+
+def run_chat(model: Transformer, tokenizer, chat, opts, sampling: dict, read=input) -> list[dict]:
+    """Interactive multi-turn chat that keeps one KV cache across turns; returns the dialog.
+
+    Each turn encodes the whole dialog with ChatFormat and feeds the model only
+    the tokens after the longest prefix already in the cache, so a turn costs
+    its new tokens, not the history. The cache holds the history exactly as
+    encode_dialog_prompt lays it out; where the model's own tokens differ from
+    re-encoding its answer, feeding restarts at the first difference.
+    """
+    from tokenizer import StreamDecoder
+
+    system = [{"role": "system", "content": opts.system}] if opts.system else []
+    dialog = list(system)
+    limit = opts.max_seq_len or min(model.args.max_seq_len, 8192)
+    cache, cached = model.new_cache(1, limit), []  # cached: the tokens whose K/V the cache holds
+    interactive = opts.prompt is None
+    if interactive:
+        print("chat: /reset clears the history, Ctrl-D quits", file=sys.stderr)
+    while True:
+        if interactive:
+            try:
+                text = read("> ")
+            except (EOFError, KeyboardInterrupt):
+                print(file=sys.stderr)
+                return dialog
+        else:
+            text = opts.prompt
+        if text.strip() == "/reset":
+            dialog, cached = list(system), []
+            print("(history cleared)", file=sys.stderr)
+            continue
+        if not text.strip():
+            continue
+        dialog.append({"role": "user", "content": text})
+        prompt = chat.encode_dialog_prompt(dialog)
+        if len(prompt) >= limit:
+            dialog.pop()
+            msg = f"the conversation ({len(prompt)} tokens) fills the {limit}-token context"
+            if not interactive:
+                _fail(f"{msg}; raise --max-seq-len")
+            print(f"{msg}: /reset, or restart with a larger --max-seq-len", file=sys.stderr)
+            continue
+        reuse = 0
+        while reuse < min(len(cached), len(prompt) - 1) and cached[reuse] == prompt[reuse]:
+            reuse += 1
+        reply, interrupted = stream(model, StreamDecoder(tokenizer), prompt, opts.max_new_tokens, sampling,
+                                    cache=cache, cached_len=reuse)
+        # The last token chosen was never fed to the model, so it is not in the cache;
+        # with no reply at all the prompt may not have been fed completely (Ctrl-C).
+        cached = (prompt + reply)[:-1] if reply else prompt[:reuse]
+        dialog.append({"role": "assistant", "content": tokenizer.decode(reply)})
+        print()
+        if not interactive:  # Ctrl-C in a chat ends the answer, not the chat
+            if interrupted:
+                raise SystemExit(130)
+            return dialog
+
+
+if __name__ == "__main__":
+    main()

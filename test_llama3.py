@@ -32,10 +32,9 @@ def require(module: str):
 
 
 def tiny_args(**kw) -> ModelArgs:
-    base = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32,
-                ffn_dim_multiplier=None, max_seq_len=64, use_scaled_rope=True, original_max_seq_len=16)
-    base.update(kw)
-    return ModelArgs(**base)
+    base = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 256, "multiple_of": 32,
+            "ffn_dim_multiplier": None, "max_seq_len": 64, "use_scaled_rope": True, "original_max_seq_len": 16}
+    return ModelArgs(**{**base, **kw})
 
 
 def random_model(args: ModelArgs, seed: int = 0) -> Transformer:
@@ -325,7 +324,7 @@ def test_model_imports_with_only_torch_installed(tmp_path):
         f"llama3.load_model({str(tmp_path / 'ckpt')!r})\n"
         "assert 'tiktoken' not in sys.modules or sys.modules['tiktoken'] is None\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code], check=False, cwd=HERE, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 
 
@@ -679,3 +678,278 @@ def test_huge_inputs_encode_quickly_and_match_meta(tok, meta_tok):
         ids = tok.encode(s, bos=False, eos=False)
         assert time.perf_counter() - t0 < 30  # seconds: a generous bound that only a pathology breaks
         assert ids == meta_tok.encode(s, bos=False, eos=False)
+
+
+# -----------------------------------------------------------------------------
+# Sampling and generation
+# -----------------------------------------------------------------------------
+
+
+def test_default_stop_tokens_are_the_tokenizers(tok):
+    # llama3.py repeats the three ids so generate runs without tiktoken; they must not drift.
+    assert sorted(llama3.LLAMA3_STOP_TOKENS) == sorted(tok.stop_tokens)
+
+
+def test_temperature_zero_is_argmax():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 100)
+    assert torch.equal(llama3.sample(logits, temperature=0.0), logits.argmax(-1))
+    assert torch.equal(llama3.sample(logits, temperature=0, top_k=3, top_p=0.1), logits.argmax(-1))
+
+
+def test_top_p_keeps_the_token_that_crosses_p():
+    # Meta's rule: 0.5 + 0.3 crosses p = 0.7, so tokens 0 and 1 are the nucleus; 2 and 3 never appear.
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).repeat(2000, 1)
+    gen = torch.Generator().manual_seed(0)
+    drawn = llama3.sample_top_p(probs.clone(), 0.7, gen).flatten()
+    assert set(drawn.tolist()) == {0, 1}
+    assert abs((drawn == 0).float().mean().item() - 0.5 / 0.8) < 0.05  # renormalised within the nucleus
+    # A nucleus smaller than the top token still keeps the top token.
+    assert set(llama3.sample_top_p(probs.clone(), 0.1, gen).flatten().tolist()) == {0}
+
+
+def test_top_k_samples_only_the_k_most_likely():
+    logits = torch.log(torch.tensor([[0.1, 0.4, 0.05, 0.3, 0.15]])).repeat(3000, 1)
+    gen = torch.Generator().manual_seed(0)
+    drawn = llama3.sample(logits, temperature=1.0, top_p=1.0, top_k=2, generator=gen)
+    assert set(drawn.tolist()) == {1, 3}
+
+
+def test_temperature_flattens_the_distribution():
+    logits = torch.tensor([[2.0, 0.0]]).repeat(4000, 1)
+    gen = torch.Generator().manual_seed(0)
+    cold = (llama3.sample(logits, 0.5, 1.0, generator=gen) == 0).float().mean()
+    hot = (llama3.sample(logits, 2.0, 1.0, generator=gen) == 0).float().mean()
+    assert abs(cold - torch.sigmoid(torch.tensor(4.0))) < 0.03 and abs(hot - torch.sigmoid(torch.tensor(1.0))) < 0.03
+
+
+def test_seed_makes_sampling_repeatable():
+    model = random_model(tiny_args())
+    prompts = [[1, 2, 3], [4, 5]]
+    a = llama3.generate(model, prompts, 12, temperature=1.0, top_p=0.95, seed=7, stop_tokens=[])
+    b = llama3.generate(model, prompts, 12, temperature=1.0, top_p=0.95, seed=7, stop_tokens=[])
+    c = llama3.generate(model, prompts, 12, temperature=1.0, top_p=0.95, seed=8, stop_tokens=[])
+    assert a == b and a != c
+
+
+def test_batched_greedy_equals_one_at_a_time():
+    # Prompts of different lengths in one batch must not see each other's padding.
+    model = random_model(tiny_args())
+    prompts = [[5, 9, 2], [7] * 11, [1, 2, 3, 4, 5, 6, 7]]
+    alone = [llama3.generate(model, [p], 10, temperature=0, stop_tokens=[])[0] for p in prompts]
+    batched = llama3.generate(model, prompts, 10, temperature=0, stop_tokens=[])
+    assert batched == alone and all(len(r) == 10 for r in alone)
+
+
+def test_each_row_stops_on_its_own_stop_token():
+    model = random_model(tiny_args())
+    prompts = [[5, 9, 2], [7] * 11]
+    free = llama3.generate(model, prompts, 10, temperature=0, stop_tokens=[])
+    stop = free[0][3]  # the 4th token row 0 produces becomes a stop token
+    out = llama3.generate(model, prompts, 10, temperature=0, stop_tokens=[stop])
+    assert out[0] == free[0][: free[0].index(stop)]  # stop token itself not returned
+    assert out[1] == (free[1][: free[1].index(stop)] if stop in free[1] else free[1])
+    assert len(out[1]) > len(out[0])  # row 1 went on after row 0 stopped
+
+
+def test_default_stop_tokens_end_generation():
+    # A model that always predicts <|eot_id|> must produce nothing.
+    args = tiny_args(vocab_size=128256, dim=32)
+    model = Transformer(args).eval()
+    with torch.no_grad():
+        model.output.weight.zero_()
+        model.output.weight[128009] = 1.0
+        model.norm.weight.fill_(1.0)
+    model.tok_embeddings.weight.data.abs_()  # positive features: eot's logit is the largest
+    assert llama3.generate(model, [[1, 2]], 5, temperature=0) == [[]]
+    assert len(llama3.generate(model, [[1, 2]], 5, temperature=0, stop_tokens=[])[0]) == 5
+
+
+def test_max_new_tokens_is_clipped_to_the_context():
+    model = random_model(tiny_args(max_seq_len=16))
+    assert len(llama3.generate(model, [[1] * 10], 100, temperature=0, stop_tokens=[])[0]) == 6
+    with pytest.raises(ValueError, match="16-position context"):
+        llama3.generate(model, [[1] * 16], 5, temperature=0)
+
+
+def test_cache_is_sized_to_the_batch_and_request(monkeypatch):
+    # A short prompt on a 128K-context model must not allocate the whole context.
+    model = random_model(tiny_args(max_seq_len=4096))
+    sizes = []
+    real = model.new_cache
+    monkeypatch.setattr(model, "new_cache", lambda b, n=None: sizes.append((b, n)) or real(b, n))
+    llama3.generate(model, [[1, 2, 3], [4]], 5, temperature=0, stop_tokens=[])
+    assert sizes == [(2, 8)]  # 2 rows, longest prompt 3 + 5 new tokens
+
+
+def test_on_token_streams_every_new_token_in_order():
+    model = random_model(tiny_args())
+    seen = {0: [], 1: []}
+    out = llama3.generate(model, [[3, 4], [5, 6, 7, 8]], 6, temperature=0, stop_tokens=[],
+                          on_token=lambda row, t: seen[row].append(t))
+    assert [seen[0], seen[1]] == out
+
+
+# -----------------------------------------------------------------------------
+# The command line
+# -----------------------------------------------------------------------------
+
+
+def to_hf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """transformers' conversion permutation (Meta's interleaved pairs -> rotate-half), written from its docs."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def hf_from_meta(model: Transformer):
+    """transformers' LlamaForCausalLM holding the same weights as our model."""
+    transformers = require("transformers")
+    a = model.args
+    ref = hf_model(a)
+    sd = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight,
+          "lm_head.weight": model.output.weight}
+    names = {"attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj",
+             "feed_forward.w2": "mlp.down_proj", "feed_forward.w3": "mlp.up_proj",
+             "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+    for i, layer in enumerate(model.layers):
+        sd[f"model.layers.{i}.self_attn.q_proj.weight"] = to_hf_rows(layer.attention.wq.weight, a.n_heads)
+        sd[f"model.layers.{i}.self_attn.k_proj.weight"] = to_hf_rows(layer.attention.wk.weight, a.n_kv_heads)
+        for ours, theirs in names.items():
+            sd[f"model.layers.{i}.{theirs}.weight"] = layer.get_submodule(ours).weight
+    ref.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=True)
+    assert isinstance(ref, transformers.LlamaForCausalLM)
+    return ref
+
+
+@pytest.fixture(scope="session")
+def cli_ckpt(tmp_path_factory, tokenizer_model_path):
+    """A tiny random Meta-layout checkpoint with Llama 3's real 128,256-token vocabulary and tokenizer."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("cli_ckpt")
+    model = random_model(tiny_args(vocab_size=128256, dim=64, n_heads=4, n_kv_heads=2, max_seq_len=128), seed=3)
+    save_meta_shards(model, folder, 2)
+    shutil.copy(tokenizer_model_path, folder / "tokenizer.model")
+    return folder, model
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(HERE / "llama3.py"), *args], check=False, capture_output=True,
+                          text=True, timeout=300, stdin=subprocess.DEVNULL)
+
+
+def test_cli_greedy_output_equals_transformers_continuation(cli_ckpt, tok):
+    # End to end: tokenizer, Meta shard loading, prefill, cached decode, streaming print.
+    folder, model = cli_ckpt
+    prompt = "The capital of France is"
+    r = run_cli("--ckpt", str(folder), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "12")
+    assert r.returncode == 0, r.stderr
+    ref = hf_from_meta(model)
+    ids = torch.tensor([tok.encode(prompt, bos=True, eos=False)])
+    new = []
+    with torch.no_grad():
+        for _ in range(12):  # greedy by full recompute: nothing shared with our cached loop
+            nxt = int(ref(ids).logits[0, -1].argmax())
+            if nxt in tok.stop_tokens:
+                break
+            new.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    assert len(new) >= 3
+    assert r.stdout == tok.decode(new) + "\n"
+    assert "prefill" in r.stderr and "decode" in r.stderr and "tok/s" in r.stderr
+
+
+def test_cli_sdpa_gives_the_same_greedy_text(cli_ckpt):
+    folder, _ = cli_ckpt
+    common = ["--ckpt", str(folder), "--prompt", "Once upon a time", "--temperature", "0", "--max-new-tokens", "8"]
+    a, b = run_cli(*common), run_cli(*common, "--sdpa")
+    assert a.returncode == b.returncode == 0 and a.stdout == b.stdout
+
+
+def test_cli_warns_about_a_prompt_ending_in_whitespace(cli_ckpt):
+    folder, _ = cli_ckpt
+    r = run_cli("--ckpt", str(folder), "--prompt", "Hello ", "--max-new-tokens", "2", "--seed", "1")
+    assert r.returncode == 0 and "warning: the prompt ends in whitespace" in r.stderr
+
+
+def test_chat_feeds_exactly_the_dialog_prompt_and_reuses_the_cache(cli_ckpt, tok):
+    # Two turns: what the model has seen must be ChatFormat's layout of the whole
+    # history, and the second turn must start after the cached first turn.
+    import argparse
+
+    from tokenizer import ChatFormat
+
+    folder, _ = cli_ckpt
+    model = load_model(folder)
+    fed, starts = {}, []
+
+    def record(_module, inputs):
+        tokens, start_pos = inputs[0], inputs[1]
+        starts.append((start_pos, tokens.shape[1]))
+        for j, t in enumerate(tokens[0].tolist()):
+            fed[start_pos + j] = t
+
+    model.register_forward_pre_hook(record)
+    opts = argparse.Namespace(system="Be brief.", max_seq_len=None, max_new_tokens=6, prompt=None)
+    lines = iter(["Hello there", "And then?"])
+
+    def read(_prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    dialog = llama3.run_chat(model, tok, ChatFormat(tok), opts, {"temperature": 0, "top_p": 0.9, "top_k": None,
+                                                               "seed": None}, read=read)
+    assert [m["role"] for m in dialog] == ["system", "user", "assistant", "user", "assistant"]
+    second = ChatFormat(tok).encode_dialog_prompt(dialog[:4])
+    assert [fed[i] for i in range(len(second))] == second
+    first_turn_len = len(ChatFormat(tok).encode_dialog_prompt(dialog[:2]))
+    turn2_start = [s for s, n in starts if n > 1][1]  # the second prefill
+    assert turn2_start >= first_turn_len  # the history was not fed again
+
+
+def test_chat_with_prompt_answers_once_and_exits(cli_ckpt):
+    folder, _ = cli_ckpt
+    r = run_cli("--ckpt", str(folder), "--chat", "--prompt", "Hi", "--max-new-tokens", "3", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+
+
+@pytest.mark.parametrize("case", ["no_ckpt", "missing_dir", "no_config", "truncated", "mismatch", "no_tokenizer",
+                                  "long_prompt"])
+def test_cli_bad_input_exits_2_with_one_line_naming_the_culprit(cli_ckpt, tmp_path, case):
+    import shutil
+
+    folder, _ = cli_ckpt
+    bad = tmp_path / "ckpt"
+    shutil.copytree(folder, bad)
+    args, culprit = ["--ckpt", str(bad), "--prompt", "hi"], None
+    if case == "no_ckpt":
+        args, culprit = ["--prompt", "hi"], "--ckpt"
+    elif case == "missing_dir":
+        args, culprit = ["--ckpt", str(tmp_path / "nope"), "--prompt", "hi"], "nope"
+    elif case == "no_config":
+        (bad / "params.json").unlink()
+        culprit = "params.json"
+    elif case == "truncated":
+        f = bad / "consolidated.01.pth"
+        f.write_bytes(f.read_bytes()[:5000])
+        culprit = "consolidated.01.pth"
+    elif case == "mismatch":
+        params = json.loads((bad / "params.json").read_text())
+        params["n_heads"] = 8
+        (bad / "params.json").write_text(json.dumps(params))
+        culprit = "layers.0.attention.wk.weight has shape (32, 64), model expects (16, 64)"
+    elif case == "no_tokenizer":
+        (bad / "tokenizer.model").unlink()
+        culprit = "tokenizer.model"
+    elif case == "long_prompt":
+        args += ["--max-seq-len", "4"]
+        args[3] = "one two three four five six"
+        culprit = "--max-seq-len"
+    r = run_cli(*args)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and culprit in errors[0], r.stderr
