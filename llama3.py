@@ -585,15 +585,23 @@ class CheckpointReader:
             if rope_scaling_factor is not None:
                 params["rope_scaling_factor"] = rope_scaling_factor
             self.args = args_from_params(params, str(path / "params.json"))
-            self._open_meta(path)
         elif (path / "config.json").is_file():
             config = _read_json(path / "config.json")
             self.args = args_from_hf_config(config, str(path / "config.json"))
             if rope_scaling_factor is not None:
                 self.args.rope_scaling_factor = rope_scaling_factor
-            self._open_safetensors(path, hf=True)
         else:
             raise CheckpointNotFoundError(f"{path}: no params.json (Meta) or config.json (Hugging Face) found")
+        self.reopen()
+
+    def reopen(self) -> None:
+        """(Re)map the files. Pages read through a mapping count in the process's RSS
+        until it is unmapped; convert.py reopens now and then to keep its RSS small."""
+        self.shards = self.handles = None  # drop the old mappings first
+        if (self.path / "params.json").is_file():
+            self._open_meta(self.path)
+        else:
+            self._open_safetensors(self.path, hf=True)
 
     def _open_meta(self, path: Path) -> None:
         if (path / "model.safetensors").is_file():
@@ -653,6 +661,18 @@ class CheckpointReader:
         if self.layout == "meta":
             return str(self.files[0]) if len(self.files) == 1 else f"{self.path}/consolidated.*.pth"
         return str(self._where[name][2])
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The stored dtype of `name`, without reading its data."""
+        if self.layout == "meta":
+            return self.shards[0][name].dtype
+        handle, key, _ = self._where[name]
+        dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                  "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8}
+        stored = handle.get_slice(key).get_dtype()
+        if stored not in dtypes:
+            raise CheckpointError(f"{self.source(name)}: {key} has dtype {stored}, not a float type llama3.py reads")
+        return dtypes[stored]
 
     def tensor(self, name: str) -> torch.Tensor:
         if name not in self.names:

@@ -953,3 +953,145 @@ def test_cli_bad_input_exits_2_with_one_line_naming_the_culprit(cli_ckpt, tmp_pa
     assert "Traceback" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and culprit in errors[0], r.stderr
+
+
+# -----------------------------------------------------------------------------
+# convert.py
+# -----------------------------------------------------------------------------
+
+
+def convert_quietly(src, dst, **kw):
+    import convert
+
+    return convert.convert(src, dst, log=lambda *_: None, **kw)
+
+
+def run_convert(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(HERE / "convert.py"), *args], check=False, capture_output=True,
+                          text=True, timeout=300)
+
+
+def tree_digest(folder: Path) -> dict:
+    import hashlib
+
+    return {p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.parametrize("n_shards", [1, 2, 4, 8])
+def test_convert_reassembles_sharded_weights_exactly(tmp_path, n_shards):
+    # 8 shards with 2 K/V heads also covers the replicated-K/V layout of 405B on 16 ranks.
+    model = random_model(tiny_args(dim=128, n_heads=8, n_kv_heads=2), seed=n_shards)
+    save_meta_shards(model, tmp_path / "src", n_shards)
+    convert_quietly(tmp_path / "src", tmp_path / "dst")
+    assert sorted(p.name for p in (tmp_path / "dst").iterdir()) == ["model.safetensors", "params.json"]
+    converted = load_model(tmp_path / "dst")
+    for name, t in model.state_dict().items():
+        assert torch.equal(converted.state_dict()[name], t), name
+    tokens = torch.randint(0, 256, (2, 30))
+    with torch.no_grad():
+        assert torch.equal(converted(tokens), model(tokens))
+
+
+def test_converted_params_json_states_every_number(tmp_path):
+    # Nothing may be guessed at load time: the rope factor of a 3.2-shaped model is written out.
+    model = random_model(tiny_args(rope_scaling_factor=32.0))
+    save_meta_shards(model, tmp_path / "src", 1)
+    convert_quietly(tmp_path / "src", tmp_path / "dst", dtype="bf16")
+    params = json.loads((tmp_path / "dst" / "params.json").read_text())
+    assert params["rope_scaling_factor"] == 32.0 and params["hidden_dim"] == 192
+    assert params["original_max_seq_len"] == 16 and params["use_scaled_rope"] is True
+    converted = load_model(tmp_path / "dst")
+    assert converted.tok_embeddings.weight.dtype == torch.bfloat16
+    assert converted.args == ModelArgs(**{**model.args.__dict__, "hidden_dim": 192})
+
+
+@pytest.mark.parametrize("tied, shard", [(False, False), (True, True), (True, False), (False, True)])
+def test_convert_hf_checkpoint_matches_transformers(tmp_path, tied, shard):
+    # From Hugging Face: un-permute q/k, keep tied embeddings tied, read single files and indexes.
+    args = tiny_args(dim=128, n_heads=8, n_kv_heads=2, tie_word_embeddings=tied, rope_scaling_factor=32.0)
+    ref = hf_model(args, seed=5)
+    ref.save_pretrained(tmp_path / "hf", max_shard_size="100KB" if shard else "1GB")
+    convert_quietly(tmp_path / "hf", tmp_path / "dst")
+    ours = load_model(tmp_path / "dst")
+    assert ours.args.tie_word_embeddings == tied
+    if tied:
+        assert ours.output.weight is ours.tok_embeddings.weight
+    tokens = torch.randint(0, 256, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), ref(tokens).logits.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_convert_never_modifies_src_and_copies_the_tokenizer(tmp_path):
+    save_meta_shards(random_model(tiny_args()), tmp_path / "src", 2)
+    (tmp_path / "src" / "tokenizer.model").write_text("stand-in")
+    before = tree_digest(tmp_path / "src")
+    r = run_convert(str(tmp_path / "src"), str(tmp_path / "dst"), "--dtype", "bf16")
+    assert r.returncode == 0, r.stderr
+    assert tree_digest(tmp_path / "src") == before
+    assert (tmp_path / "dst" / "tokenizer.model").read_text() == "stand-in"
+    assert "peak RSS" in r.stdout and "layers.1.feed_forward.w2.weight" in r.stdout
+
+
+def test_convert_refuses_to_overwrite_without_force(tmp_path):
+    save_meta_shards(random_model(tiny_args()), tmp_path / "src", 1)
+    assert run_convert(str(tmp_path / "src"), str(tmp_path / "dst")).returncode == 0
+    before = tree_digest(tmp_path / "dst")
+    r = run_convert(str(tmp_path / "src"), str(tmp_path / "dst"), "--dtype", "bf16")
+    assert r.returncode == 2 and "--force" in r.stderr and "Traceback" not in r.stderr
+    assert tree_digest(tmp_path / "dst") == before
+    assert run_convert(str(tmp_path / "src"), str(tmp_path / "dst"), "--dtype", "bf16", "--force").returncode == 0
+    assert tree_digest(tmp_path / "dst") != before
+
+
+@pytest.mark.parametrize("case", ["truncated", "missing_shard", "shape", "unknown", "dtype", "no_config"])
+def test_convert_bad_input_exits_2_and_leaves_no_output(tmp_path, case):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    save_meta_shards(random_model(tiny_args()), src, 4)
+    culprit = None
+    if case == "truncated":
+        f = src / "consolidated.03.pth"
+        f.write_bytes(f.read_bytes()[: f.stat().st_size * 2 // 3])
+        culprit = "consolidated.03.pth"
+    elif case == "missing_shard":
+        (src / "consolidated.01.pth").unlink()
+        culprit = "consolidated.01.pth"
+    elif case in ("shape", "unknown", "dtype"):
+        sd = torch.load(src / "consolidated.02.pth", weights_only=True)
+        if case == "shape":
+            sd["layers.1.feed_forward.w2.weight"] = sd["layers.1.feed_forward.w2.weight"][:, :-8].clone()
+            culprit = "layers.1.feed_forward.w2.weight"
+        elif case == "unknown":
+            for i in range(4):
+                s = torch.load(src / f"consolidated.{i:02d}.pth", weights_only=True)
+                s["layers.0.attention.wqkv.weight"] = torch.zeros(2, 2)
+                torch.save(s, src / f"consolidated.{i:02d}.pth")
+            sd = None
+            culprit = "layers.0.attention.wqkv.weight"
+        else:
+            for i in range(4):
+                s = torch.load(src / f"consolidated.{i:02d}.pth", weights_only=True)
+                s["norm.weight"] = s["norm.weight"].to(torch.int8)
+                torch.save(s, src / f"consolidated.{i:02d}.pth")
+            sd = None
+            culprit = "norm.weight has dtype torch.int8"
+        if sd is not None:
+            torch.save(sd, src / "consolidated.02.pth")
+    elif case == "no_config":
+        (src / "params.json").unlink()
+        culprit = "params.json"
+    r = run_convert(str(src), str(dst))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and culprit in errors[0], r.stderr
+    assert not dst.exists() or list(dst.iterdir()) == []  # no model.safetensors, no partial file
+
+
+def test_convert_notes_replicated_norms_that_disagree(tmp_path):
+    save_meta_shards(random_model(tiny_args()), tmp_path / "src", 2)
+    s = torch.load(tmp_path / "src" / "consolidated.01.pth", weights_only=True)
+    s["norm.weight"] = s["norm.weight"] + 1.0
+    torch.save(s, tmp_path / "src" / "consolidated.01.pth")
+    r = run_convert(str(tmp_path / "src"), str(tmp_path / "dst"))
+    assert r.returncode == 0 and "norm.weight differs between shard 0 and shard 1" in r.stderr

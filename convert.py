@@ -1,0 +1,192 @@
+"""convert.py: turn any Llama 3 checkpoint into one safetensors file with Meta's names.
+
+    python convert.py SRC DST [--dtype keep|bf16|fp32] [--force]
+
+SRC is Meta's download (params.json + consolidated.00.pth ... NN.pth) or a
+Hugging Face folder (config.json + *.safetensors). DST receives
+model.safetensors, a params.json that states every number llama3.py needs
+(the rope scaling factor included, so nothing is guessed at load time) and
+SRC's tokenizer.model. llama3.load_model(DST) loads the result.
+
+It streams: shards are memory-mapped, each tensor is merged, cast and written
+on its own, so peak memory is set by the largest tensor, not the model. A
+70B (140 GB in bf16, shipped as 8 shards) converts on a 24 GB machine.
+
+Split table (the same one llama3.py's loader uses, llama3.SHARD_DIM). Meta
+trained with tensor parallelism and saved one slice per rank:
+    concatenate on dim 0: wq, wk, wv, w1, w3, output, tok_embeddings (output features were split)
+    concatenate on dim 1: wo, w2 (input features were split)
+    replicated: attention_norm, ffn_norm, norm (the copies are checked to agree, and kept once)
+Llama 2 split tok_embeddings along dim 1; Llama 3 splits it by vocabulary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import json
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import llama3
+
+# safetensors' names for the dtypes a Llama checkpoint holds.
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+# Pages read through a memory map stay in our RSS until it is unmapped: remap after this many bytes.
+REMAP_BYTES = 256 * 2**20
+
+
+def fail(msg: str) -> None:
+    print(f"convert.py: error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A zero-copy view of a contiguous CPU tensor's bytes, for file.write.
+
+    torch has no buffer protocol and .numpy() would add a dependency, so wrap
+    the data pointer in a ctypes array. The caller keeps t alive while writing.
+    """
+    n = t.numel() * t.element_size()
+    return memoryview((ctypes.c_ubyte * n).from_address(t.data_ptr())).cast("B")
+
+
+def plan(reader: llama3.CheckpointReader, dtype: torch.dtype | None) -> list[tuple[str, torch.dtype, tuple]]:
+    """(name, output dtype, shape) of every tensor to write, in the model's order, checked against the config."""
+    args = reader.args
+    with torch.device("meta"):
+        expected = llama3.Transformer(args).state_dict()
+    if args.tie_word_embeddings:
+        del expected["output.weight"]  # tied: load_model shares tok_embeddings
+    extra = set(reader.names) - set(expected) - {"output.weight"}
+    if extra:
+        name = min(extra)
+        raise llama3.CheckpointError(f"{reader.source(name)}: tensor {name} is not part of a {args.n_layers}-layer "
+                                     "model (check n_layers in the config)")
+    out = []
+    for name, want in expected.items():
+        if name not in reader.names:
+            raise llama3.CheckpointError(f"{name} missing from {reader.path}")
+        stored = reader.dtype(name)
+        if stored not in SAFETENSORS_DTYPES:
+            raise llama3.CheckpointError(f"{reader.source(name)}: {name} has dtype {stored}; "
+                                         "supported: float32, bfloat16, float16")
+        out.append((name, dtype or stored, tuple(want.shape)))
+    return out
+
+
+def write_safetensors(reader: llama3.CheckpointReader, entries: list, file: Path, log=print) -> int:
+    """Write the tensors one by one: an 8-byte little-endian header length, a JSON
+    header of names, dtypes, shapes and byte offsets, then the raw bytes in order.
+    safetensors.torch.save_file needs every tensor in memory at once; this needs one."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, dtype, shape in entries:
+        size = dtype.itemsize * (torch.Size(shape).numel())
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format pads the header so the data starts 8-byte aligned
+    since_remap = 0
+    with open(file, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for i, (name, dtype, shape) in enumerate(entries, 1):
+            t = reader.tensor(name)
+            if tuple(t.shape) != shape:
+                raise llama3.CheckpointError(f"{reader.source(name)}: {name} has shape {tuple(t.shape)}, the config "
+                                             f"says {shape}: {llama3._config_hint(name, reader.args)}")
+            t = t.to(dtype).contiguous()
+            f.write(tensor_bytes(t))
+            size = t.numel() * t.element_size()
+            log(f"[{i:4d}/{len(entries)}] {name:<40} {list(shape)!s:<16} {str(dtype)[6:]:<9} {size / 2**20:9.1f} MiB")
+            del t
+            since_remap += size
+            if since_remap > REMAP_BYTES:
+                reader.reopen()
+                since_remap = 0
+    return offset
+
+
+def verify(file: Path, entries: list) -> None:
+    """Reopen the written file and check every name, shape and dtype against the plan."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt", device="cpu") as f:
+        names = set(f.keys())
+        if names != {name for name, _, _ in entries}:
+            raise llama3.CheckpointError(f"{file}: written tensor names differ from the plan")
+        for name, dtype, shape in entries:
+            s = f.get_slice(name)
+            if tuple(s.get_shape()) != shape or s.get_dtype() != SAFETENSORS_DTYPES[dtype]:
+                raise llama3.CheckpointError(f"{file}: {name} was written as {s.get_dtype()} {s.get_shape()}")
+
+
+def params_json(args: llama3.ModelArgs) -> dict:
+    """Every number llama3.py needs, so load_model guesses nothing (use_sdpa is a run-time choice)."""
+    params = dataclasses.asdict(args)
+    del params["use_sdpa"]
+    params["hidden_dim"] = args.ffn_hidden_dim
+    return params
+
+
+def convert(src: str | Path, dst: str | Path, dtype: str = "keep", force: bool = False, log=print) -> dict:
+    """Convert SRC into DST (see the module docstring). Returns a summary dict."""
+    t0 = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    out_dtype = {"keep": None, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    reader = llama3.CheckpointReader(src)
+    if dst.resolve() == src.resolve():
+        raise ValueError(f"{dst}: DST must differ from SRC (SRC is never modified)")
+    targets = [dst / "model.safetensors", dst / "params.json"]
+    if not force and any(p.exists() for p in targets):
+        raise FileExistsError(f"{dst} already holds a converted checkpoint; pass --force to overwrite it")
+    entries = plan(reader, out_dtype)
+    tokenizer = next((p for p in (src / "tokenizer.model", src / "original" / "tokenizer.model") if p.is_file()), None)
+
+    dst.mkdir(parents=True, exist_ok=True)
+    tmp = {p: p.with_name(f".{p.name}.partial") for p in [*targets, dst / "tokenizer.model"]}
+    try:
+        nbytes = write_safetensors(reader, entries, tmp[dst / "model.safetensors"], log)
+        verify(tmp[dst / "model.safetensors"], entries)
+        tmp[dst / "params.json"].write_text(json.dumps(params_json(reader.args), indent=2) + "\n")
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp[dst / "tokenizer.model"])
+        for final, partial in tmp.items():  # rename only once everything is written and checked
+            if partial.exists():
+                partial.replace(final)
+    finally:
+        for partial in tmp.values():
+            partial.unlink(missing_ok=True)
+    summary = {"tensors": len(entries), "bytes": nbytes, "seconds": time.perf_counter() - t0,
+               "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    log(f"wrote {dst / 'model.safetensors'}: {summary['tensors']} tensors, {nbytes / 1e9:.2f} GB in "
+        f"{summary['seconds']:.1f}s, peak RSS {summary['peak_rss_bytes'] / 1e9:.2f} GB"
+        + ("" if tokenizer else "; no tokenizer.model in SRC"))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="convert.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("src", help="Meta download folder (params.json + consolidated.*.pth) or Hugging Face folder")
+    p.add_argument("dst", help="output folder: model.safetensors, params.json, tokenizer.model")
+    p.add_argument("--dtype", default="keep", choices=["keep", "bf16", "fp32"], help="output dtype (default: keep)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing converted checkpoint in DST")
+    p.error = fail
+    opts = p.parse_args(argv)
+    try:
+        convert(opts.src, opts.dst, opts.dtype, opts.force)
+    except (llama3.CheckpointError, ValueError, OSError) as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        print("convert.py: interrupted; nothing was written", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()
