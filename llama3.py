@@ -268,6 +268,41 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 
 # -----------------------------------------------------------------------------
+# Linear projections
+#
+# Every weight matrix in the blocks is a bias-free Linear (Meta's are fairscale's
+# Column/RowParallelLinear; one process needs plain ones). One CPU detail lives
+# here: x86 CPUs without AVX512-BF16 or AMX have no bf16 matrix instructions,
+# and a bf16 matrix product runs ~4x slower there than fp32 on the same cores
+# (20 vs 80-150 GFLOP/s measured on a 2-core AMD EPYC). So when many rows are
+# multiplied at once (prefill), the bf16 weight is copied into a reused fp32
+# buffer and the product runs in fp32; bf16 kernels accumulate in fp32 too, so
+# only the summation order changes. One row at a time (decode) reads the bf16
+# weight directly: there memory bandwidth sets the speed, and bf16 halves it.
+# -----------------------------------------------------------------------------
+
+CPU_HAS_BF16_MATMUL = any(getattr(torch.cpu, f, lambda: True)() for f in
+                          ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+_fp32_scratch = torch.empty(0)  # reused, because fresh memory costs a page fault per 4 KiB
+
+
+class Linear(nn.Linear):
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        rows = x.numel() // x.shape[-1]
+        if w.dtype == torch.bfloat16 and w.device.type == "cpu" and not CPU_HAS_BF16_MATMUL and rows >= 16:
+            global _fp32_scratch
+            if _fp32_scratch.numel() < w.numel():
+                _fp32_scratch = torch.empty(w.numel())
+            w32 = _fp32_scratch[: w.numel()].view(w.shape).copy_(w)
+            return F.linear(x.float(), w32).to(x.dtype)
+        return F.linear(x, w)
+
+
+# -----------------------------------------------------------------------------
 # Grouped-query attention (GQA, Ainslie et al. 2023) with a KV cache
 #
 # 8B has 32 query heads but only 8 key/value heads; each K/V head serves a group
@@ -315,11 +350,10 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.n_rep = args.n_heads // args.n_kv_heads
         self.use_sdpa = args.use_sdpa
-        # Meta uses fairscale's Column/RowParallelLinear here; one process needs plain Linear.
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.wq = Linear(args.dim, args.n_heads * args.head_dim)
+        self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim)
+        self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim)
+        self.wo = Linear(args.n_heads * args.head_dim, args.dim)
 
     def forward(self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
@@ -366,9 +400,9 @@ class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         hidden_dim = args.ffn_hidden_dim
-        self.w1 = nn.Linear(args.dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, args.dim, bias=False)
-        self.w3 = nn.Linear(args.dim, hidden_dim, bias=False)
+        self.w1 = Linear(args.dim, hidden_dim)
+        self.w2 = Linear(hidden_dim, args.dim)
+        self.w3 = Linear(args.dim, hidden_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))  # (B, T, hidden_dim) inside, (B, T, dim) out
@@ -417,6 +451,8 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+        # Plain nn.Linear: generation needs only the last position's logits (last_only),
+        # and an fp32 copy of this largest matrix would cost more memory than it saves time.
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             # Llama 3.2 1B/3B reuse the embedding matrix as the output projection.
@@ -434,8 +470,13 @@ class Transformer(nn.Module):
         n = min(max_seq_len or a.max_seq_len, a.max_seq_len)
         return [KVCache(batch_size, n, a.n_kv_heads, a.head_dim, w.device, w.dtype) for _ in range(a.n_layers)]
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: list[KVCache] | None = None) -> torch.Tensor:
-        """tokens (B, T) int64 at positions [start_pos, start_pos + T) -> logits (B, T, vocab_size) float32."""
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: list[KVCache] | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """tokens (B, T) int64 at positions [start_pos, start_pos + T) -> logits (B, T, vocab_size) float32.
+
+        last_only: return only the last position's logits (B, 1, vocab_size), all that
+        sampling needs; it skips the largest matrix product of a prefill.
+        """
         T = tokens.shape[1]
         if cache is None and start_pos != 0:
             raise ValueError(f"start_pos={start_pos} needs the cache that holds the earlier positions")
@@ -455,6 +496,8 @@ class Transformer(nn.Module):
 
         for i, layer in enumerate(self.layers):
             h = layer(h, start_pos, cos, sin, mask, cache[i] if cache is not None else None)
+        if last_only:
+            h = h[:, -1:]  # (B, 1, dim)
         h = self.norm(h)
         # Logits in float32: softmax and sampling over 128K entries need the precision.
         return self.output(h).float()  # (B, T, vocab_size)
@@ -679,19 +722,24 @@ class CheckpointReader:
             raise CheckpointError(f"{name} missing from {self.path}")
         if self.layout == "meta":
             return merge_shards(name, [s[name] for s in self.shards], self.args.n_kv_heads, self.source(name))
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError, safe_open
 
         handle, key, file = self._where[name]
+        permuted = self.layout == "hf" and name.endswith(("wq.weight", "wk.weight"))
         try:
-            t = handle.get_tensor(key)
+            if not permuted:
+                return handle.get_tensor(key)
+            # Un-permuting copies the rows. Read them through a map of their own, unmapped
+            # when done: pages read through the shared map would stay in our RSS as long
+            # as any other weight (a view into that map) is alive.
+            with safe_open(str(file), framework="pt", device="cpu") as private:
+                t = private.get_tensor(key)
         except (SafetensorError, RuntimeError, OSError) as e:  # data cut short after a valid header
             raise CheckpointError(f"{file}: cannot read {key} ({e})") from None
-        if self.layout == "hf" and name.endswith(("wq.weight", "wk.weight")):
-            n = self.args.n_heads if name.endswith("wq.weight") else self.args.n_kv_heads
-            if t.dim() != 2 or t.shape[0] % (2 * n):
-                raise CheckpointError(f"{file}: {key} has shape {tuple(t.shape)}, not {n} heads of even size")
-            t = unpermute_hf(t, n)
-        return t
+        n = self.args.n_heads if name.endswith("wq.weight") else self.args.n_kv_heads
+        if t.dim() != 2 or t.shape[0] % (2 * n):
+            raise CheckpointError(f"{file}: {key} has shape {tuple(t.shape)}, not {n} heads of even size")
+        return unpermute_hf(t, n)
 
 
 def load_model(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
@@ -724,7 +772,11 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
         name = min(extra)
         raise CheckpointError(f"{reader.source(name)}: tensor {name} is not in a {args.n_layers}-layer model "
                               f"(config says n_layers={args.n_layers})")
-    state = {}
+    # Pages read through the maps count in our RSS while mapped. When the weights end
+    # up as copies (cast, merged, moved), remap every 1/64 of the checkpoint (at least
+    # 64 MiB) so the file is not held in memory beside them.
+    remap_every = max(64 * 2**20, sum(v.numel() for v in expected.values()) * 2 // 64)
+    state, read_bytes = {}, 0
     for name, want in expected.items():
         if name not in reader.names:
             raise CheckpointError(f"{name} missing from {reader.source(reader.names[0]) if reader.names else path}")
@@ -735,6 +787,11 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
         if not t.is_floating_point():
             raise CheckpointError(f"{reader.source(name)}: {name} has dtype {t.dtype}, expected a float type")
         state[name] = t.to(device=device, dtype=dtype or t.dtype)
+        read_bytes += t.numel() * t.element_size()
+        del t
+        if read_bytes > remap_every:
+            reader.reopen()
+            read_bytes = 0
     if args.tie_word_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)
@@ -820,7 +877,7 @@ LLAMA3_STOP_TOKENS = (128001, 128008, 128009)
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.6,
              top_p: float = 0.9, top_k: int | None = None, stop_tokens: list[int] | tuple[int, ...] | None = None,
              seed: int | None = None, on_token=None, cache: list[KVCache] | None = None,
-             cached_len: int = 0) -> list[list[int]]:
+             cached_len: int = 0, compile: bool = False) -> list[list[int]]:
     """Continue each prompt (a list of token ids) by up to max_new_tokens tokens.
 
     Returns the new tokens of each prompt, without the stop token that ended it.
@@ -829,6 +886,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     on_token(row, token_id): called for each new token as it is chosen (streaming).
     cache, cached_len: reuse a cache whose first cached_len positions already hold
         prompts[0][:cached_len] (the CLI's chat keeps one across turns; batch size 1).
+    compile: run the one-token decode steps through torch.compile (worth it on GPUs,
+        where launching ~20 small kernels per layer otherwise dominates a step).
     """
     stop_tokens = LLAMA3_STOP_TOKENS if stop_tokens is None else stop_tokens
     max_seq_len = model.rope_cos.shape[0]
@@ -859,9 +918,12 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     # A row ends after max_new_tokens of its own, not the longest prompt's.
     limit = torch.tensor([min(n + max_new_tokens, total_len) for n in lengths], device=device)
 
+    # dynamic=True: start_pos and the cache length change every step; without it each would recompile.
+    decode_step = torch.compile(model, dynamic=True) if compile else model
     prev_pos = cached_len
     for cur_pos in range(min(lengths), total_len):
-        logits = model(tokens[:, prev_pos:cur_pos], prev_pos, cache)  # (B, cur_pos - prev_pos, vocab_size)
+        step = decode_step if cur_pos - prev_pos == 1 else model
+        logits = step(tokens[:, prev_pos:cur_pos], prev_pos, cache, last_only=True)  # (B, 1, vocab_size)
         next_token = sample(logits[:, -1], temperature, top_p, top_k, generator)  # (B,)
         next_token = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
         tokens[:, cur_pos] = next_token
@@ -909,13 +971,16 @@ def _pick_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def _pick_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """None keeps the checkpoint's dtype (bf16 for Meta's and the hub's files): no conversion, no copy."""
+def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name != "auto":
         return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                 "float16": torch.float16, "fp16": torch.float16}[name]
-    # bf16 is what Llama 3 was trained in; MPS computes fp16 more reliably than bf16.
-    return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device.type)
+    # bf16 is what Llama 3 was trained in, and Meta's and the hub's files hold it, so
+    # loading needs no copy. On CPU too: decode reads every weight per token, and half
+    # the bytes decoded 1.7x faster than fp32 on a CPU without bf16 instructions
+    # (benchmarks/bench.py), while Linear keeps prefill at fp32 speed. MPS runs fp16
+    # more reliably than bf16.
+    return torch.float16 if device.type == "mps" else torch.bfloat16
 
 
 def _parser():
@@ -933,8 +998,10 @@ def _parser():
     p.add_argument("--seed", type=int, default=None, help="random seed, for repeatable sampling")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "fp32", "bfloat16", "bf16", "float16",
-                   "fp16"], help="weight dtype (default: bfloat16 on CUDA, float16 on MPS, the checkpoint's on CPU)")
+                   "fp16"], help="weight dtype (default: bfloat16; float16 on MPS)")
     p.add_argument("--sdpa", action="store_true", help="attention through F.scaled_dot_product_attention")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (GPU; the first "
+                   "tokens wait for compilation)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="context positions to support (default: the model's; --chat caps its cache at 8192)")
     p.add_argument("--rope-scaling-factor", type=float, default=None,
@@ -984,7 +1051,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"loaded {ckpt} in {time.perf_counter() - t0:.1f}s: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B "
           f"parameters, {str(dtype).removeprefix('torch.')} on {device}", file=sys.stderr)
 
-    sampling = {"temperature": opts.temperature, "top_p": opts.top_p, "top_k": opts.top_k, "seed": opts.seed}
+    sampling = {"temperature": opts.temperature, "top_p": opts.top_p, "top_k": opts.top_k, "seed": opts.seed,
+                "compile": opts.compile}
     if opts.chat:
         run_chat(model, tokenizer, ChatFormat(tokenizer), opts, sampling)
         return

@@ -299,6 +299,29 @@ def test_cache_takes_the_weights_dtype_and_the_requested_size():
     assert cache[0].k.dtype == torch.bfloat16
 
 
+def test_bf16_prefill_in_fp32_matches_the_bf16_kernel(monkeypatch):
+    # The CPU prefill path copies bf16 weights to fp32; only summation order may differ
+    # from the bf16 kernel, which also accumulates in fp32: results within one bf16 step.
+    torch.manual_seed(0)
+    layer = llama3.Linear(256, 512).bfloat16()
+    x = torch.randn(2, 16, 256).bfloat16()  # 32 rows: the fp32 path when the CPU lacks bf16 instructions
+    monkeypatch.setattr(llama3, "CPU_HAS_BF16_MATMUL", False)
+    fast = layer(x)
+    monkeypatch.setattr(llama3, "CPU_HAS_BF16_MATMUL", True)
+    reference = layer(x)
+    assert fast.dtype == torch.bfloat16 and fast.shape == (2, 16, 512)
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=2**-7)  # outputs are ~0.6: 1e-5 only spares zeros
+    exact = torch.nn.functional.linear(x.double(), layer.weight.double())
+    assert (fast.double() - exact).abs().max() <= (reference.double() - exact).abs().max() * 1.01
+
+
+def test_last_only_returns_the_last_positions_logits():
+    model = random_model(tiny_args())
+    tokens = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens, last_only=True), model(tokens)[:, -1:])
+
+
 def test_bf16_model_returns_float32_logits():
     model = random_model(tiny_args()).to(torch.bfloat16)
     with torch.no_grad():
@@ -780,6 +803,14 @@ def test_cache_is_sized_to_the_batch_and_request(monkeypatch):
     monkeypatch.setattr(model, "new_cache", lambda b, n=None: sizes.append((b, n)) or real(b, n))
     llama3.generate(model, [[1, 2, 3], [4]], 5, temperature=0, stop_tokens=[])
     assert sizes == [(2, 8)]  # 2 rows, longest prompt 3 + 5 new tokens
+
+
+def test_compiled_decode_matches_eager():
+    # --compile must only change speed. (Compiling takes 10-40 s on a CPU: the slowest test here.)
+    model = random_model(tiny_args())
+    prompts = [[1, 2, 3], [9, 8, 7, 6, 5]]
+    eager = llama3.generate(model, prompts, 8, temperature=0, stop_tokens=[])
+    assert llama3.generate(model, prompts, 8, temperature=0, stop_tokens=[], compile=True) == eager
 
 
 def test_on_token_streams_every_new_token_in_order():

@@ -1,0 +1,278 @@
+"""llama3.py against Hugging Face transformers: load, prefill, decode, memory (run by hand).
+
+    python benchmarks/bench.py [--rounds 3] [--dtypes fp32,bf16] [--new-tokens 32] [--device cpu|cuda]
+
+Creates once, in a temporary folder (or --ckpt-dir, kept for the next run), a
+random bf16 checkpoint in Llama 3.2 1B shape in the Hugging Face layout
+(tied embeddings, 1.24 B parameters). Then, for each dtype and round, it runs
+ours and transformers alternately, each in a fresh process with the same
+thread count, and prints per side: load seconds and peak RSS after loading,
+prefill ms for a 128-token prompt, greedy decode tokens/s, peak RSS of the
+whole run, time to first token (load + prefill), and the ratio ours /
+transformers (median of the per-round ratios). Each round also times torch's
+own matrix-vector kernel through all the weights: the decode ceiling of any
+implementation built on F.linear. On CPU it also measures the machine's read bandwidth, the decode
+bound it implies (weights' bytes / bandwidth) and each side's share of it.
+On CUDA (bf16) it adds ours with --compile and reports peak GPU memory.
+transformers is needed for its side only; without it, ours runs alone.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPE = {"dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "vocab": 128256, "hidden": 8192}
+
+
+def make_checkpoint(folder: Path) -> None:
+    """A random Llama 3.2 1B-shaped checkpoint in Hugging Face's layout (bf16, tied embeddings)."""
+    import torch
+    from safetensors.torch import save_file
+
+    if (folder / "model.safetensors").exists():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    s, gen = SHAPE, torch.Generator().manual_seed(0)
+    hd = s["dim"] // s["n_heads"]
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=gen) * 0.02).to(torch.bfloat16)
+
+    def ones():
+        return torch.ones(s["dim"], dtype=torch.bfloat16)
+
+    sd = {"model.embed_tokens.weight": rand(s["vocab"], s["dim"]), "model.norm.weight": ones()}
+    for i in range(s["n_layers"]):
+        p = f"model.layers.{i}."
+        sd[p + "self_attn.q_proj.weight"] = rand(s["n_heads"] * hd, s["dim"])
+        sd[p + "self_attn.k_proj.weight"] = rand(s["n_kv_heads"] * hd, s["dim"])
+        sd[p + "self_attn.v_proj.weight"] = rand(s["n_kv_heads"] * hd, s["dim"])
+        sd[p + "self_attn.o_proj.weight"] = rand(s["dim"], s["n_heads"] * hd)
+        sd[p + "mlp.gate_proj.weight"] = rand(s["hidden"], s["dim"])
+        sd[p + "mlp.up_proj.weight"] = rand(s["hidden"], s["dim"])
+        sd[p + "mlp.down_proj.weight"] = rand(s["dim"], s["hidden"])
+        sd[p + "input_layernorm.weight"] = ones()
+        sd[p + "post_attention_layernorm.weight"] = ones()
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": s["dim"],
+              "intermediate_size": s["hidden"], "num_hidden_layers": s["n_layers"],
+              "num_attention_heads": s["n_heads"], "num_key_value_heads": s["n_kv_heads"], "vocab_size": s["vocab"],
+              "rms_norm_eps": 1e-5, "max_position_embeddings": 131072, "tie_word_embeddings": True,
+              "rope_theta": 500000.0, "hidden_act": "silu", "torch_dtype": "bfloat16",
+              "rope_scaling": {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                               "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+              "bos_token_id": 128000, "eos_token_id": 128001}
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+
+
+# ----------------------------------------------------------------------------- child side
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
+
+
+def child(side: str, ckpt: str, dtype_name: str, device: str, prompt_len: int, new_tokens: int, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, 128000, (prompt_len,), generator=gen).tolist()
+    stamps = []
+    t0 = time.perf_counter()
+    if side == "ceiling":
+        return matvec_ceiling(dtype, device)
+    if side.startswith("ours"):
+        sys.path.insert(0, str(ROOT))
+        import llama3
+
+        model = llama3.load_model(ckpt, device=device, dtype=dtype)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        load_s, load_rss = time.perf_counter() - t0, peak_rss_gb()
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        stamps.append(time.perf_counter())
+        llama3.generate(model, [prompt], new_tokens, temperature=0, stop_tokens=[], compile=side == "ours-compile",
+                        on_token=lambda _row, _tok: stamps.append(time.perf_counter()))
+    else:
+        from transformers import AutoModelForCausalLM
+        from transformers.generation.streamers import BaseStreamer
+
+        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).to(device)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        load_s, load_rss = time.perf_counter() - t0, peak_rss_gb()
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+
+        class Stamp(BaseStreamer):
+            def put(self, value):  # first call: the prompt; then one call per new token
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                stamps.append(time.perf_counter())
+
+            def end(self):
+                pass
+
+        ids = torch.tensor([prompt], device=device)
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, streamer=Stamp(), pad_token_id=0)
+    prefill_ms = (stamps[1] - stamps[0]) * 1e3
+    decode = (len(stamps) - 2) / (stamps[-1] - stamps[1])
+    result = {"load_s": load_s, "load_rss_gb": load_rss, "prefill_ms": prefill_ms, "decode_tok_s": decode,
+              "ttft_s": load_s + prefill_ms / 1e3,
+              "peak_rss_gb": peak_rss_gb(), "weights_gb": weights / 1e9, "new_tokens": len(stamps) - 1}
+    if device == "cuda":
+        result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return result
+
+
+def matvec_ceiling(dtype, device: str, reps: int = 5) -> dict:
+    """Decode's ceiling with torch's own kernels: one 1-row F.linear through every
+    weight matrix of the model (the tied embedding once, as the output layer)."""
+    import torch
+
+    s = SHAPE
+    hd = s["dim"] // s["n_heads"]
+    shapes = [(s["n_heads"] * hd, s["dim"]), (s["n_kv_heads"] * hd, s["dim"]), (s["n_kv_heads"] * hd, s["dim"]),
+              (s["dim"], s["n_heads"] * hd), (s["hidden"], s["dim"]), (s["dim"], s["hidden"]),
+              (s["hidden"], s["dim"])] * s["n_layers"] + [(s["vocab"], s["dim"])]
+    weights = [torch.randn(shape, device=device).to(dtype) for shape in shapes]
+    xs = {n: torch.randn(1, n, device=device).to(dtype) for n in {w.shape[1] for w in weights}}
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for w in weights:
+            torch.nn.functional.linear(xs[w.shape[1]], w)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    nbytes = sum(w.numel() * w.element_size() for w in weights)
+    return {"decode_tok_s": 1 / statistics.median(times), "matvec_gbs": nbytes / statistics.median(times) / 1e9}
+
+
+# ----------------------------------------------------------------------------- parent side
+
+
+def read_bandwidth_gbs(threads: int) -> float:
+    """Streaming read bandwidth: the best of several sums over a 1 GiB float32 buffer."""
+    import torch
+
+    torch.set_num_threads(threads)
+    x = torch.ones(2**28)
+    x.sum()
+    best = 0.0
+    for _ in range(8):
+        t0 = time.perf_counter()
+        x.sum()
+        best = max(best, x.numel() * 4 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def run_child(side: str, opts, dtype: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", side, "--ckpt-dir", str(opts.ckpt_dir), "--dtypes", dtype,
+           "--device", opts.device, "--prompt-len", str(opts.prompt_len), "--new-tokens", str(opts.new_tokens),
+           "--threads", str(opts.threads)]
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if r.returncode:
+        sys.exit(f"{side} {dtype} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--ckpt-dir", type=Path, default=None, help="where the random checkpoint lives (kept)")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    opts = p.parse_args()
+    if opts.child:
+        print(json.dumps(child(opts.child, str(opts.ckpt_dir), opts.dtypes, opts.device, opts.prompt_len,
+                               opts.new_tokens, opts.threads)))
+        return
+
+    tmp = None
+    if opts.ckpt_dir is None:
+        tmp = tempfile.TemporaryDirectory()
+        opts.ckpt_dir = Path(tmp.name) / "llama-3.2-1b-random"
+    make_checkpoint(opts.ckpt_dir)
+    try:
+        import transformers
+
+        sides = ["ours", "transformers"]
+        versions = f"transformers {transformers.__version__}"
+    except ImportError:
+        sides, versions = ["ours"], "transformers not installed"
+    if opts.device == "cuda":
+        sides.insert(1, "ours-compile")
+    import torch
+
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    cpu = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "CPU")
+    device = torch.cuda.get_device_name() if opts.device == "cuda" else f"{cpu}, {opts.threads} threads"
+    print(f"# {device}; torch {torch.__version__}; {versions}; load average {os.getloadavg()[0]:.2f}")
+    print(f"# Llama 3.2 1B shape, random bf16 weights in {opts.ckpt_dir}; prompt {opts.prompt_len} tokens, "
+          f"{opts.new_tokens} greedy new tokens; {opts.rounds} rounds, sides alternating")
+
+    for dtype in opts.dtypes.split(","):
+        results = {s: [] for s in sides}
+        bandwidths, ceilings = [], []
+        for r in range(opts.rounds):
+            order = sides if r % 2 == 0 else sides[::-1]
+            for side in order:
+                if opts.device == "cpu":
+                    bandwidths.append(read_bandwidth_gbs(opts.threads))
+                results[side].append(run_child(side, opts, dtype))
+            ceilings.append(run_child("ceiling", opts, dtype))
+        print(f"\n## {dtype}")
+        bw = statistics.median(bandwidths) if bandwidths else None
+        weights = results["ours"][0]["weights_gb"]
+        if bw:
+            print(f"read bandwidth {bw:.1f} GB/s (median of {len(bandwidths)}); weights {weights:.2f} GB; "
+                  f"decode bound {bw / weights:.2f} tokens/s")
+        ceiling = statistics.median(c["decode_tok_s"] for c in ceilings)
+        print(f"torch's matrix-vector ceiling: {ceiling:.2f} tokens/s "
+              f"({statistics.median(c['matvec_gbs'] for c in ceilings):.1f} GB/s through F.linear, 1 row)")
+        header = "| side | load s | load RSS GB | prefill ms | decode tok/s | % of bound | % of ceiling | peak RSS GB |"
+        if opts.device == "cuda":
+            header += " peak GPU GB |"
+        print(header + "\n|" + "---|" * (header.count("|") - 1))
+        for side in sides:
+            rs = results[side]
+
+            def med(key, rs=rs):
+                return statistics.median(x[key] for x in rs)
+
+            pct = f"{100 * med('decode_tok_s') / (bw / weights):.0f}%" if bw else "-"
+            row = (f"| {side} | {med('load_s'):.2f} | {med('load_rss_gb'):.2f} | {med('prefill_ms'):.0f} | "
+                   f"{med('decode_tok_s'):.2f} | {pct} | {100 * med('decode_tok_s') / ceiling:.0f}% | "
+                   f"{med('peak_rss_gb'):.2f} |")
+            if opts.device == "cuda":
+                row += f" {med('peak_gpu_gb'):.2f} |"
+            print(row)
+        if "transformers" in sides:
+            for key, better in (("decode_tok_s", "higher"), ("prefill_ms", "lower"), ("peak_rss_gb", "lower"),
+                                ("load_s", "lower"), ("ttft_s", "lower")):
+                for side in [s for s in sides if s.startswith("ours")]:
+                    ratios = [a[key] / b[key] for a, b in zip(results[side], results["transformers"])]
+                    print(f"{side} / transformers {key}: median {statistics.median(ratios):.2f}x ({better} is better;"
+                          f" rounds {', '.join(f'{x:.2f}' for x in ratios)})")
+    if tmp:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
