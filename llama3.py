@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 import re
 import sys
@@ -468,7 +469,8 @@ class Transformer(nn.Module):
         """One KVCache per layer for batch_size sequences of up to max_seq_len positions."""
         a, w = self.args, self.tok_embeddings.weight
         n = min(max_seq_len or a.max_seq_len, a.max_seq_len)
-        return [KVCache(batch_size, n, a.n_kv_heads, a.head_dim, w.device, w.dtype) for _ in range(a.n_layers)]
+        n_kv_heads = self.layers[0].attention.n_kv_heads  # this process's heads (fewer under tensor parallelism)
+        return [KVCache(batch_size, n, n_kv_heads, a.head_dim, w.device, w.dtype) for _ in range(a.n_layers)]
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: list[KVCache] | None = None,
                 last_only: bool = False) -> torch.Tensor:
@@ -501,6 +503,114 @@ class Transformer(nn.Module):
         h = self.norm(h)
         # Logits in float32: softmax and sampling over 128K entries need the precision.
         return self.output(h).float()  # (B, T, vocab_size)
+
+
+# -----------------------------------------------------------------------------
+# Tensor parallelism: torchrun --nproc-per-node N llama3.py --ckpt DIR ...
+#
+# 70B needs ~140 GB in bf16 and 405B ~810 GB, beyond one GPU. Split N ways the
+# way Meta trained (Megatron-LM, Shoeybi et al. 2019), each of N processes holds
+# 1/N of every matrix and the blocks need one all-reduce per sub-layer:
+#
+#        x (replicated)                        x (replicated)
+#     ___|___ ... ___                       ___|___ ... ___
+#    wq,wk,wv rows r       column-parallel  w1,w3 rows r           rank r holds a
+#    (rank r's heads)      (no talk)        (1/N of hidden_dim)    horizontal strip
+#        |  attention on own heads             |  silu(w1 x) * w3 x
+#    wo columns r          row-parallel     w2 columns r           a vertical strip:
+#        |                 partial sums         |                  partial sums
+#    all-reduce (sum) ----> x + attention   all-reduce (sum) ----> h + ffn
+#
+# tok_embeddings and output are split by vocabulary: each rank embeds the
+# tokens in its vocabulary range (zeros elsewhere, then an all-reduce sums
+# them), and computes logits for its range, gathered into the full row. Norms
+# are replicated. With more ranks than K/V heads (405B on 16 GPUs, 8 K/V heads)
+# each K/V head is replicated on N / n_kv_heads ranks, as Meta's 16-shard
+# release does. shard_model swaps in the three classes below, so the
+# single-process model above has no branch for any of this.
+# -----------------------------------------------------------------------------
+
+
+class RowParallelLinear(Linear):
+    """Holds a block of the weight's input columns; sums the partial products of all ranks."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        out = super().forward(x)
+        dist.all_reduce(out)
+        return out
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """Holds rows [start, start + num_embeddings) of the embedding."""
+
+    def __init__(self, num_embeddings: int, dim: int, start: int):
+        super().__init__(num_embeddings, dim)
+        self.start = start
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        local = tokens - self.start
+        outside = (local < 0) | (local >= self.num_embeddings)
+        h = F.embedding(local.clamp(0, self.num_embeddings - 1), self.weight)  # (B, T, dim)
+        h = h.masked_fill(outside[..., None], 0.0)
+        dist.all_reduce(h)
+        return h
+
+
+class VocabParallelOutput(nn.Linear):
+    """Holds this rank's vocabulary rows of the output layer; gathers all ranks' logits."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        local = F.linear(h, self.weight).contiguous()  # (B, T, vocab_size / N)
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, local)
+        return torch.cat(parts, dim=-1)  # (B, T, vocab_size)
+
+
+def shard_model(model: Transformer, rank: int, world_size: int) -> dict[str, tuple[int | None, int, int]]:
+    """Turn a model built on the "meta" device into rank's 1/world_size part of it.
+
+    Returns, for each state_dict name, the slice of the full tensor this rank
+    holds: (dim, start, stop), or (None, 0, 0) for a replicated norm.
+    """
+    a = model.args
+    n_kv = a.n_kv_heads
+    if a.n_heads % world_size or (n_kv % world_size and world_size % n_kv):
+        raise ValueError(f"{world_size} processes can't split n_heads={a.n_heads}, n_kv_heads={n_kv}: use a "
+                         f"number that divides n_heads and divides or is a multiple of n_kv_heads")
+    for what, n in (("vocab_size", a.vocab_size), ("SwiGLU width", a.ffn_hidden_dim)):
+        if n % world_size:
+            raise ValueError(f"{world_size} processes can't split {what}={n} evenly")
+    heads, kv_heads = a.n_heads // world_size, max(1, n_kv // world_size)
+    kv_start = rank * n_kv // world_size  # with replicated K/V heads, rank r reads head r // (N / n_kv_heads)
+    hidden, vocab, hd = a.ffn_hidden_dim // world_size, a.vocab_size // world_size, a.head_dim
+    slices = {}
+    with torch.device("meta"):
+        for i, layer in enumerate(model.layers):
+            att, ffn, pre = layer.attention, layer.feed_forward, f"layers.{i}."
+            att.n_heads, att.n_kv_heads, att.n_rep = heads, kv_heads, heads // kv_heads
+            att.wq, att.wo = Linear(a.dim, heads * hd), RowParallelLinear(heads * hd, a.dim)
+            att.wk, att.wv = Linear(a.dim, kv_heads * hd), Linear(a.dim, kv_heads * hd)
+            ffn.w1, ffn.w3, ffn.w2 = Linear(a.dim, hidden), Linear(a.dim, hidden), RowParallelLinear(hidden, a.dim)
+            q, kv = (rank * heads * hd, (rank + 1) * heads * hd), (kv_start * hd, (kv_start + kv_heads) * hd)
+            slices.update({pre + "attention.wq.weight": (0, *q), pre + "attention.wk.weight": (0, *kv),
+                           pre + "attention.wv.weight": (0, *kv), pre + "attention.wo.weight": (1, *q),
+                           pre + "feed_forward.w1.weight": (0, rank * hidden, (rank + 1) * hidden),
+                           pre + "feed_forward.w3.weight": (0, rank * hidden, (rank + 1) * hidden),
+                           pre + "feed_forward.w2.weight": (1, rank * hidden, (rank + 1) * hidden),
+                           pre + "attention_norm.weight": (None, 0, 0), pre + "ffn_norm.weight": (None, 0, 0)})
+        model.tok_embeddings = VocabParallelEmbedding(vocab, a.dim, start=rank * vocab)
+        model.output = VocabParallelOutput(a.dim, vocab, bias=False)
+        if a.tie_word_embeddings:
+            model.output.weight = model.tok_embeddings.weight
+    slices.update({"tok_embeddings.weight": (0, rank * vocab, (rank + 1) * vocab),
+                   "output.weight": (0, rank * vocab, (rank + 1) * vocab), "norm.weight": (None, 0, 0)})
+    return slices
 
 
 # -----------------------------------------------------------------------------
@@ -717,6 +827,31 @@ class CheckpointReader:
             raise CheckpointError(f"{self.source(name)}: {key} has dtype {stored}, not a float type llama3.py reads")
         return dtypes[stored]
 
+    def tensor_slice(self, name: str, dim: int | None, start: int, stop: int) -> torch.Tensor:
+        """Rows (dim 0) or columns (dim 1) [start, stop) of tensor `name` as merged,
+        reading only those; dim None means all of it. Tensor parallelism's loader."""
+        if dim is None:
+            return self.tensor(name)
+        if name not in self.names:
+            raise CheckpointError(f"{name} missing from {self.path}")
+        if self.layout == "meta":
+            parts = [s[name] for s in self.shards]
+            if name.endswith(("wk.weight", "wv.weight")) and len(parts) > self.args.n_kv_heads:
+                parts = parts[:: len(parts) // self.args.n_kv_heads]  # one copy of each replicated K/V head
+            pieces, offset = [], 0
+            for p in parts:  # the parts of [start, stop) that each shard holds, as views of its map
+                lo, hi = max(start, offset), min(stop, offset + p.shape[dim])
+                if lo < hi:
+                    pieces.append(p.narrow(dim, lo - offset, hi - lo))
+                offset += p.shape[dim]
+            return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
+        handle, key, _ = self._where[name]
+        rows = handle.get_slice(key)[start:stop] if dim == 0 else handle.get_slice(key)[:, start:stop]
+        if self.layout == "hf" and name.endswith(("wq.weight", "wk.weight")):
+            # Hugging Face permutes rows within each head, so whole heads slice the same in both layouts.
+            rows = unpermute_hf(rows, (stop - start) // self.args.head_dim)
+        return rows
+
     def tensor(self, name: str) -> torch.Tensor:
         if name not in self.names:
             raise CheckpointError(f"{name} missing from {self.path}")
@@ -744,13 +879,15 @@ class CheckpointReader:
 
 def load_model(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
                max_seq_len: int | None = None, rope_scaling_factor: float | None = None,
-               use_sdpa: bool = False) -> Transformer:
+               use_sdpa: bool = False, tensor_parallel: bool = False) -> Transformer:
     """Load a checkpoint directory in any of the three layouts above.
 
     device: where the weights go (default cpu); dtype: cast the weights to it
     (default: keep the checkpoint's). max_seq_len caps the positions the model
     addresses (smaller RoPE tables); rope_scaling_factor overrides the 3.1
     factor (see LLAMA32_ROPE_FACTORS); use_sdpa picks the SDPA attention path.
+    tensor_parallel: load only this process's part for tensor parallelism across
+    the processes of torch.distributed's default group (see shard_model).
     """
     reader = CheckpointReader(path, rope_scaling_factor)
     args = reader.args
@@ -763,6 +900,11 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
     device = torch.device(device or "cpu")
     with torch.device("meta"):  # parameters without storage; load_state_dict(assign=True) fills them
         model = Transformer(args)
+    slices = None
+    if tensor_parallel:
+        import torch.distributed as dist
+
+        slices = shard_model(model, dist.get_rank(), dist.get_world_size())
 
     expected = model.state_dict()
     if args.tie_word_embeddings:
@@ -780,7 +922,7 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
     for name, want in expected.items():
         if name not in reader.names:
             raise CheckpointError(f"{name} missing from {reader.source(reader.names[0]) if reader.names else path}")
-        t = reader.tensor(name)
+        t = reader.tensor(name) if slices is None else reader.tensor_slice(name, *slices[name])
         if t.shape != want.shape:
             raise CheckpointError(f"{reader.source(name)}: {name} has shape {tuple(t.shape)}, model expects "
                                   f"{tuple(want.shape)}: {_config_hint(name, args)}")
@@ -1037,10 +1179,14 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"{e} (pass --tokenizer PATH)" if opts.tokenizer is None else str(e))
 
     device = _pick_device(opts.device)
+    tensor_parallel = int(os.environ.get("WORLD_SIZE", "1")) > 1  # started by torchrun with N processes
+    if tensor_parallel:
+        device = _join_process_group(device)
     t0 = time.perf_counter()
     try:
         model = load_model(ckpt, device, _pick_dtype(opts.dtype, device), max_seq_len=opts.max_seq_len,
-                           rope_scaling_factor=opts.rope_scaling_factor, use_sdpa=opts.sdpa)
+                           rope_scaling_factor=opts.rope_scaling_factor, use_sdpa=opts.sdpa,
+                           tensor_parallel=tensor_parallel)
     except (CheckpointError, ValueError, OSError) as e:
         _fail(str(e))
     except RuntimeError as e:  # e.g. CUDA out of memory
@@ -1053,21 +1199,69 @@ def main(argv: list[str] | None = None) -> None:
 
     sampling = {"temperature": opts.temperature, "top_p": opts.top_p, "top_k": opts.top_k, "seed": opts.seed,
                 "compile": opts.compile}
+    read = input
+    if tensor_parallel:
+        # Every rank holds the same full logits, so the same seed draws the same token everywhere.
+        sampling["seed"], read = _shared_seed(opts.seed, device), _read_on_rank_0
     if opts.chat:
-        run_chat(model, tokenizer, ChatFormat(tokenizer), opts, sampling)
-        return
+        run_chat(model, tokenizer, ChatFormat(tokenizer), opts, sampling, read=read)
+    else:
+        if opts.prompt != opts.prompt.rstrip():
+            print("llama3.py: warning: the prompt ends in whitespace; Llama 3 usually puts spaces at the start of "
+                  "the next token, so this prompt is unlike its training text", file=sys.stderr)
+        prompt = tokenizer.encode(opts.prompt, bos=True, eos=False)
+        if len(prompt) >= model.args.max_seq_len:
+            _fail(f"--prompt is {len(prompt)} tokens, too long for the {model.args.max_seq_len}-position context "
+                  "(--max-seq-len)")
+        _, interrupted = stream(model, StreamDecoder(tokenizer), prompt, opts.max_new_tokens, sampling)
+        print()
+        if interrupted:
+            raise SystemExit(130)
+    if tensor_parallel:
+        import torch.distributed as dist
 
-    if opts.prompt != opts.prompt.rstrip():
-        print("llama3.py: warning: the prompt ends in whitespace; Llama 3 usually puts spaces at the start of the "
-              "next token, so this prompt is unlike its training text", file=sys.stderr)
-    prompt = tokenizer.encode(opts.prompt, bos=True, eos=False)
-    if len(prompt) >= model.args.max_seq_len:
-        _fail(f"--prompt is {len(prompt)} tokens, too long for the {model.args.max_seq_len}-position context "
-              "(--max-seq-len)")
-    _, interrupted = stream(model, StreamDecoder(tokenizer), prompt, opts.max_new_tokens, sampling)
-    print()
-    if interrupted:
-        raise SystemExit(130)
+        dist.destroy_process_group()
+
+
+def _join_process_group(device: torch.device) -> torch.device:
+    """Under torchrun: join the process group (nccl on GPUs, one GPU per process; gloo
+    on CPU). Rank 0 alone prints."""
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.get_rank() != 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (open for the process's lifetime)
+    return device
+
+
+def _shared_seed(seed: int | None, device: torch.device) -> int:
+    """Rank 0's seed (a random one if none was given), the same on every rank."""
+    import random
+
+    import torch.distributed as dist
+
+    box = torch.tensor([seed if seed is not None else random.randrange(2**62)], device=device)
+    dist.broadcast(box, src=0)
+    return int(box)
+
+
+def _read_on_rank_0(prompt: str) -> str:
+    """input() on rank 0, shared with every rank; EOFError everywhere when rank 0 sees one."""
+    import torch.distributed as dist
+
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [input(prompt)]
+        except (EOFError, KeyboardInterrupt):
+            pass
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is None:
+        raise EOFError
+    return box[0]
 
 
 def stream(model: Transformer, decoder, prompt: list[int], max_new_tokens: int, sampling: dict,

@@ -873,7 +873,8 @@ def test_cli_greedy_output_equals_transformers_continuation(cli_ckpt, tok):
     # End to end: tokenizer, Meta shard loading, prefill, cached decode, streaming print.
     folder, model = cli_ckpt
     prompt = "The capital of France is"
-    r = run_cli("--ckpt", str(folder), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "12")
+    r = run_cli("--ckpt", str(folder), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "12",
+                "--dtype", "float32")
     assert r.returncode == 0, r.stderr
     ref = hf_from_meta(model)
     ids = torch.tensor([tok.encode(prompt, bos=True, eos=False)])
@@ -1126,3 +1127,86 @@ def test_convert_notes_replicated_norms_that_disagree(tmp_path):
     torch.save(s, tmp_path / "src" / "consolidated.01.pth")
     r = run_convert(str(tmp_path / "src"), str(tmp_path / "dst"))
     assert r.returncode == 0 and "norm.weight differs between shard 0 and shard 1" in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# Tensor parallelism (gloo on CPU, processes on loopback)
+# -----------------------------------------------------------------------------
+
+
+def _tensor_parallel_worker(rank: int, world: int, ckpt: str, tokens: torch.Tensor, out: str) -> None:
+    import torch.distributed as dist
+
+    # Rendezvous through a file, not a port that another process could take meanwhile.
+    dist.init_process_group("gloo", init_method=f"file://{out}.rendezvous", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        model = load_model(ckpt, tensor_parallel=True)
+        with torch.no_grad():
+            logits = model(tokens)
+        greedy = llama3.generate(model, tokens.tolist(), 6, temperature=0, stop_tokens=[])
+        sampled = llama3.generate(model, tokens.tolist(), 6, temperature=1.0, top_p=0.95, seed=3, stop_tokens=[])
+        wq_rows = model.layers[0].attention.wq.weight.shape[0]
+        torch.save({"logits": logits, "greedy": greedy, "sampled": sampled, "wq_rows": wq_rows}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world, layout", [(2, "meta"), (4, "meta"), (2, "merged"), (4, "merged"), (2, "hf")])
+def test_tensor_parallel_matches_one_process(tmp_path, world, layout):
+    # N processes, each holding 1/N of the weights, must compute what one process computes.
+    # n_kv_heads=2: with 4 processes each K/V head is replicated on 2 ranks (the 405B-on-16 case).
+    import torch.multiprocessing as mp
+
+    args = tiny_args(n_heads=4, n_kv_heads=2, tie_word_embeddings=layout == "hf")
+    if layout == "hf":
+        hf_model(args, seed=4).save_pretrained(tmp_path / "ckpt")
+    else:
+        save_meta_shards(random_model(args, seed=4), tmp_path / "meta", 8)  # 8 shards on disk, N processes
+        if layout == "merged":
+            convert_quietly(tmp_path / "meta", tmp_path / "ckpt")
+        else:
+            (tmp_path / "meta").rename(tmp_path / "ckpt")
+    single = load_model(tmp_path / "ckpt")
+    tokens = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0))
+    mp.spawn(_tensor_parallel_worker, args=(world, str(tmp_path / "ckpt"), tokens, str(tmp_path / "out")),
+             nprocs=world, join=True)
+    with torch.no_grad():
+        expected = single(tokens)
+    for rank in range(world):
+        got = torch.load(tmp_path / f"out.{rank}", weights_only=True)
+        assert got["wq_rows"] == 64 // world  # each rank holds 1/N of wq
+        # float32, and only the order of the all-reduced partial sums differs: allow ~16
+        # float32 rounding steps (eps 1.2e-7) at the logits' scale (~2 here, ~30 for hf).
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(got["logits"], expected, atol=2e-6 * scale, rtol=1e-5)
+        assert got["greedy"] == llama3.generate(single, tokens.tolist(), 6, temperature=0, stop_tokens=[])
+        assert got["sampled"] == llama3.generate(single, tokens.tolist(), 6, temperature=1.0, top_p=0.95, seed=3,
+                                                 stop_tokens=[])
+
+
+def test_tensor_parallel_rejects_a_world_size_that_does_not_divide_the_heads():
+    with torch.device("meta"):
+        model = Transformer(tiny_args(n_heads=4, n_kv_heads=2))
+    with pytest.raises(ValueError, match="3 processes can't split n_heads=4"):
+        llama3.shard_model(model, rank=0, world_size=3)
+    # More processes than K/V heads is fine when they divide evenly: K/V heads are replicated.
+    with torch.device("meta"):
+        model = Transformer(tiny_args(n_heads=8, n_kv_heads=2, dim=128))
+    slices = llama3.shard_model(model, rank=5, world_size=8)
+    assert (model.layers[0].attention.n_heads, model.layers[0].attention.n_kv_heads) == (1, 1)
+    assert slices["layers.0.attention.wk.weight"] == (0, 16, 32)  # rank 5 of 8 reads K/V head 5 // 4 = 1
+
+
+def test_torchrun_command_line_prints_the_same_greedy_text(cli_ckpt):
+    # `torchrun --nproc-per-node 2 llama3.py ...`: rank 0 alone prints, and the text equals one process's.
+    folder, _ = cli_ckpt
+    common = ["--ckpt", str(folder), "--prompt", "The capital of France is", "--temperature", "0",
+              "--max-new-tokens", "10", "--dtype", "float32"]
+    single = run_cli(*common)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        str(HERE / "llama3.py"), *common], check=False, capture_output=True, text=True, timeout=300,
+                       env=env, stdin=subprocess.DEVNULL)
+    assert single.returncode == 0 and r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout == single.stdout and len(single.stdout.strip()) > 0
