@@ -828,10 +828,11 @@ class CheckpointReader:
         return dtypes[stored]
 
     def tensor_slice(self, name: str, dim: int | None, start: int, stop: int) -> torch.Tensor:
-        """Rows (dim 0) or columns (dim 1) [start, stop) of tensor `name` as merged,
-        reading only those; dim None means all of it. Tensor parallelism's loader."""
+        """Rows (dim 0) or columns (dim 1) [start, stop) of tensor `name` as merged; dim
+        None means all of it. Tensor parallelism's loader. Always a contiguous copy: a
+        view would keep the whole file mapped, and a column slice is strided."""
         if dim is None:
-            return self.tensor(name)
+            return self.tensor(name).clone()
         if name not in self.names:
             raise CheckpointError(f"{name} missing from {self.path}")
         if self.layout == "meta":
@@ -844,13 +845,13 @@ class CheckpointReader:
                 if lo < hi:
                     pieces.append(p.narrow(dim, lo - offset, hi - lo))
                 offset += p.shape[dim]
-            return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
+            return torch.cat(pieces, dim)  # a copy, even of one piece
         handle, key, _ = self._where[name]
-        rows = handle.get_slice(key)[start:stop] if dim == 0 else handle.get_slice(key)[:, start:stop]
+        part = handle.get_slice(key)[start:stop] if dim == 0 else handle.get_slice(key)[:, start:stop]
         if self.layout == "hf" and name.endswith(("wq.weight", "wk.weight")):
             # Hugging Face permutes rows within each head, so whole heads slice the same in both layouts.
-            rows = unpermute_hf(rows, (stop - start) // self.args.head_dim)
-        return rows
+            return unpermute_hf(part, (stop - start) // self.args.head_dim)  # a copy
+        return part.clone(memory_format=torch.contiguous_format)
 
     def tensor(self, name: str) -> torch.Tensor:
         if name not in self.names:
