@@ -30,6 +30,7 @@ import resource
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -81,7 +82,8 @@ def plan(reader: llama3.CheckpointReader, dtype: torch.dtype | None) -> list[tup
     return out
 
 
-def write_safetensors(reader: llama3.CheckpointReader, entries: list, file: Path, log=print) -> int:
+def write_safetensors(reader: llama3.CheckpointReader, entries: list, file: Path,
+                      log: Callable[[str], None] = print) -> int:
     """Write the tensors one by one: an 8-byte little-endian header length, a JSON
     header of names, dtypes, shapes and byte offsets, then the raw bytes in order.
     safetensors.torch.save_file needs every tensor in memory at once; this needs one."""
@@ -135,7 +137,8 @@ def params_json(args: llama3.ModelArgs) -> dict:
     return params
 
 
-def convert(src: str | Path, dst: str | Path, dtype: str = "keep", force: bool = False, log=print) -> dict:
+def convert(src: str | Path, dst: str | Path, dtype: str = "keep", force: bool = False,
+            log: Callable[[str], None] = print) -> dict:
     """Convert SRC into DST (see the module docstring). Returns a summary dict."""
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)

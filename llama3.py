@@ -28,18 +28,24 @@ the KV cache is created by the caller, not allocated in __init__.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import pickle
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:  # type names only: the model runs without tiktoken
+    from tokenizer import ChatFormat, StreamDecoder, Tokenizer
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -1021,7 +1027,8 @@ LLAMA3_STOP_TOKENS = (128001, 128008, 128009)
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.6,
              top_p: float = 0.9, top_k: int | None = None, stop_tokens: list[int] | tuple[int, ...] | None = None,
-             seed: int | None = None, on_token=None, cache: list[KVCache] | None = None,
+             seed: int | None = None, on_token: Callable[[int, int], None] | None = None,
+             cache: list[KVCache] | None = None,
              cached_len: int = 0, compile: bool = False) -> list[list[int]]:
     """Continue each prompt (a list of token ids) by up to max_new_tokens tokens.
 
@@ -1128,9 +1135,7 @@ def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "mps" else torch.bfloat16
 
 
-def _parser():
-    import argparse
-
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llama3.py", description="Run a Llama 3 / 3.1 / 3.2 / 3.3 text model.")
     p.add_argument("--ckpt", help="checkpoint directory: Meta's (params.json + consolidated.*.pth), "
                    "convert.py's output, or Hugging Face's (config.json + *.safetensors)")
@@ -1267,7 +1272,7 @@ def _read_on_rank_0(prompt: str) -> str:
     return box[0]
 
 
-def stream(model: Transformer, decoder, prompt: list[int], max_new_tokens: int, sampling: dict,
+def stream(model: Transformer, decoder: StreamDecoder, prompt: list[int], max_new_tokens: int, sampling: dict,
            **cache_kw) -> tuple[list[int], bool]:
     """Generate for one prompt, printing text as it comes and timing to stderr.
 
@@ -1300,7 +1305,8 @@ def stream(model: Transformer, decoder, prompt: list[int], max_new_tokens: int, 
     return new, False
 
 
-def run_chat(model: Transformer, tokenizer, chat, opts, sampling: dict, read=input) -> list[dict]:
+def run_chat(model: Transformer, tokenizer: Tokenizer, chat: ChatFormat, opts: argparse.Namespace, sampling: dict,
+             read: Callable[[str], str] = input) -> list[dict]:
     """Interactive multi-turn chat that keeps one KV cache across turns; returns the dialog.
 
     Each turn encodes the whole dialog with ChatFormat and feeds the model only
