@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -543,8 +544,6 @@ class RowParallelLinear(Linear):
     """Holds a block of the weight's input columns; sums the partial products of all ranks."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
         out = super().forward(x)
         dist.all_reduce(out)
         return out
@@ -558,8 +557,6 @@ class VocabParallelEmbedding(nn.Embedding):
         self.start = start
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
         local = tokens - self.start
         outside = (local < 0) | (local >= self.num_embeddings)
         h = F.embedding(local.clamp(0, self.num_embeddings - 1), self.weight)  # (B, T, dim)
@@ -572,8 +569,6 @@ class VocabParallelOutput(nn.Linear):
     """Holds this rank's vocabulary rows of the output layer; gathers all ranks' logits."""
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
         local = F.linear(h, self.weight).contiguous()  # (B, T, vocab_size / N)
         parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, local)
@@ -911,8 +906,6 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
         model = Transformer(args)
     slices = None
     if tensor_parallel:
-        import torch.distributed as dist
-
         slices = shard_model(model, dist.get_rank(), dist.get_world_size())
 
     expected = model.state_dict()
@@ -1028,8 +1021,7 @@ LLAMA3_STOP_TOKENS = (128001, 128008, 128009)
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.6,
              top_p: float = 0.9, top_k: int | None = None, stop_tokens: list[int] | tuple[int, ...] | None = None,
              seed: int | None = None, on_token: Callable[[int, int], None] | None = None,
-             cache: list[KVCache] | None = None,
-             cached_len: int = 0, compile: bool = False) -> list[list[int]]:
+             cache: list[KVCache] | None = None, cached_len: int = 0, compile: bool = False) -> list[list[int]]:
     """Continue each prompt (a list of token ids) by up to max_new_tokens tokens.
 
     Returns the new tokens of each prompt, without the stop token that ended it.
@@ -1089,11 +1081,11 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         if bool(done.all()):
             break
 
-    out = []
+    out, stops = [], set(stop_tokens)
     for i, n in enumerate(lengths):
         row = tokens[i, n : int(limit[i])].tolist()
-        ends = [j for j, t in enumerate(row) if t in set(stop_tokens)]
-        out.append(row[: ends[0]] if ends else row)
+        end = next((j for j, t in enumerate(row) if t in stops), len(row))  # positions after a stop are unused
+        out.append(row[:end])
     return out
 
 
@@ -1226,16 +1218,12 @@ def main(argv: list[str] | None = None) -> None:
         if interrupted:
             raise SystemExit(130)
     if tensor_parallel:
-        import torch.distributed as dist
-
         dist.destroy_process_group()
 
 
 def _join_process_group(device: torch.device) -> torch.device:
     """Under torchrun: join the process group (nccl on GPUs, one GPU per process; gloo
     on CPU). Rank 0 alone prints."""
-    import torch.distributed as dist
-
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -1249,8 +1237,6 @@ def _shared_seed(seed: int | None, device: torch.device) -> int:
     """Rank 0's seed (a random one if none was given), the same on every rank."""
     import random
 
-    import torch.distributed as dist
-
     box = torch.tensor([seed if seed is not None else random.randrange(2**62)], device=device)
     dist.broadcast(box, src=0)
     return int(box)
@@ -1258,8 +1244,6 @@ def _shared_seed(seed: int | None, device: torch.device) -> int:
 
 def _read_on_rank_0(prompt: str) -> str:
     """input() on rank 0, shared with every rank; EOFError everywhere when rank 0 sees one."""
-    import torch.distributed as dist
-
     box = [None]
     if dist.get_rank() == 0:
         try:
