@@ -818,6 +818,23 @@ class CheckpointReader:
             return str(self.files[0]) if len(self.files) == 1 else f"{self.path}/consolidated.*.pth"
         return str(self._where[name][2])
 
+    def expected_tensors(self, model: Transformer) -> dict[str, torch.Tensor]:
+        """model's state_dict, less a tied output; raises if this checkpoint lacks one
+        of its tensors or holds one it has not (a config that doesn't match the files)."""
+        expected = model.state_dict()
+        if self.args.tie_word_embeddings:
+            del expected["output.weight"]  # shares tok_embeddings; a saved lm_head copy is ignored
+        extra = set(self.names) - set(expected) - {"output.weight"}
+        if extra:
+            name = min(extra)
+            raise CheckpointError(f"{self.source(name)}: tensor {name} is not in a {self.args.n_layers}-layer "
+                                  f"model (config says n_layers={self.args.n_layers})")
+        missing = [name for name in expected if name not in self.names]
+        if missing:
+            where = self.source(self.names[0]) if self.names else str(self.path)
+            raise CheckpointError(f"{missing[0]} missing from {where}")
+        return expected
+
     def dtype(self, name: str) -> torch.dtype:
         """The stored dtype of `name`, without reading its data."""
         if self.layout == "meta":
@@ -908,22 +925,13 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
     if tensor_parallel:
         slices = shard_model(model, dist.get_rank(), dist.get_world_size())
 
-    expected = model.state_dict()
-    if args.tie_word_embeddings:
-        del expected["output.weight"]  # shares tok_embeddings; a saved lm_head copy is ignored
-    extra = set(reader.names) - set(expected) - {"output.weight"}
-    if extra:
-        name = min(extra)
-        raise CheckpointError(f"{reader.source(name)}: tensor {name} is not in a {args.n_layers}-layer model "
-                              f"(config says n_layers={args.n_layers})")
+    expected = reader.expected_tensors(model)
     # Pages read through the maps count in our RSS while mapped. When the weights end
     # up as copies (cast, merged, moved), remap every 1/64 of the checkpoint (at least
     # 64 MiB) so the file is not held in memory beside them.
     remap_every = max(64 * 2**20, sum(v.numel() for v in expected.values()) * 2 // 64)
     state, read_bytes = {}, 0
     for name, want in expected.items():
-        if name not in reader.names:
-            raise CheckpointError(f"{name} missing from {reader.source(reader.names[0]) if reader.names else path}")
         t = reader.tensor(name) if slices is None else reader.tensor_slice(name, *slices[name])
         if t.shape != want.shape:
             raise CheckpointError(f"{reader.source(name)}: {name} has shape {tuple(t.shape)}, model expects "
