@@ -1226,6 +1226,7 @@ def main(argv: list[str] | None = None) -> None:
         if interrupted:
             raise SystemExit(130)
     if tensor_parallel:
+        dist.barrier()  # no rank tears down while another still talks to it
         dist.destroy_process_group()
 
 

@@ -1148,8 +1148,12 @@ def _tensor_parallel_worker(rank: int, world: int, ckpt: str, tokens: torch.Tens
         sampled = llama3.generate(model, tokens.tolist(), 6, temperature=1.0, top_p=0.95, seed=3, stop_tokens=[])
         wq_rows = model.layers[0].attention.wq.weight.shape[0]
         torch.save({"logits": logits, "greedy": greedy, "sampled": sampled, "wq_rows": wq_rows}, f"{out}.{rank}")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Skip interpreter teardown: gloo's threads occasionally abort a normal exit ("terminate
+    # called without an active exception", seen 2 times in about 20 runs), after the results are saved.
+    os._exit(0)
 
 
 @pytest.mark.parametrize("world, layout", [(2, "meta"), (4, "meta"), (2, "merged"), (4, "merged"), (2, "hf")])
