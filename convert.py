@@ -92,7 +92,7 @@ def write_safetensors(reader: llama3.CheckpointReader, entries: list, file: Path
             t = reader.tensor(name)
             if tuple(t.shape) != shape:
                 raise llama3.CheckpointError(f"{reader.source(name)}: {name} has shape {tuple(t.shape)}, the config "
-                                             f"says {shape}: {llama3._config_hint(name, reader.args)}")
+                                             f"says {shape}: {llama3.config_hint(name, reader.args)}")
             t = t.to(dtype).contiguous()
             f.write(tensor_bytes(t))
             size = t.numel() * t.element_size()

@@ -935,7 +935,7 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
         t = reader.tensor(name) if slices is None else reader.tensor_slice(name, *slices[name])
         if t.shape != want.shape:
             raise CheckpointError(f"{reader.source(name)}: {name} has shape {tuple(t.shape)}, model expects "
-                                  f"{tuple(want.shape)}: {_config_hint(name, args)}")
+                                  f"{tuple(want.shape)}: {config_hint(name, args)}")
         if not t.is_floating_point():
             raise CheckpointError(f"{reader.source(name)}: {name} has dtype {t.dtype}, expected a float type")
         state[name] = t.to(device=device, dtype=dtype or t.dtype)
@@ -952,7 +952,7 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
     return model.to(device)  # moves the RoPE tables; the weights are already there
 
 
-def _config_hint(name: str, args: ModelArgs) -> str:
+def config_hint(name: str, args: ModelArgs) -> str:
     """Which config numbers determine the expected shape of tensor `name`."""
     part = name.removesuffix(".weight").rsplit(".", 1)[-1]
     hints = {"wq": f"dim={args.dim}, n_heads={args.n_heads}",
