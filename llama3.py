@@ -279,21 +279,37 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 # -----------------------------------------------------------------------------
 # Linear projections
 #
-# Every weight matrix in the blocks is a bias-free Linear (Meta's are fairscale's
-# Column/RowParallelLinear; one process needs plain ones). One CPU detail lives
-# here: x86 CPUs without AVX512-BF16 or AMX have no bf16 matrix instructions,
-# and a bf16 matrix product runs ~4x slower there than fp32 on the same cores
-# (20 vs 80-150 GFLOP/s measured on a 2-core AMD EPYC). So when many rows are
-# multiplied at once (prefill), the bf16 weight is copied into a reused fp32
-# buffer and the product runs in fp32; bf16 kernels accumulate in fp32 too, so
-# only the summation order changes. One row at a time (decode) reads the bf16
-# weight directly: there memory bandwidth sets the speed, and bf16 halves it.
+# Every weight matrix is a bias-free Linear (Meta's are fairscale's Column/Row-
+# ParallelLinear; one process needs plain ones). One CPU detail lives here:
+# x86 CPUs without AVX512-BF16 or AMX have no bf16 matrix instructions, and a
+# bf16 product of many rows runs ~4x slower there than fp32 on the same cores
+# (20 vs 80-150 GFLOP/s measured on a 2-core AMD EPYC). So from 16 rows on
+# (prefill) the bf16 weight is copied, one 4 MB block of rows at a time, into
+# a reused fp32 buffer and multiplied in fp32; bf16 kernels accumulate in fp32
+# too, so only the summation order changes. A block that stays in the CPU's
+# cache made prefill 1.2-1.4x faster than converting the whole matrix at once.
+# Below 16 rows (decode) memory bandwidth sets the speed, and reading bf16
+# halves it.
 # -----------------------------------------------------------------------------
 
 # (A torch without these probes gets the plain bf16 path.)
 CPU_HAS_BF16_MATMUL = any(getattr(torch.cpu, f, lambda: True)() for f in
                           ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-_fp32_scratch = torch.empty(0)  # reused, because fresh memory costs a page fault per 4 KiB
+PREFILL_ROWS = 16  # measured: fp32 via the buffer overtakes bf16 between 8 and 16 rows
+_FP32_BLOCK_NUMEL = 1 << 20  # 4 MB of fp32
+_fp32_block = torch.empty(0)  # reused, because fresh memory costs a page fault per 4 KiB
+
+
+def fp32_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, w) for a bf16 w, computed in fp32 one block of w's rows at a time."""
+    global _fp32_block
+    rows_per_block = max(1, _FP32_BLOCK_NUMEL // w.shape[1])
+    if _fp32_block.numel() < min(w.numel(), rows_per_block * w.shape[1]):
+        _fp32_block = torch.empty(min(w.numel(), rows_per_block * w.shape[1]))
+    x32 = x.float()
+    out = [F.linear(x32, _fp32_block[: block.numel()].view(block.shape).copy_(block))
+           for block in w.split(rows_per_block)]  # (B, T, rows_per_block) each
+    return torch.cat(out, dim=-1).to(x.dtype)
 
 
 class Linear(nn.Linear):
@@ -303,12 +319,10 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         rows = x.numel() // x.shape[-1]
-        if w.dtype == torch.bfloat16 and w.device.type == "cpu" and not CPU_HAS_BF16_MATMUL and rows >= 16:
-            global _fp32_scratch
-            if _fp32_scratch.numel() < w.numel():
-                _fp32_scratch = torch.empty(w.numel())
-            w32 = _fp32_scratch[: w.numel()].view(w.shape).copy_(w)
-            return F.linear(x.float(), w32).to(x.dtype)
+        # Inference only (no grad): autograd would save the reused buffer, which the next layer overwrites.
+        if (rows >= PREFILL_ROWS and w.dtype == torch.bfloat16 and w.device.type == "cpu"
+                and not CPU_HAS_BF16_MATMUL and not torch.is_grad_enabled()):
+            return fp32_linear(x, w)
         return F.linear(x, w)
 
 
@@ -461,9 +475,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
-        # Plain nn.Linear: generation needs only the last position's logits (last_only),
-        # and an fp32 copy of this largest matrix would cost more memory than it saves time.
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = Linear(args.dim, args.vocab_size)
         if args.tie_word_embeddings:
             # Llama 3.2 1B/3B reuse the embedding matrix as the output projection.
             self.output.weight = self.tok_embeddings.weight
@@ -565,11 +577,11 @@ class VocabParallelEmbedding(nn.Embedding):
         return h
 
 
-class VocabParallelOutput(nn.Linear):
+class VocabParallelOutput(Linear):
     """Holds this rank's vocabulary rows of the output layer; gathers all ranks' logits."""
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        local = F.linear(h, self.weight).contiguous()  # (B, T, vocab_size / N)
+        local = super().forward(h).contiguous()  # (B, T, vocab_size / N)
         parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, local)
         return torch.cat(parts, dim=-1)  # (B, T, vocab_size)
@@ -608,7 +620,7 @@ def shard_model(model: Transformer, rank: int, world_size: int) -> dict[str, tup
                            pre + "feed_forward.w2.weight": (1, rank * hidden, (rank + 1) * hidden),
                            pre + "attention_norm.weight": (None, 0, 0), pre + "ffn_norm.weight": (None, 0, 0)})
         model.tok_embeddings = VocabParallelEmbedding(vocab, a.dim, start=rank * vocab)
-        model.output = VocabParallelOutput(a.dim, vocab, bias=False)
+        model.output = VocabParallelOutput(a.dim, vocab)
         if a.tie_word_embeddings:
             model.output.weight = model.tok_embeddings.weight
     slices.update({"tok_embeddings.weight": (0, rank * vocab, (rank + 1) * vocab),

@@ -300,19 +300,30 @@ def test_cache_takes_the_weights_dtype_and_the_requested_size():
 
 
 def test_bf16_prefill_in_fp32_matches_the_bf16_kernel(monkeypatch):
-    # The CPU prefill path copies bf16 weights to fp32; only summation order may differ
-    # from the bf16 kernel, which also accumulates in fp32: results within one bf16 step.
+    # The CPU prefill path copies bf16 weights to fp32 block by block; only summation
+    # order may differ from the bf16 kernel, which also accumulates in fp32: results
+    # within one bf16 step.
     torch.manual_seed(0)
     layer = llama3.Linear(256, 512).bfloat16()
     x = torch.randn(2, 16, 256).bfloat16()  # 32 rows: the fp32 path when the CPU lacks bf16 instructions
+    monkeypatch.setattr(llama3, "_FP32_BLOCK_NUMEL", 100 * 256)  # blocks of 100 rows: 6 blocks, the last short
+    monkeypatch.setattr(llama3, "_fp32_block", torch.empty(0))
     monkeypatch.setattr(llama3, "CPU_HAS_BF16_MATMUL", False)
-    fast = layer(x)
+    with torch.no_grad():
+        fast = layer(x)
+    assert llama3._fp32_block.numel() == 100 * 256  # the fp32 path ran, through a one-block buffer
     monkeypatch.setattr(llama3, "CPU_HAS_BF16_MATMUL", True)
-    reference = layer(x)
+    with torch.no_grad():
+        reference = layer(x)
     assert fast.dtype == torch.bfloat16 and fast.shape == (2, 16, 512)
     torch.testing.assert_close(fast, reference, atol=1e-5, rtol=2**-7)  # outputs are ~0.6: 1e-5 only spares zeros
     exact = torch.nn.functional.linear(x.double(), layer.weight.double())
     assert (fast.double() - exact).abs().max() <= (reference.double() - exact).abs().max() * 1.01
+    # With autograd on, the plain product runs: a reused buffer can't be saved for backward.
+    monkeypatch.setattr(llama3, "CPU_HAS_BF16_MATMUL", False)
+    monkeypatch.setattr(llama3, "_fp32_block", torch.empty(0))
+    layer(x).float().sum().backward()
+    assert llama3._fp32_block.numel() == 0 and layer.weight.grad.shape == (512, 256)
 
 
 def test_last_only_returns_the_last_positions_logits():
