@@ -233,10 +233,12 @@ class RMSNorm(nn.Module):
 # are divided by the factor, pairs in between are blended. For head_dim 128 at
 # theta 500000 that is 29 kept, 6 blended and 29 divided.
 #
-# Meta computes the rotation in complex numbers; we use real cos/sin tables of
-# shape (max_seq_len, head_dim // 2) in float32 and two multiply-adds per pair:
-# same numbers, runs on every device (MPS has no complex dtype) and shows the
-# 2x2 rotation.
+# Meta computes the rotation in complex numbers; we use real cos and sin in
+# float32 and two multiply-adds per pair: same numbers, runs on every device
+# (MPS has no complex dtype) and shows the 2x2 rotation. The angles are
+# position x frequency, computed for the positions each forward covers: Meta's
+# table for all 128K positions would hold 33 MB for a lookup that saves
+# nothing measurable.
 # -----------------------------------------------------------------------------
 
 
@@ -258,12 +260,11 @@ def rope_frequencies(args: ModelArgs) -> torch.Tensor:
     return torch.where(wavelen < high_freq_wavelen, freqs, scaled)
 
 
-def precompute_rope(args: ModelArgs, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables, each (max_seq_len, head_dim // 2) float32."""
-    t = torch.arange(args.max_seq_len, dtype=torch.float32, device="cpu")
-    angles = torch.outer(t, rope_frequencies(args))  # (max_seq_len, head_dim // 2)
-    cos = angles.cos()
-    return cos.to(device or "cpu"), angles.sin_().to(device or "cpu")  # sin in place: 128K positions are 16 MB
+def rope_cos_sin(freqs: torch.Tensor, start_pos: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the angles of positions [start_pos, start_pos + seq_len), each (seq_len, head_dim // 2)."""
+    t = torch.arange(start_pos, start_pos + seq_len, dtype=torch.float32, device=freqs.device)
+    angles = torch.outer(t, freqs)  # (seq_len, head_dim // 2), exact like a precomputed table: one rounding
+    return angles.cos(), angles.sin()
 
 
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -472,19 +473,23 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        # nn.Embedding's own N(0, 1) init, done here so that it can be skipped on the "meta"
+        # device load_model builds on: there normal_() imports sympy, +77 MB of memory.
+        embedding = torch.empty(args.vocab_size, args.dim)
+        if not embedding.is_meta:
+            embedding.normal_()
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, _weight=embedding)
         self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.output = Linear(args.dim, args.vocab_size)
         if args.tie_word_embeddings:
             # Llama 3.2 1B/3B reuse the embedding matrix as the output projection.
             self.output.weight = self.tok_embeddings.weight
-        # Non-persistent: they are computed, not learned, so the state_dict keeps Meta's keys only.
-        # A model built on the "meta" device (see load_model) still gets real tables.
-        device = self.tok_embeddings.weight.device
-        cos, sin = precompute_rope(args, "cpu" if device.type == "meta" else device)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        # Non-persistent: computed, not learned, so the state_dict keeps Meta's keys only.
+        # rope_frequencies computes on the CPU: a model built on "meta" gets real values too.
+        freqs = rope_frequencies(args)
+        self.register_buffer("rope_freqs", freqs if embedding.is_meta else freqs.to(embedding.device),
+                             persistent=False)
 
     def new_cache(self, batch_size: int, max_seq_len: int | None = None) -> list[KVCache]:
         """One KVCache per layer for batch_size sequences of up to max_seq_len positions."""
@@ -503,11 +508,10 @@ class Transformer(nn.Module):
         T = tokens.shape[1]
         if cache is None and start_pos != 0:
             raise ValueError(f"start_pos={start_pos} needs the cache that holds the earlier positions")
-        if start_pos + T > self.rope_cos.shape[0]:
-            raise ValueError(f"positions up to {start_pos + T} exceed max_seq_len={self.rope_cos.shape[0]}")
+        if start_pos + T > self.args.max_seq_len:
+            raise ValueError(f"positions up to {start_pos + T} exceed max_seq_len={self.args.max_seq_len}")
         h = self.tok_embeddings(tokens)  # (B, T, dim)
-        cos = self.rope_cos[start_pos : start_pos + T]  # (T, head_dim // 2)
-        sin = self.rope_sin[start_pos : start_pos + T]
+        cos, sin = rope_cos_sin(self.rope_freqs, start_pos, T)  # (T, head_dim // 2) each
 
         # Causal mask: query i (at position start_pos + i) sees keys 0 .. start_pos + i.
         # The first start_pos columns are the cached past, visible to every query.
@@ -565,7 +569,7 @@ class VocabParallelEmbedding(nn.Embedding):
     """Holds rows [start, start + num_embeddings) of the embedding."""
 
     def __init__(self, num_embeddings: int, dim: int, start: int):
-        super().__init__(num_embeddings, dim)
+        super().__init__(num_embeddings, dim, _weight=torch.empty(num_embeddings, dim))  # no init: it is loaded
         self.start = start
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -917,8 +921,8 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
 
     device: where the weights go (default cpu); dtype: cast the weights to it
     (default: keep the checkpoint's). max_seq_len caps the positions the model
-    addresses (smaller RoPE tables); rope_scaling_factor overrides the 3.1
-    factor (see LLAMA32_ROPE_FACTORS); use_sdpa picks the SDPA attention path.
+    addresses; rope_scaling_factor overrides the 3.1 factor (see
+    LLAMA32_ROPE_FACTORS); use_sdpa picks the SDPA attention path.
     tensor_parallel: load only this process's part for tensor parallelism across
     the processes of torch.distributed's default group (see shard_model).
     """
@@ -961,7 +965,7 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
     model.load_state_dict(state, strict=True, assign=True)
     if args.tie_word_embeddings:
         model.output.weight = model.tok_embeddings.weight  # one Parameter, not two views
-    return model.to(device)  # moves the RoPE tables; the weights are already there
+    return model.to(device)  # moves the RoPE frequencies; the weights are already there
 
 
 def config_hint(name: str, args: ModelArgs) -> str:
@@ -1054,7 +1058,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         where launching ~20 small kernels per layer otherwise dominates a step).
     """
     stop_tokens = LLAMA3_STOP_TOKENS if stop_tokens is None else stop_tokens
-    max_seq_len = model.rope_cos.shape[0]
+    max_seq_len = model.args.max_seq_len
     B = len(prompts)
     if B == 0 or min(len(p) for p in prompts) == 0:
         raise ValueError("every prompt needs at least one token (start it with <|begin_of_text|>)")

@@ -93,8 +93,7 @@ def test_golden_checkpoint_exercises_rope_scaling():
     # The golden test must be able to catch a broken 3.1 scaling: without it the
     # 40-token logits (past the 16-token original context) must differ a lot.
     model = load_model(GOLDEN)
-    model.rope_cos, model.rope_sin = llama3.precompute_rope(
-        ModelArgs(**{**model.args.__dict__, "use_scaled_rope": False}))
+    model.rope_freqs = llama3.rope_frequencies(ModelArgs(**{**model.args.__dict__, "use_scaled_rope": False}))
     expected = torch.load(GOLDEN / "expected.pt", weights_only=True)
     with torch.no_grad():
         logits = model(expected["tokens"])
@@ -170,7 +169,7 @@ def test_rope_matches_complex_number_formulation():
     args = tiny_args()
     torch.manual_seed(0)
     x = torch.randn(2, 10, 4, args.head_dim)  # (B, T, H, head_dim)
-    cos, sin = llama3.precompute_rope(args)
+    cos, sin = llama3.rope_cos_sin(llama3.rope_frequencies(args), 0, args.max_seq_len)
     freqs = torch.polar(torch.ones(args.max_seq_len, args.head_dim // 2),
                         torch.outer(torch.arange(args.max_seq_len).float(), llama3.rope_frequencies(args)))
     xc = torch.view_as_complex(x.reshape(2, 10, 4, -1, 2))
@@ -178,10 +177,30 @@ def test_rope_matches_complex_number_formulation():
     torch.testing.assert_close(llama3.apply_rotary_emb(x, cos[:10], sin[:10]), expected)
 
 
+def test_rope_angles_at_an_offset_equal_the_full_tables_rows():
+    # forward computes cos/sin only for the positions it covers; a decode step at
+    # position 1000 must rotate exactly like row 1000 of a table built from 0.
+    freqs = llama3.rope_frequencies(tiny_args(use_scaled_rope=True))
+    cos, sin = llama3.rope_cos_sin(freqs, 0, 1003)
+    cos_at, sin_at = llama3.rope_cos_sin(freqs, 1000, 3)
+    assert cos_at.shape == (3, freqs.shape[0]) and cos_at.dtype == torch.float32
+    assert torch.equal(cos_at, cos[1000:]) and torch.equal(sin_at, sin[1000:])
+
+
+def test_new_model_embeddings_are_initialised_like_nn_embedding():
+    # Transformer initialises the embedding itself (skipped on the meta device).
+    torch.manual_seed(0)
+    weight = Transformer(tiny_args()).tok_embeddings.weight
+    torch.manual_seed(0)
+    assert torch.equal(weight, torch.nn.Embedding(*weight.shape).weight)
+    with torch.device("meta"):
+        assert Transformer(tiny_args()).tok_embeddings.weight.is_meta
+
+
 def test_rope_scores_depend_only_on_relative_position():
     # The point of RoPE: q at position m and k at position n score by m - n only.
     args = tiny_args(use_scaled_rope=True)
-    cos, sin = llama3.precompute_rope(args)
+    cos, sin = llama3.rope_cos_sin(llama3.rope_frequencies(args), 0, args.max_seq_len)
     torch.manual_seed(0)
     q, k = torch.randn(1, 1, 1, args.head_dim), torch.randn(1, 1, 1, args.head_dim)
 
@@ -384,7 +403,7 @@ def test_meta_shards_merge_to_the_same_model(tmp_path, n_shards):
 def test_load_model_casts_to_dtype():
     model = load_model(GOLDEN, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
-    assert model.rope_cos.dtype == torch.float32  # RoPE tables stay float32
+    assert model.rope_freqs.dtype == torch.float32  # RoPE angles stay float32
 
 
 def hf_model(args: ModelArgs, seed: int = 0):
@@ -524,7 +543,10 @@ def test_rope_scaling_factor_can_be_overridden(tmp_path):
     (tmp_path / "params.json").write_text(json.dumps(params))
     assert load_model(tmp_path).args.rope_scaling_factor == 8.0
     assert load_model(tmp_path, rope_scaling_factor=32.0).args.rope_scaling_factor == 32.0
-    assert load_model(tmp_path, max_seq_len=20).rope_cos.shape == (20, 8)  # (max_seq_len, head_dim // 2)
+    short = load_model(tmp_path, max_seq_len=20)
+    assert short.args.max_seq_len == 20
+    with pytest.raises(ValueError, match="positions up to 21 exceed max_seq_len=20"):
+        short(torch.zeros(1, 21, dtype=torch.long))
 
 
 # -----------------------------------------------------------------------------
