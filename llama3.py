@@ -281,16 +281,22 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 # Linear projections
 #
 # Every weight matrix is a bias-free Linear (Meta's are fairscale's Column/Row-
-# ParallelLinear; one process needs plain ones). One CPU detail lives here:
-# x86 CPUs without AVX512-BF16 or AMX have no bf16 matrix instructions, and a
-# bf16 product of many rows runs ~4x slower there than fp32 on the same cores
-# (20 vs 80-150 GFLOP/s measured on a 2-core AMD EPYC). So from 16 rows on
-# (prefill) the bf16 weight is copied, one 4 MB block of rows at a time, into
-# a reused fp32 buffer and multiplied in fp32; bf16 kernels accumulate in fp32
-# too, so only the summation order changes. A block that stays in the CPU's
-# cache made prefill 1.2-1.4x faster than converting the whole matrix at once.
-# Below 16 rows (decode) memory bandwidth sets the speed, and reading bf16
-# halves it.
+# ParallelLinear; one process needs plain ones). On GPUs it is F.linear. Two CPU
+# details live here, both measured on a 2-core AMD EPYC (benchmarks/bench.py):
+#
+# - x86 CPUs without AVX512-BF16 or AMX have no bf16 matrix instructions, and a
+#   bf16 product of many rows runs ~4x slower there than fp32 (20 vs 80-150
+#   GFLOP/s). So from 16 rows on (prefill) the bf16 weight is copied, one 4 MB
+#   block of rows at a time, into a reused fp32 buffer and multiplied in fp32;
+#   bf16 kernels accumulate in fp32 too, so only the summation order changes.
+#   A block that stays in the CPU's cache made prefill 1.2-1.4x faster than
+#   converting the whole matrix at once. Below 16 rows (decode) memory
+#   bandwidth sets the speed, and reading bf16 directly halves it.
+# - Decoding in fp32, F.linear's product of a few rows (MKL's) kept the cores
+#   at 14-17 GB/s, well below the memory's 25 GB/s. The same product as a batch
+#   of 16 row blocks, one matmul, which torch spreads over its threads block by
+#   block, read at 19-23 GB/s: fp32 decode steps ran 1.3-1.4x faster. torch's
+#   own bf16 kernel gained nothing from it, so bf16 keeps F.linear.
 # -----------------------------------------------------------------------------
 
 # (A torch without these probes gets the plain bf16 path.)
@@ -298,6 +304,7 @@ CPU_HAS_BF16_MATMUL = any(getattr(torch.cpu, f, lambda: True)() for f in
                           ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 PREFILL_ROWS = 16  # measured: fp32 via the buffer overtakes bf16 between 8 and 16 rows
 _FP32_BLOCK_NUMEL = 1 << 20  # 4 MB of fp32
+ROW_BLOCKS = 16  # fp32 decode's batch of row blocks; 4 to 32 measured alike on 2 cores
 _fp32_block = torch.empty(0)  # reused, because fresh memory costs a page fault per 4 KiB
 
 
@@ -324,6 +331,10 @@ class Linear(nn.Linear):
         if (rows >= PREFILL_ROWS and w.dtype == torch.bfloat16 and w.device.type == "cpu"
                 and not CPU_HAS_BF16_MATMUL and not torch.is_grad_enabled()):
             return fp32_linear(x, w)
+        if rows < PREFILL_ROWS and w.dtype == torch.float32 and w.device.type == "cpu" and w.shape[0] % ROW_BLOCKS == 0:
+            blocks = w.view(ROW_BLOCKS, -1, w.shape[1]).transpose(1, 2)  # (ROW_BLOCKS, in, out / ROW_BLOCKS), a view
+            out = torch.matmul(x.reshape(1, rows, -1), blocks)  # (ROW_BLOCKS, rows, out / ROW_BLOCKS)
+            return out.transpose(0, 1).reshape(*x.shape[:-1], w.shape[0])  # (..., out)
         return F.linear(x, w)
 
 

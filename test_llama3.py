@@ -345,6 +345,22 @@ def test_bf16_prefill_in_fp32_matches_the_bf16_kernel(monkeypatch):
     assert llama3._fp32_block.numel() == 0 and layer.weight.grad.shape == (512, 256)
 
 
+@pytest.mark.parametrize("shape", [(2, 1, 64), (3, 5, 64), (1, 15, 64)])
+def test_fp32_decode_product_in_row_blocks_matches_f_linear(shape):
+    # Below 16 rows an fp32 CPU product runs as a batch of ROW_BLOCKS blocks of the
+    # weight's rows; each output is still one dot product, so only rounding may differ.
+    torch.manual_seed(0)
+    layer = llama3.Linear(64, 32 * llama3.ROW_BLOCKS)
+    x = torch.randn(shape)
+    out = layer(x)
+    assert out.shape == (*shape[:-1], 32 * llama3.ROW_BLOCKS)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, layer.weight), atol=1e-6, rtol=1e-6)
+    out.sum().backward()  # plain autograd ops: training through it works
+    torch.testing.assert_close(layer.weight.grad, x.reshape(-1, 64).sum(0).expand(32 * llama3.ROW_BLOCKS, 64))
+    odd = llama3.Linear(64, 33)  # not divisible into ROW_BLOCKS: the plain product
+    torch.testing.assert_close(odd(x), torch.nn.functional.linear(x, odd.weight))
+
+
 def test_last_only_returns_the_last_positions_logits():
     model = random_model(tiny_args())
     tokens = torch.randint(0, 256, (2, 9))
