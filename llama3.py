@@ -292,11 +292,12 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 #   A block that stays in the CPU's cache made prefill 1.2-1.4x faster than
 #   converting the whole matrix at once. Below 16 rows (decode) memory
 #   bandwidth sets the speed, and reading bf16 directly halves it.
-# - Decoding in fp32, F.linear's product of a few rows (MKL's) kept the cores
-#   at 14-17 GB/s, well below the memory's 25 GB/s. The same product as a batch
-#   of 16 row blocks, one matmul, which torch spreads over its threads block by
-#   block, read at 19-23 GB/s: fp32 decode steps ran 1.3-1.4x faster. torch's
-#   own bf16 kernel gained nothing from it, so bf16 keeps F.linear.
+# - In fp32, F.linear (MKL's product) left the second core mostly idle: one
+#   decoded row read weights at 14-17 GB/s, well below the memory's 25 GB/s.
+#   The same product as one matmul over a batch of 16 blocks of the weight's
+#   rows, which torch spreads over its threads block by block, read at 19-24
+#   GB/s: fp32 decode steps ran 1.3-1.4x faster and a 128-token prefill 1.3x.
+#   torch's own bf16 kernel gained nothing from it, so bf16 keeps F.linear.
 # -----------------------------------------------------------------------------
 
 # (A torch without these probes gets the plain bf16 path.)
@@ -304,7 +305,7 @@ CPU_HAS_BF16_MATMUL = any(getattr(torch.cpu, f, lambda: True)() for f in
                           ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 PREFILL_ROWS = 16  # measured: fp32 via the buffer overtakes bf16 between 8 and 16 rows
 _FP32_BLOCK_NUMEL = 1 << 20  # 4 MB of fp32
-ROW_BLOCKS = 16  # fp32 decode's batch of row blocks; 4 to 32 measured alike on 2 cores
+ROW_BLOCKS = 16  # fp32's batch of row blocks; 4 to 32 measured alike on 2 cores
 _fp32_block = torch.empty(0)  # reused, because fresh memory costs a page fault per 4 KiB
 
 
@@ -320,6 +321,13 @@ def fp32_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, dim=-1).to(x.dtype)
 
 
+def row_block_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, w) as one batched matmul over ROW_BLOCKS blocks of w's rows (w's rows divisible by it)."""
+    blocks = w.view(ROW_BLOCKS, -1, w.shape[1]).transpose(1, 2)  # (ROW_BLOCKS, in, out / ROW_BLOCKS), a view
+    out = torch.matmul(x.reshape(1, -1, x.shape[-1]), blocks)  # (ROW_BLOCKS, rows, out / ROW_BLOCKS)
+    return out.transpose(0, 1).reshape(*x.shape[:-1], w.shape[0])  # (..., out)
+
+
 class Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
@@ -331,10 +339,8 @@ class Linear(nn.Linear):
         if (rows >= PREFILL_ROWS and w.dtype == torch.bfloat16 and w.device.type == "cpu"
                 and not CPU_HAS_BF16_MATMUL and not torch.is_grad_enabled()):
             return fp32_linear(x, w)
-        if rows < PREFILL_ROWS and w.dtype == torch.float32 and w.device.type == "cpu" and w.shape[0] % ROW_BLOCKS == 0:
-            blocks = w.view(ROW_BLOCKS, -1, w.shape[1]).transpose(1, 2)  # (ROW_BLOCKS, in, out / ROW_BLOCKS), a view
-            out = torch.matmul(x.reshape(1, rows, -1), blocks)  # (ROW_BLOCKS, rows, out / ROW_BLOCKS)
-            return out.transpose(0, 1).reshape(*x.shape[:-1], w.shape[0])  # (..., out)
+        if w.dtype == torch.float32 and w.device.type == "cpu" and w.shape[0] % ROW_BLOCKS == 0:
+            return row_block_linear(x, w)
         return F.linear(x, w)
 
 
@@ -409,9 +415,10 @@ class Attention(nn.Module):
         else:
             # Query head h reads K/V head h // n_rep: group the query heads by K/V head.
             q = q.reshape(B, self.n_kv_heads, self.n_rep * T, self.head_dim)  # (B, n_kv_heads, n_rep * T, head_dim)
-            # float32: exp() of bf16 scores loses the small probabilities, and CPUs without
-            # bf16 instructions ran these products 5-10x slower in bf16 than in float32.
-            q, k, v = q.float(), k.float(), v.float()
+            # At least float32: exp() of bf16 scores loses the small probabilities, and CPUs
+            # without bf16 instructions ran these products 5-10x slower in bf16 than in float32.
+            dtype = torch.promote_types(q.dtype, torch.float32)
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
             # The 1/sqrt(head_dim) keeps the scores' variance near 1 (Vaswani et al. 2017).
             scores = q @ k.transpose(2, 3) / math.sqrt(self.head_dim)  # (B, n_kv_heads, n_rep * T, S)
             if mask is not None:
