@@ -77,7 +77,12 @@ def make_checkpoint(folder: Path) -> None:
 
 
 def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
+    """This process's peak RSS. VmHWM, not getrusage: a child's ru_maxrss starts at its parent's."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        line = next(x for x in status.read_text().splitlines() if x.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024 / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e9  # bytes on macOS
 
 
 def child(side: str, ckpt: str, dtype_name: str, device: str, prompt_len: int, new_tokens: int, threads: int) -> dict:
