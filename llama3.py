@@ -1163,7 +1163,7 @@ def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
                 "float16": torch.float16, "fp16": torch.float16}[name]
     # bf16 is what Llama 3 was trained in, and Meta's and the hub's files hold it, so
     # loading needs no copy. On CPU too: decode reads every weight per token, and half
-    # the bytes decoded 1.7x faster than fp32 on a CPU without bf16 instructions
+    # the bytes decoded 1.2x faster than fp32 on a CPU without bf16 instructions
     # (benchmarks/bench.py), while Linear keeps prefill at fp32 speed. MPS runs fp16
     # more reliably than bf16.
     return torch.float16 if device.type == "mps" else torch.bfloat16
