@@ -313,8 +313,9 @@ def fp32_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """F.linear(x, w) for a bf16 w, computed in fp32 one block of w's rows at a time."""
     global _fp32_block
     rows_per_block = max(1, _FP32_BLOCK_NUMEL // w.shape[1])
-    if _fp32_block.numel() < min(w.numel(), rows_per_block * w.shape[1]):
-        _fp32_block = torch.empty(min(w.numel(), rows_per_block * w.shape[1]))
+    need = min(w.numel(), rows_per_block * w.shape[1])  # a small matrix needs less than a whole block
+    if _fp32_block.numel() < need:
+        _fp32_block = torch.empty(need)
     x32 = x.float()
     out = [F.linear(x32, _fp32_block[: block.numel()].view(block.shape).copy_(block))
            for block in w.split(rows_per_block)]  # (B, T, rows_per_block) each
@@ -405,14 +406,16 @@ class Attention(nn.Module):
         q, k, v = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)  # (B, heads, T, head_dim)
         if cache is not None:
             k, v = cache.update(start_pos, k, v)  # (B, n_kv_heads, S, head_dim)
-        S = k.shape[2]
 
         if self.use_sdpa:
             # Not is_causal=True: SDPA then anchors the causal triangle at the top-left
             # corner, which is right only when T == S. With a cache T < S, so pass the
             # mask from Transformer.forward, whose first start_pos columns are 0.
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_rep > 1)  # (B, n_heads, T, head_dim)
+            # enable_gqa: SDPA maps query head h to K/V head h // n_rep itself.
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                 enable_gqa=self.n_rep > 1)  # (B, n_heads, T, head_dim)
         else:
+            S = k.shape[2]
             # Query head h reads K/V head h // n_rep: group the query heads by K/V head.
             q = q.reshape(B, self.n_kv_heads, self.n_rep * T, self.head_dim)  # (B, n_kv_heads, n_rep * T, head_dim)
             # At least float32: exp() of bf16 scores loses the small probabilities, and CPUs
@@ -504,10 +507,9 @@ class Transformer(nn.Module):
             # Llama 3.2 1B/3B reuse the embedding matrix as the output projection.
             self.output.weight = self.tok_embeddings.weight
         # Non-persistent: computed, not learned, so the state_dict keeps Meta's keys only.
-        # rope_frequencies computes on the CPU: a model built on "meta" gets real values too.
-        freqs = rope_frequencies(args)
-        self.register_buffer("rope_freqs", freqs if embedding.is_meta else freqs.to(embedding.device),
-                             persistent=False)
+        # Real values even for a model built on "meta": load_model's model.to(device) moves them.
+        device = "cpu" if embedding.is_meta else embedding.device
+        self.register_buffer("rope_freqs", rope_frequencies(args).to(device), persistent=False)  # (head_dim // 2,)
 
     def new_cache(self, batch_size: int, max_seq_len: int | None = None) -> list[KVCache]:
         """One KVCache per layer for batch_size sequences of up to max_seq_len positions."""
