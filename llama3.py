@@ -1,10 +1,27 @@
-"""llama3.py: the Llama 3 text models (3, 3.1, 3.2, 3.3) in one file.
+"""llama3.py: the Llama 3 text models (3, 3.1, 3.2 and 3.3) in one file.
 
 Run it:    python llama3.py --ckpt DIR --prompt "The capital of France is"
-Read it:   top to bottom, in data-flow order: config, RMSNorm, RoPE, attention,
-           feed-forward, block, model, checkpoint loading, sampling, generation, CLI.
-Copy it:   everything from ModelArgs to Transformer imports only torch and the
-           standard library; tiktoken and safetensors are imported where used.
+Read it:   top to bottom. Part 1 is the model and nothing else; part 2 runs it
+           (loading, sampling, generation, command line); the appendices are the
+           engine room (CPU speed paths, tensor parallelism), swapped in after
+           the model is built.
+Copy it:   part 1 (ModelArgs to Transformer) imports only torch and the standard
+           library; tiktoken and safetensors are imported where they are used.
+
+The whole model, with Llama 3 8B's numbers:
+
+    tokens (B, T)                              ids < vocab_size = 128256
+      |
+    tok_embeddings                             (B, T, dim = 4096)
+      |
+      +--> n_layers = 32 blocks, each:
+      |      h = x + attention(RMSNorm(x))     32 query heads, 8 K/V heads (GQA),
+      |                                        RoPE on q and k, theta 500000
+      |      x = h + feed_forward(RMSNorm(h))  SwiGLU, hidden_dim = 14336
+      |
+    norm (RMSNorm)                             (B, T, dim)
+      |
+    output (dim -> vocab_size)                 logits (B, T, 128256), float32
 
 Shape symbols used in the comments:
     B           batch size
@@ -21,9 +38,10 @@ github.com/meta-llama/llama-models; "The Llama 3 Herd of Models" (arXiv 2407.217
 Left out on purpose: training, quantisation, LoRA, the vision models.
 
 Deliberate differences from Meta's model.py, each marked where it happens:
-no fairscale (plain nn.Linear); real-valued RoPE instead of complex numbers;
-the 3.1 rope scaling factor is a config field, not a literal; optional SDPA;
-the KV cache is created by the caller, not allocated in __init__.
+plain nn.Linear and nn.Embedding instead of fairscale's parallel layers;
+real-valued RoPE, its angles computed per call instead of a complex table; the
+3.1 scaling factor is a config field; GQA without copying the K/V heads;
+optional SDPA; the KV cache is made by the caller, not in __init__.
 """
 
 from __future__ import annotations
@@ -48,14 +66,16 @@ from torch import nn
 if TYPE_CHECKING:  # type names only: the model runs without tiktoken
     from tokenizer import ChatFormat, StreamDecoder, Tokenizer
 
+# =============================================================================
+# Part 1: the model
+# =============================================================================
+
 # -----------------------------------------------------------------------------
 # Configuration
 #
 # Field names are the keys of Meta's params.json, so a params.json maps onto
-# ModelArgs one to one. The defaults describe Llama 3 8B. Two builders below
-# read Meta's params.json and Hugging Face's config.json; both ignore keys this
-# file does not use (Meta's quantized releases add `quantization_args`) with a
-# one-line note on stderr.
+# ModelArgs one to one. The defaults describe Llama 3 8B. The readers of
+# params.json and config.json live with checkpoint loading, in part 2.
 # -----------------------------------------------------------------------------
 
 
@@ -71,15 +91,14 @@ class ModelArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 500000.0
     use_scaled_rope: bool = False  # Llama 3.1+ frequency scaling for long context
-    # The four numbers of the 3.1 scaling (see the RoPE section). Meta's params.json
-    # carries none of them; convert.py writes them so nothing is guessed at load time.
+    # The four numbers of Llama 3.1's frequency scaling (see RoPE below).
     rope_scaling_factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_seq_len: int = 8192  # Llama 3's pre-training context
-    max_seq_len: int = 8192  # positions this model instance can address (RoPE table size)
+    max_seq_len: int = 8192  # positions this model instance accepts (3.1+: up to 131072)
     hidden_dim: int | None = None  # SwiGLU width; None: Meta's rule from multiple_of
-    tie_word_embeddings: bool = False  # output layer shares tok_embeddings (HF 3.2 1B/3B)
+    tie_word_embeddings: bool = False  # output layer shares tok_embeddings (3.2 1B/3B)
     use_sdpa: bool = False  # attention through F.scaled_dot_product_attention
 
     def __post_init__(self):
@@ -108,6 +127,323 @@ class ModelArgs:
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+# -----------------------------------------------------------------------------
+# RMSNorm
+#
+# Llama normalises by the root mean square of the features only (no mean
+# subtraction, no bias): cheaper than LayerNorm and as good in practice
+# (Zhang & Sennrich 2019). eps = 1e-5 comes from params.json's norm_eps.
+# -----------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # bf16 keeps only 2-3 significant digits: average the squares in float32,
+        # cast back, and only then multiply by the weight (Meta's order of operations).
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+# -----------------------------------------------------------------------------
+# Rotary position embedding (RoPE, Su et al. 2021)
+#
+# Position enters attention by rotating each (even, odd) channel pair of q and
+# k by an angle pos * freq_i, with freq_i = theta^(-2i/head_dim). The dot
+# product of a rotated q and k then depends only on their distance. Pairs are
+# interleaved (channels 2i, 2i+1) as in Meta's weights; Hugging Face permutes
+# the rows of wq/wk to rotate halves instead, which the loader undoes.
+#
+# theta = 500000: Llama 2 used 10000. The Llama 3 paper raised the base so the
+# slowest pairs turn more slowly and positions far apart keep distinct angles.
+#
+# 3.1 frequency scaling stretches the slow pairs to reach 128K tokens. Meta's
+# only note on its constants is that a grid search chose them: factor 8,
+# low_freq_factor 1, high_freq_factor 4, original context 8192. Pairs whose
+# wavelength is under 8192/4 = 2048 tokens are kept, pairs over 8192/1 tokens
+# are divided by the factor, pairs in between are blended. For head_dim 128 at
+# theta 500000 that is 29 kept, 6 blended and 29 divided. 3.2 1B and 3B use
+# factor 32, so the factor is a ModelArgs field.
+#
+# Meta computes the rotation in complex numbers; we use real cos and sin and
+# two multiply-adds per pair: same numbers, runs on every device (MPS has no
+# complex dtype) and shows the 2x2 rotation. All of it is float32, whatever
+# the weights are: a bf16 angle is off by up to 16 radians at position 4000.
+# The angles are computed per call for the positions it covers, so no state
+# can be cast or left on the wrong device.
+# -----------------------------------------------------------------------------
+
+
+def rope_frequencies(args: ModelArgs, device: torch.device | str | None = None) -> torch.Tensor:
+    """Angular speed of each channel pair, (head_dim // 2,) float32, 3.1-scaled if asked."""
+    dim = args.head_dim
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+    if not args.use_scaled_rope:
+        return freqs
+    low_freq_wavelen = args.original_max_seq_len / args.low_freq_factor  # 8192 tokens
+    high_freq_wavelen = args.original_max_seq_len / args.high_freq_factor  # 2048 tokens
+    wavelen = 2 * math.pi / freqs
+    # 0 at the low-frequency edge, 1 at the high-frequency edge, linear in 1/wavelength between.
+    smooth = (args.original_max_seq_len / wavelen - args.low_freq_factor) / (
+        args.high_freq_factor - args.low_freq_factor
+    )
+    blended = (1 - smooth) * freqs / args.rope_scaling_factor + smooth * freqs
+    scaled = torch.where(wavelen > low_freq_wavelen, freqs / args.rope_scaling_factor, blended)
+    return torch.where(wavelen < high_freq_wavelen, freqs, scaled)
+
+
+def rope_cos_sin(freqs: torch.Tensor, start_pos: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the angles of positions [start_pos, start_pos + seq_len), each (seq_len, head_dim // 2)."""
+    t = torch.arange(start_pos, start_pos + seq_len, dtype=torch.float32, device=freqs.device)
+    angles = torch.outer(t, freqs)  # (seq_len, head_dim // 2), exact like a precomputed table: one rounding
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each channel pair of x (B, T, H, head_dim) by the angles in cos/sin (T, head_dim // 2)."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, head_dim // 2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]  # (B, T, H, head_dim // 2)
+    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, head_dim // 2), broadcast over B and H
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # (B, T, H, head_dim // 2, 2)
+    return out.flatten(-2).type_as(x)  # (B, T, H, head_dim)
+
+
+# -----------------------------------------------------------------------------
+# Grouped-query attention (GQA, Ainslie et al. 2023) with a KV cache
+#
+# 8B has 32 query heads but only 8 key/value heads; each K/V head serves a group
+# of n_rep = 4 query heads. Quality stays close to full multi-head attention,
+# while the cache, which stores K/V heads only, is 4x smaller: 2 (K and V) x 32
+# layers x 8 heads x 128 x 2 bytes = 128 KiB per token in bf16, 1 GiB at 8K.
+#
+# The KV cache keeps the keys and values of past positions, so decoding token
+# t costs one row of work instead of recomputing all t rows. The caller creates
+# it (Transformer.new_cache) sized to its batch and request, in the weights'
+# dtype and device; Meta allocates it in __init__ for the maximum batch and
+# length instead. It is stored (B, n_kv_heads, S, head_dim), the layout the
+# attention product reads, so no step transposes the whole cache.
+#
+# Meta's code copies each cached K/V head n_rep times (repeat_kv) so that every
+# query head has its own. We stack each group's n_rep query heads as extra rows
+# against their one K/V head instead: the same products without n_rep copies.
+# -----------------------------------------------------------------------------
+
+
+class KVCache:
+    """Keys and values of one layer for positions [0, max_seq_len) of a batch."""
+
+    def __init__(self, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    def update(self, start_pos: int, xk: torch.Tensor, xv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store xk, xv (B, n_kv_heads, T, head_dim) at start_pos; return all S positions so far."""
+        B, _, T, _ = xk.shape
+        self.k[:B, :, start_pos : start_pos + T] = xk
+        self.v[:B, :, start_pos : start_pos + T] = xv
+        return self.k[:B, :, : start_pos + T], self.v[:B, :, : start_pos + T]  # (B, n_kv_heads, S, head_dim)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.n_rep = args.n_heads // args.n_kv_heads
+        self.use_sdpa = args.use_sdpa
+        # Bias-free projections, as in every Llama.
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        xq = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, n_heads, head_dim)
+        xk = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
+        xv = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
+        xq, xk = apply_rotary_emb(xq, cos, sin), apply_rotary_emb(xk, cos, sin)
+
+        q, k, v = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)  # (B, heads, T, head_dim)
+        if cache is not None:
+            k, v = cache.update(start_pos, k, v)  # (B, n_kv_heads, S, head_dim)
+
+        if not self.use_sdpa:
+            # The definition: scores, mask, softmax, weighted sum of the values.
+            S = k.shape[2]
+            # Query head h reads K/V head h // n_rep: group the query heads by K/V head.
+            q = q.reshape(B, self.n_kv_heads, self.n_rep * T, self.head_dim)  # (B, n_kv_heads, n_rep * T, head_dim)
+            # In float32 at least: exp() of bf16 scores loses the small probabilities. For a
+            # bf16 model this copies the visible K/V each call: 2 x S x n_kv_heads x head_dim x
+            # 4 bytes per layer (4 MiB per layer for 8B at 1K positions).
+            dtype = torch.promote_types(q.dtype, torch.float32)
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+            # The 1/sqrt(head_dim) keeps the scores' variance near 1 (Vaswani et al. 2017).
+            scores = q @ k.transpose(2, 3) / math.sqrt(self.head_dim)  # (B, n_kv_heads, n_rep * T, S)
+            if mask is not None:
+                scores = (scores.view(B, self.n_kv_heads, self.n_rep, T, S) + mask).view_as(scores)
+            probs = F.softmax(scores, dim=-1)
+            out = (probs @ v).type_as(x).view(B, self.n_heads, T, self.head_dim)  # (B, n_heads, T, head_dim)
+        else:
+            # The same four steps fused into one kernel that never stores the scores.
+            # Not is_causal=True: SDPA then anchors the causal triangle at the top-left
+            # corner, which is right only when T == S. With a cache T < S, so pass the
+            # mask from Transformer.forward, whose first start_pos columns are 0.
+            # enable_gqa: SDPA maps query head h to K/V head h // n_rep itself.
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                 enable_gqa=self.n_rep > 1)  # (B, n_heads, T, head_dim)
+        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, dim)
+        return self.wo(out)
+
+
+# -----------------------------------------------------------------------------
+# Feed-forward: SwiGLU (Shazeer 2020)
+#
+# w2(silu(w1 x) * w3 x): w1 is the gate, w3 the up projection and w2 the down
+# projection (Hugging Face calls them gate_proj, up_proj, down_proj). The gated
+# unit trains better than a ReLU MLP at equal parameters; the width rule lives
+# in ModelArgs.ffn_hidden_dim.
+# -----------------------------------------------------------------------------
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        hidden_dim = args.ffn_hidden_dim
+        self.w1 = nn.Linear(args.dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # (B, T, hidden_dim) inside, (B, T, dim) out
+
+
+# -----------------------------------------------------------------------------
+# Transformer block
+#
+# Pre-norm residual block: normalise, transform, add back. Keeping the residual
+# stream itself un-normalised lets gradients pass straight through 32 to 126
+# layers, which is why every Llama normalises the input of each sub-layer.
+# -----------------------------------------------------------------------------
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), start_pos, cos, sin, mask, cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+# -----------------------------------------------------------------------------
+# The model
+#
+# tokens -> embedding -> n_layers blocks -> RMSNorm -> output projection -> logits.
+#
+# Calling it: model(tokens) runs a fresh sequence, no set-up needed. To decode
+# incrementally, make a cache with model.new_cache(B, max_len), run the prompt
+# once as model(prompt, 0, cache) (prefill), then feed each new token as
+# model(next_token, start_pos, cache) with start_pos = tokens already cached.
+# -----------------------------------------------------------------------------
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            # Llama 3.2 1B/3B reuse the embedding matrix as the output projection.
+            self.output.weight = self.tok_embeddings.weight
+
+    def new_cache(self, batch_size: int, max_seq_len: int | None = None) -> list[KVCache]:
+        """One KVCache per layer for batch_size sequences of up to max_seq_len positions."""
+        a, w = self.args, self.tok_embeddings.weight
+        n = min(max_seq_len or a.max_seq_len, a.max_seq_len)
+        n_kv_heads = self.layers[0].attention.n_kv_heads  # the heads this model's attention holds
+        return [KVCache(batch_size, n, n_kv_heads, a.head_dim, w.device, w.dtype) for _ in range(a.n_layers)]
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: list[KVCache] | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """tokens (B, T) int64 at positions [start_pos, start_pos + T) -> logits (B, T, vocab_size) float32.
+
+        last_only: return only the last position's logits (B, 1, vocab_size), all that
+        sampling needs; it skips the largest matrix product of a prefill.
+        """
+        T = tokens.shape[1]
+        if cache is None and start_pos != 0:
+            raise ValueError(f"start_pos={start_pos} needs the cache that holds the earlier positions")
+        if start_pos + T > self.args.max_seq_len:
+            raise ValueError(f"positions up to {start_pos + T} exceed max_seq_len={self.args.max_seq_len}")
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        # Meta keeps a float32 table as a plain attribute; angles made here stay float32
+        # whatever the model is cast to, and appear on the tokens' device.
+        freqs = rope_frequencies(self.args, tokens.device)  # (head_dim // 2,)
+        cos, sin = rope_cos_sin(freqs, start_pos, T)  # (T, head_dim // 2) each
+
+        # Causal mask: query i (at position start_pos + i) sees keys 0 .. start_pos + i.
+        # The first start_pos columns are the cached past, visible to every query.
+        # A single query sees everything cached, so decoding needs no mask.
+        mask = None
+        if T > 1:
+            mask = torch.full((T, T), float("-inf"), device=tokens.device).triu(1)
+            mask = torch.hstack([torch.zeros(T, start_pos, device=tokens.device), mask]).to(h.dtype)  # (T, S)
+
+        for i, layer in enumerate(self.layers):
+            h = layer(h, start_pos, cos, sin, mask, cache[i] if cache is not None else None)
+        if last_only:
+            h = h[:, -1:]  # (B, 1, dim)
+        h = self.norm(h)
+        # Logits in float32: softmax and sampling over 128K entries need the precision.
+        return self.output(h).float()  # (B, T, vocab_size)
+
+
+# =============================================================================
+# Part 2: running it
+# =============================================================================
+
+# -----------------------------------------------------------------------------
+# Checkpoint loading
+#
+# Three layouts, all read into Meta's tensor names:
+#   1. Meta's download: params.json + consolidated.00.pth ... consolidated.NN.pth,
+#      one file per tensor-parallel rank (1 for 8B, 8 for 70B, 8 or 16 for 405B);
+#   2. convert.py's output: params.json + model.safetensors with Meta's names;
+#   3. Hugging Face: config.json + model.safetensors, or several *.safetensors
+#      files listed in model.safetensors.index.json.
+# The files are memory-mapped and each tensor is read, merged and cast on its
+# own, then assigned into a model built on the "meta" device (which allocates
+# nothing), so the weights never exist twice in memory.
+# -----------------------------------------------------------------------------
+
+
+# The configs. Meta's params.json uses ModelArgs' own names; Hugging Face's
+# config.json has its own (HF_CONFIG_KEYS). Both readers ignore keys this file
+# does not use with a one-line note on stderr.
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or its config is missing, malformed or doesn't match: the message names the file or tensor."""
+
 
 
 # The 3.1 scaling factor. Hugging Face configs state it; Meta's params.json only
@@ -185,486 +521,6 @@ def args_from_hf_config(config: dict, source: str = "config.json") -> ModelArgs:
         return ModelArgs(**kw)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{source}: {e}") from None
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or its config is missing, malformed or doesn't match: the message names the file or tensor."""
-
-
-# -----------------------------------------------------------------------------
-# RMSNorm
-#
-# Llama normalises by the root mean square of the features only (no mean
-# subtraction, no bias): cheaper than LayerNorm and as good in practice
-# (Zhang & Sennrich 2019). eps = 1e-5 comes from params.json's norm_eps.
-# -----------------------------------------------------------------------------
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # bf16 keeps only 2-3 significant digits: average the squares in float32,
-        # cast back, and only then multiply by the weight (Meta's order of operations).
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
-
-
-# -----------------------------------------------------------------------------
-# Rotary position embedding (RoPE, Su et al. 2021)
-#
-# Position enters attention by rotating each (even, odd) channel pair of q and
-# k by an angle pos * freq_i, with freq_i = theta^(-2i/head_dim). The dot
-# product of a rotated q and k then depends only on their distance. Pairs are
-# interleaved (channels 2i, 2i+1) as in Meta's weights; Hugging Face permutes
-# the rows of wq/wk to rotate halves instead, which the loader undoes.
-#
-# theta = 500000: Llama 2 used 10000. The Llama 3 paper raised the base so the
-# slowest pairs turn more slowly and positions far apart keep distinct angles.
-#
-# 3.1 frequency scaling stretches the slow pairs to reach 128K tokens. Meta's
-# only note on its constants is that a grid search chose them: factor 8,
-# low_freq_factor 1, high_freq_factor 4, original context 8192. Pairs whose
-# wavelength is under 8192/4 = 2048 tokens are kept, pairs over 8192/1 tokens
-# are divided by the factor, pairs in between are blended. For head_dim 128 at
-# theta 500000 that is 29 kept, 6 blended and 29 divided.
-#
-# Meta computes the rotation in complex numbers; we use real cos and sin in
-# float32 and two multiply-adds per pair: same numbers, runs on every device
-# (MPS has no complex dtype) and shows the 2x2 rotation. The angles are
-# position x frequency, computed for the positions each forward covers: Meta's
-# table for all 128K positions would hold 33 MB for a lookup that saves
-# nothing measurable.
-# -----------------------------------------------------------------------------
-
-
-def rope_frequencies(args: ModelArgs) -> torch.Tensor:
-    """Angular speed of each channel pair, (head_dim // 2,) float32, 3.1-scaled if asked."""
-    dim = args.head_dim
-    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim))
-    if not args.use_scaled_rope:
-        return freqs
-    low_freq_wavelen = args.original_max_seq_len / args.low_freq_factor  # 8192 tokens
-    high_freq_wavelen = args.original_max_seq_len / args.high_freq_factor  # 2048 tokens
-    wavelen = 2 * math.pi / freqs
-    # 0 at the low-frequency edge, 1 at the high-frequency edge, linear in 1/wavelength between.
-    smooth = (args.original_max_seq_len / wavelen - args.low_freq_factor) / (
-        args.high_freq_factor - args.low_freq_factor
-    )
-    blended = (1 - smooth) * freqs / args.rope_scaling_factor + smooth * freqs
-    scaled = torch.where(wavelen > low_freq_wavelen, freqs / args.rope_scaling_factor, blended)
-    return torch.where(wavelen < high_freq_wavelen, freqs, scaled)
-
-
-def rope_cos_sin(freqs: torch.Tensor, start_pos: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the angles of positions [start_pos, start_pos + seq_len), each (seq_len, head_dim // 2)."""
-    t = torch.arange(start_pos, start_pos + seq_len, dtype=torch.float32, device=freqs.device)
-    angles = torch.outer(t, freqs)  # (seq_len, head_dim // 2), exact like a precomputed table: one rounding
-    return angles.cos(), angles.sin()
-
-
-def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each channel pair of x (B, T, H, head_dim) by the angles in cos/sin (T, head_dim // 2)."""
-    # The rotation runs in float32, as Meta's does: bf16 angles would drift at long positions.
-    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, head_dim // 2, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]  # (B, T, H, head_dim // 2)
-    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, head_dim // 2), broadcast over B and H
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # (B, T, H, head_dim // 2, 2)
-    return out.flatten(-2).type_as(x)  # (B, T, H, head_dim)
-
-
-# -----------------------------------------------------------------------------
-# Linear projections
-#
-# Every weight matrix is a bias-free Linear (Meta's are fairscale's Column/Row-
-# ParallelLinear; one process needs plain ones). On GPUs it is F.linear. Two CPU
-# details live here, both measured on a 2-core AMD EPYC (benchmarks/bench.py):
-#
-# - x86 CPUs without AVX512-BF16 or AMX have no bf16 matrix instructions, and a
-#   bf16 product of many rows runs ~4x slower there than fp32 (20 vs 80-150
-#   GFLOP/s). So from 16 rows on (prefill) the bf16 weight is copied, one 4 MB
-#   block of rows at a time, into a reused fp32 buffer and multiplied in fp32;
-#   bf16 kernels accumulate in fp32 too, so only the summation order changes.
-#   A block that stays in the CPU's cache made prefill 1.2-1.4x faster than
-#   converting the whole matrix at once. Below 16 rows (decode) memory
-#   bandwidth sets the speed, and reading bf16 directly halves it.
-# - In fp32, F.linear (MKL's product) left the second core mostly idle: one
-#   decoded row read weights at 14-17 GB/s, well below the memory's 25 GB/s.
-#   The same product as one matmul over a batch of 16 blocks of the weight's
-#   rows, which torch spreads over its threads block by block, read at 19-24
-#   GB/s: fp32 decode steps ran 1.3-1.4x faster and a 128-token prefill 1.3x.
-#   torch's own bf16 kernel gained nothing from it, so bf16 keeps F.linear.
-# -----------------------------------------------------------------------------
-
-# (A torch without these probes gets the plain bf16 path.)
-CPU_HAS_BF16_MATMUL = any(getattr(torch.cpu, f, lambda: True)() for f in
-                          ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-PREFILL_ROWS = 16  # measured: fp32 via the buffer overtakes bf16 between 8 and 16 rows
-_FP32_BLOCK_NUMEL = 1 << 20  # 4 MB of fp32
-ROW_BLOCKS = 16  # fp32's batch of row blocks; 4 to 32 measured alike on 2 cores
-_fp32_block = torch.empty(0)  # reused, because fresh memory costs a page fault per 4 KiB
-
-
-def fp32_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, w) for a bf16 w, computed in fp32 one block of w's rows at a time."""
-    global _fp32_block
-    rows_per_block = max(1, _FP32_BLOCK_NUMEL // w.shape[1])
-    need = min(w.numel(), rows_per_block * w.shape[1])  # a small matrix needs less than a whole block
-    if _fp32_block.numel() < need:
-        _fp32_block = torch.empty(need)
-    x32 = x.float()
-    out = [F.linear(x32, _fp32_block[: block.numel()].view(block.shape).copy_(block))
-           for block in w.split(rows_per_block)]  # (B, T, rows_per_block) each
-    return torch.cat(out, dim=-1).to(x.dtype)
-
-
-def row_block_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, w) as one batched matmul over ROW_BLOCKS blocks of w's rows (w's rows divisible by it)."""
-    blocks = w.view(ROW_BLOCKS, -1, w.shape[1]).transpose(1, 2)  # (ROW_BLOCKS, in, out / ROW_BLOCKS), a view
-    out = torch.matmul(x.reshape(1, -1, x.shape[-1]), blocks)  # (ROW_BLOCKS, rows, out / ROW_BLOCKS)
-    return out.transpose(0, 1).reshape(*x.shape[:-1], w.shape[0])  # (..., out)
-
-
-class Linear(nn.Linear):
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__(in_features, out_features, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        rows = x.numel() // x.shape[-1]
-        # Inference only (no grad): autograd would save the reused buffer, which the next layer overwrites.
-        if (rows >= PREFILL_ROWS and w.dtype == torch.bfloat16 and w.device.type == "cpu"
-                and not CPU_HAS_BF16_MATMUL and not torch.is_grad_enabled()):
-            return fp32_linear(x, w)
-        if w.dtype == torch.float32 and w.device.type == "cpu" and w.shape[0] % ROW_BLOCKS == 0:
-            return row_block_linear(x, w)
-        return F.linear(x, w)
-
-
-# -----------------------------------------------------------------------------
-# Grouped-query attention (GQA, Ainslie et al. 2023) with a KV cache
-#
-# 8B has 32 query heads but only 8 key/value heads; each K/V head serves a group
-# of n_rep = 4 query heads. Quality stays close to full multi-head attention,
-# while the cache, which stores K/V heads only, is 4x smaller: 2 (K and V) x 32
-# layers x 8 heads x 128 x 2 bytes = 128 KiB per token in bf16, 1 GiB at 8K.
-#
-# The KV cache keeps the keys and values of past positions, so decoding token
-# t costs one row of work instead of recomputing all t rows. The caller creates
-# it (Transformer.new_cache) sized to its batch and request, in the weights'
-# dtype and device; Meta allocates it in __init__ for the maximum batch and
-# length instead. It is stored (B, n_kv_heads, S, head_dim), the layout the
-# attention product reads, so no step transposes the whole cache.
-#
-# Meta's code copies each cached K/V head n_rep times (repeat_kv) so that every
-# query head has its own. We stack each group's n_rep query heads as extra rows
-# against their one K/V head instead: the same products without copying the
-# cache, whose copies made a 1B model's decode step at 8K positions 5x slower.
-# -----------------------------------------------------------------------------
-
-
-class KVCache:
-    """Keys and values of one layer for positions [0, max_seq_len) of a batch."""
-
-    def __init__(self, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-
-    def update(self, start_pos: int, xk: torch.Tensor, xv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store xk, xv (B, n_kv_heads, T, head_dim) at start_pos; return all S positions so far."""
-        B, _, T, _ = xk.shape
-        self.k[:B, :, start_pos : start_pos + T] = xk
-        self.v[:B, :, start_pos : start_pos + T] = xv
-        return self.k[:B, :, : start_pos + T], self.v[:B, :, : start_pos + T]  # (B, n_kv_heads, S, head_dim)
-
-
-class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.n_rep = args.n_heads // args.n_kv_heads
-        self.use_sdpa = args.use_sdpa
-        self.wq = Linear(args.dim, args.n_heads * args.head_dim)
-        self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim)
-        self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim)
-        self.wo = Linear(args.n_heads * args.head_dim, args.dim)
-
-    def forward(self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
-        B, T, _ = x.shape
-        xq = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, n_heads, head_dim)
-        xk = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
-        xv = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
-        xq, xk = apply_rotary_emb(xq, cos, sin), apply_rotary_emb(xk, cos, sin)
-
-        q, k, v = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)  # (B, heads, T, head_dim)
-        if cache is not None:
-            k, v = cache.update(start_pos, k, v)  # (B, n_kv_heads, S, head_dim)
-
-        if self.use_sdpa:
-            # Not is_causal=True: SDPA then anchors the causal triangle at the top-left
-            # corner, which is right only when T == S. With a cache T < S, so pass the
-            # mask from Transformer.forward, whose first start_pos columns are 0.
-            # enable_gqa: SDPA maps query head h to K/V head h // n_rep itself.
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                                 enable_gqa=self.n_rep > 1)  # (B, n_heads, T, head_dim)
-        else:
-            S = k.shape[2]
-            # Query head h reads K/V head h // n_rep: group the query heads by K/V head.
-            q = q.reshape(B, self.n_kv_heads, self.n_rep * T, self.head_dim)  # (B, n_kv_heads, n_rep * T, head_dim)
-            # At least float32: exp() of bf16 scores loses the small probabilities, and CPUs
-            # without bf16 instructions ran these products 5-10x slower in bf16 than in float32.
-            dtype = torch.promote_types(q.dtype, torch.float32)
-            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-            # The 1/sqrt(head_dim) keeps the scores' variance near 1 (Vaswani et al. 2017).
-            scores = q @ k.transpose(2, 3) / math.sqrt(self.head_dim)  # (B, n_kv_heads, n_rep * T, S)
-            if mask is not None:
-                scores = (scores.view(B, self.n_kv_heads, self.n_rep, T, S) + mask).view_as(scores)
-            probs = F.softmax(scores, dim=-1)
-            out = (probs @ v).type_as(x).view(B, self.n_heads, T, self.head_dim)  # (B, n_heads, T, head_dim)
-        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, dim)
-        return self.wo(out)
-
-
-# -----------------------------------------------------------------------------
-# Feed-forward: SwiGLU (Shazeer 2020)
-#
-# w2(silu(w1 x) * w3 x): w1 is the gate, w3 the up projection and w2 the down
-# projection (Hugging Face calls them gate_proj, up_proj, down_proj). The gated
-# unit trains better than a ReLU MLP at equal parameters; the width rule lives
-# in ModelArgs.ffn_hidden_dim.
-# -----------------------------------------------------------------------------
-
-
-class FeedForward(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        hidden_dim = args.ffn_hidden_dim
-        self.w1 = Linear(args.dim, hidden_dim)
-        self.w2 = Linear(hidden_dim, args.dim)
-        self.w3 = Linear(args.dim, hidden_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # (B, T, hidden_dim) inside, (B, T, dim) out
-
-
-# -----------------------------------------------------------------------------
-# Transformer block
-#
-# Pre-norm residual block: normalise, transform, add back. Keeping the residual
-# stream itself un-normalised lets gradients pass straight through 32 to 126
-# layers, which is why every Llama normalises the input of each sub-layer.
-# -----------------------------------------------------------------------------
-
-
-class TransformerBlock(nn.Module):
-    def __init__(self, layer_id: int, args: ModelArgs):
-        super().__init__()
-        self.layer_id = layer_id
-        self.attention = Attention(args)
-        self.feed_forward = FeedForward(args)
-        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
-        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
-
-    def forward(self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), start_pos, cos, sin, mask, cache)
-        return h + self.feed_forward(self.ffn_norm(h))
-
-
-# -----------------------------------------------------------------------------
-# The model
-#
-# tokens -> embedding -> n_layers blocks -> RMSNorm -> output projection -> logits.
-#
-# Calling it: model(tokens) runs a fresh sequence, no set-up needed. To decode
-# incrementally, make a cache with model.new_cache(B, max_len), run the prompt
-# once as model(prompt, 0, cache) (prefill), then feed each new token as
-# model(next_token, start_pos, cache) with start_pos = tokens already cached.
-# -----------------------------------------------------------------------------
-
-
-class Transformer(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = args
-        # nn.Embedding's own N(0, 1) init, done here so that it can be skipped on the "meta"
-        # device load_model builds on: there normal_() imports sympy, +77 MB of memory.
-        embedding = torch.empty(args.vocab_size, args.dim)
-        if not embedding.is_meta:
-            embedding.normal_()
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, _weight=embedding)
-        self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
-        self.output = Linear(args.dim, args.vocab_size)
-        if args.tie_word_embeddings:
-            # Llama 3.2 1B/3B reuse the embedding matrix as the output projection.
-            self.output.weight = self.tok_embeddings.weight
-        # Non-persistent: computed, not learned, so the state_dict keeps Meta's keys only.
-        # Real values even for a model built on "meta": load_model's model.to(device) moves them.
-        device = "cpu" if embedding.is_meta else embedding.device
-        self.register_buffer("rope_freqs", rope_frequencies(args).to(device), persistent=False)  # (head_dim // 2,)
-
-    def new_cache(self, batch_size: int, max_seq_len: int | None = None) -> list[KVCache]:
-        """One KVCache per layer for batch_size sequences of up to max_seq_len positions."""
-        a, w = self.args, self.tok_embeddings.weight
-        n = min(max_seq_len or a.max_seq_len, a.max_seq_len)
-        n_kv_heads = self.layers[0].attention.n_kv_heads  # this process's heads (fewer under tensor parallelism)
-        return [KVCache(batch_size, n, n_kv_heads, a.head_dim, w.device, w.dtype) for _ in range(a.n_layers)]
-
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: list[KVCache] | None = None,
-                last_only: bool = False) -> torch.Tensor:
-        """tokens (B, T) int64 at positions [start_pos, start_pos + T) -> logits (B, T, vocab_size) float32.
-
-        last_only: return only the last position's logits (B, 1, vocab_size), all that
-        sampling needs; it skips the largest matrix product of a prefill.
-        """
-        T = tokens.shape[1]
-        if cache is None and start_pos != 0:
-            raise ValueError(f"start_pos={start_pos} needs the cache that holds the earlier positions")
-        if start_pos + T > self.args.max_seq_len:
-            raise ValueError(f"positions up to {start_pos + T} exceed max_seq_len={self.args.max_seq_len}")
-        h = self.tok_embeddings(tokens)  # (B, T, dim)
-        cos, sin = rope_cos_sin(self.rope_freqs, start_pos, T)  # (T, head_dim // 2) each
-
-        # Causal mask: query i (at position start_pos + i) sees keys 0 .. start_pos + i.
-        # The first start_pos columns are the cached past, visible to every query.
-        # A single query sees everything cached, so decoding needs no mask.
-        mask = None
-        if T > 1:
-            mask = torch.full((T, T), float("-inf"), device=tokens.device).triu(1)
-            mask = torch.hstack([torch.zeros(T, start_pos, device=tokens.device), mask]).to(h.dtype)  # (T, S)
-
-        for i, layer in enumerate(self.layers):
-            h = layer(h, start_pos, cos, sin, mask, cache[i] if cache is not None else None)
-        if last_only:
-            h = h[:, -1:]  # (B, 1, dim)
-        h = self.norm(h)
-        # Logits in float32: softmax and sampling over 128K entries need the precision.
-        return self.output(h).float()  # (B, T, vocab_size)
-
-
-# -----------------------------------------------------------------------------
-# Tensor parallelism: torchrun --nproc-per-node N llama3.py --ckpt DIR ...
-#
-# 70B needs ~140 GB in bf16 and 405B ~810 GB, beyond one GPU. Split N ways the
-# way Meta trained (Megatron-LM, Shoeybi et al. 2019), each of N processes holds
-# 1/N of every matrix and the blocks need one all-reduce per sub-layer:
-#
-#        x (replicated)                        x (replicated)
-#     ___|___ ... ___                       ___|___ ... ___
-#    wq,wk,wv rows r       column-parallel  w1,w3 rows r           rank r holds a
-#    (rank r's heads)      (no talk)        (1/N of hidden_dim)    horizontal strip
-#        |  attention on own heads             |  silu(w1 x) * w3 x
-#    wo columns r          row-parallel     w2 columns r           a vertical strip:
-#        |                 partial sums         |                  partial sums
-#    all-reduce (sum) ----> x + attention   all-reduce (sum) ----> h + ffn
-#
-# tok_embeddings and output are split by vocabulary: each rank embeds the
-# tokens in its vocabulary range (zeros elsewhere, then an all-reduce sums
-# them), and computes logits for its range, gathered into the full row. Norms
-# are replicated. With more ranks than K/V heads (405B on 16 GPUs, 8 K/V heads)
-# each K/V head is replicated on N / n_kv_heads ranks, as Meta's 16-shard
-# release does. shard_model swaps in the three classes below, so the
-# single-process model above has no branch for any of this.
-# -----------------------------------------------------------------------------
-
-
-class RowParallelLinear(Linear):
-    """Holds a block of the weight's input columns; sums the partial products of all ranks."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = super().forward(x)
-        dist.all_reduce(out)
-        return out
-
-
-class VocabParallelEmbedding(nn.Embedding):
-    """Holds rows [start, start + num_embeddings) of the embedding."""
-
-    def __init__(self, num_embeddings: int, dim: int, start: int):
-        super().__init__(num_embeddings, dim, _weight=torch.empty(num_embeddings, dim))  # no init: it is loaded
-        self.start = start
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        local = tokens - self.start
-        outside = (local < 0) | (local >= self.num_embeddings)
-        h = F.embedding(local.clamp(0, self.num_embeddings - 1), self.weight)  # (B, T, dim)
-        h = h.masked_fill(outside[..., None], 0.0)
-        dist.all_reduce(h)
-        return h
-
-
-class VocabParallelOutput(Linear):
-    """Holds this rank's vocabulary rows of the output layer; gathers all ranks' logits."""
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        local = super().forward(h).contiguous()  # (B, T, vocab_size / N)
-        parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, local)
-        return torch.cat(parts, dim=-1)  # (B, T, vocab_size)
-
-
-def shard_model(model: Transformer, rank: int, world_size: int) -> dict[str, tuple[int | None, int, int]]:
-    """Turn a model built on the "meta" device into rank's 1/world_size part of it.
-
-    Returns, for each state_dict name, the slice of the full tensor this rank
-    holds: (dim, start, stop), or (None, 0, 0) for a replicated norm.
-    """
-    a = model.args
-    n_kv = a.n_kv_heads
-    if a.n_heads % world_size or (n_kv % world_size and world_size % n_kv):
-        raise ValueError(f"{world_size} processes can't split n_heads={a.n_heads}, n_kv_heads={n_kv}: use a "
-                         f"number that divides n_heads and divides or is a multiple of n_kv_heads")
-    for what, n in (("vocab_size", a.vocab_size), ("SwiGLU width", a.ffn_hidden_dim)):
-        if n % world_size:
-            raise ValueError(f"{world_size} processes can't split {what}={n} evenly")
-    heads, kv_heads = a.n_heads // world_size, max(1, n_kv // world_size)
-    kv_start = rank * n_kv // world_size  # with replicated K/V heads, rank r reads head r // (N / n_kv_heads)
-    hidden, vocab, hd = a.ffn_hidden_dim // world_size, a.vocab_size // world_size, a.head_dim
-    slices = {}
-    with torch.device("meta"):
-        for i, layer in enumerate(model.layers):
-            att, ffn, pre = layer.attention, layer.feed_forward, f"layers.{i}."
-            att.n_heads, att.n_kv_heads, att.n_rep = heads, kv_heads, heads // kv_heads
-            att.wq, att.wo = Linear(a.dim, heads * hd), RowParallelLinear(heads * hd, a.dim)
-            att.wk, att.wv = Linear(a.dim, kv_heads * hd), Linear(a.dim, kv_heads * hd)
-            ffn.w1, ffn.w3, ffn.w2 = Linear(a.dim, hidden), Linear(a.dim, hidden), RowParallelLinear(hidden, a.dim)
-            q, kv = (rank * heads * hd, (rank + 1) * heads * hd), (kv_start * hd, (kv_start + kv_heads) * hd)
-            slices.update({pre + "attention.wq.weight": (0, *q), pre + "attention.wk.weight": (0, *kv),
-                           pre + "attention.wv.weight": (0, *kv), pre + "attention.wo.weight": (1, *q),
-                           pre + "feed_forward.w1.weight": (0, rank * hidden, (rank + 1) * hidden),
-                           pre + "feed_forward.w3.weight": (0, rank * hidden, (rank + 1) * hidden),
-                           pre + "feed_forward.w2.weight": (1, rank * hidden, (rank + 1) * hidden),
-                           pre + "attention_norm.weight": (None, 0, 0), pre + "ffn_norm.weight": (None, 0, 0)})
-        model.tok_embeddings = VocabParallelEmbedding(vocab, a.dim, start=rank * vocab)
-        model.output = VocabParallelOutput(a.dim, vocab)
-        if a.tie_word_embeddings:
-            model.output.weight = model.tok_embeddings.weight
-    slices.update({"tok_embeddings.weight": (0, rank * vocab, (rank + 1) * vocab),
-                   "output.weight": (0, rank * vocab, (rank + 1) * vocab), "norm.weight": (None, 0, 0)})
-    return slices
-
-
-# -----------------------------------------------------------------------------
-# Checkpoint loading
-#
-# Three layouts, all read into Meta's tensor names:
-#   1. Meta's download: params.json + consolidated.00.pth ... consolidated.NN.pth,
-#      one file per tensor-parallel rank (1 for 8B, 8 for 70B, 8 or 16 for 405B);
-#   2. convert.py's output: params.json + model.safetensors with Meta's names;
-#   3. Hugging Face: config.json + model.safetensors, or several *.safetensors
-#      files listed in model.safetensors.index.json.
-# The files are memory-mapped and each tensor is read, merged and cast on its
-# own, then assigned into a model built on the "meta" device (which allocates
-# nothing), so the weights never exist twice in memory.
-# -----------------------------------------------------------------------------
 
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
@@ -959,7 +815,7 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
         model = Transformer(args)
     slices = None
     if tensor_parallel:
-        slices = shard_model(model, dist.get_rank(), dist.get_world_size())
+        slices = shard_model(model, dist.get_rank(), dist.get_world_size())  # appendix B
 
     expected = reader.expected_tensors(model)
     # Pages read through the maps count in our RSS while mapped. When the weights end
@@ -985,7 +841,9 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
     model.load_state_dict(state, strict=True, assign=True)
     if args.tie_word_embeddings:
         model.output.weight = model.tok_embeddings.weight  # one Parameter, not two views
-    return model.to(device)  # moves the RoPE frequencies; the weights are already there
+    if device.type == "cpu":
+        use_cpu_speed_paths(model)  # appendix A
+    return model
 
 
 def config_hint(name: str, args: ModelArgs) -> str:
@@ -1074,8 +932,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     on_token(row, token_id): called for each new token as it is chosen (streaming).
     cache, cached_len: reuse a cache whose first cached_len positions already hold
         prompts[0][:cached_len] (the CLI's chat keeps one across turns; batch size 1).
-    compile: run the one-token decode steps through torch.compile (worth it on GPUs,
-        where launching ~20 small kernels per layer otherwise dominates a step).
+    compile: run the one-token decode steps through torch.compile. Meant for GPUs,
+        where launching ~20 small kernels per layer can dominate a step; not yet
+        measured there. On the CPUs measured it was slower than eager (README.md).
     """
     stop_tokens = LLAMA3_STOP_TOKENS if stop_tokens is None else stop_tokens
     max_seq_len = model.args.max_seq_len
@@ -1166,7 +1025,7 @@ def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
     # bf16 is what Llama 3 was trained in, and Meta's and the hub's files hold it, so
     # loading needs no copy. On CPU too: decode reads every weight per token, and half
     # the bytes decoded 1.2x faster than fp32 on a CPU without bf16 instructions
-    # (benchmarks/bench.py), while Linear keeps prefill at fp32 speed. MPS runs fp16
+    # (benchmarks/bench.py), while appendix A keeps prefill at fp32 speed. MPS runs fp16
     # more reliably than bf16.
     return torch.float16 if device.type == "mps" else torch.bfloat16
 
@@ -1186,8 +1045,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "fp32", "bfloat16", "bf16", "float16",
                    "fp16"], help="weight dtype (default: bfloat16; float16 on MPS)")
     p.add_argument("--sdpa", action="store_true", help="attention through F.scaled_dot_product_attention")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (GPU; the first "
-                   "tokens wait for compilation)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (meant for GPUs; "
+                   "slower than eager on the CPUs measured; the first tokens wait for compilation)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="context positions to support (default: the model's; --chat caps its cache at 8192)")
     p.add_argument("--rope-scaling-factor", type=float, default=None,
@@ -1264,41 +1123,6 @@ def main(argv: list[str] | None = None) -> None:
     if tensor_parallel:
         dist.barrier()  # no rank tears down while another still talks to it
         dist.destroy_process_group()
-
-
-def _join_process_group(device: torch.device) -> torch.device:
-    """Under torchrun: join the process group (nccl on GPUs, one GPU per process; gloo
-    on CPU). Rank 0 alone prints."""
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if dist.get_rank() != 0:
-        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (open for the process's lifetime)
-    return device
-
-
-def _shared_seed(seed: int | None, device: torch.device) -> int:
-    """Rank 0's seed (a random one if none was given), the same on every rank."""
-    import random
-
-    box = torch.tensor([seed if seed is not None else random.randrange(2**62)], device=device)
-    dist.broadcast(box, src=0)
-    return int(box)
-
-
-def _read_on_rank_0(prompt: str) -> str:
-    """input() on rank 0, shared with every rank; EOFError everywhere when rank 0 sees one."""
-    box = [None]
-    if dist.get_rank() == 0:
-        try:
-            box = [input(prompt)]
-        except (EOFError, KeyboardInterrupt):
-            pass
-    dist.broadcast_object_list(box, src=0)
-    if box[0] is None:
-        raise EOFError
-    return box[0]
 
 
 def stream(model: Transformer, decoder: StreamDecoder, prompt: list[int], max_new_tokens: int, sampling: dict,
@@ -1391,6 +1215,249 @@ def run_chat(model: Transformer, tokenizer: Tokenizer, chat: ChatFormat, opts: a
             if interrupted:
                 raise SystemExit(130)
             return dialog
+
+
+# =============================================================================
+# Appendix A: CPU speed paths
+#
+# Part 1's nn.Linear is the whole story on a GPU. On a CPU, torch's own
+# products leave speed on the table in two cases, measured per CPU kind with
+# benchmarks/bench.py (figures in README.md, "Performance"):
+#
+# - fp32 weights: F.linear's product of a few rows (decode) kept one of two
+#   cores mostly idle. The same product as one matmul over a batch of 16 blocks
+#   of the weight's rows, which torch spreads over its threads block by block,
+#   decoded 1.3-1.9x faster on both AMD EPYCs tried.
+# - bf16 weights on an x86 CPU without bf16 matrix instructions (AVX512-BF16
+#   or AMX): a bf16 product of many rows ran ~4x slower than fp32 there. From
+#   16 rows on (a prefill, or a batch of 16 rows), each 4 MB block of the bf16
+#   weight is copied to fp32 and multiplied in fp32; bf16 kernels accumulate
+#   in fp32 too, so only the summation order changes. Fewer rows are bound by
+#   memory bandwidth, where reading bf16 directly is faster. CPUs with bf16
+#   instructions keep torch's bf16 kernel.
+#
+# use_cpu_speed_paths(model) swaps every plain nn.Linear of a built model for
+# a CPULinear sharing its weight; load_model does it for CPU models. The choice
+# is made once, from what this CPU can do; no state is kept between calls, so
+# one model serves two threads, under any torch default dtype or device.
+# =============================================================================
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU has bf16 matrix instructions (AVX512-BF16 or AMX); True where torch can't tell."""
+    return any(getattr(torch.cpu, probe, lambda: True)() for probe in
+               ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def bf16_linear_in_fp32(x: torch.Tensor, w: torch.Tensor, block_numel: int = 1 << 20) -> torch.Tensor:
+    """F.linear(x, w) for a bf16 w, computed in fp32 one block of w's rows (block_numel elements) at a time."""
+    rows_per_block = max(1, block_numel // w.shape[1])
+    # One fp32 buffer reused for every block: a 4 MB block stays in cache, which made prefill
+    # 1.2-1.4x faster than converting the whole matrix at once. Allocating it per call cost
+    # nothing measurable against keeping one.
+    buffer = torch.empty(min(w.numel(), rows_per_block * w.shape[1]), dtype=torch.float32, device=w.device)
+    x32 = x.float()
+    out = [F.linear(x32, buffer[: block.numel()].view(block.shape).copy_(block))
+           for block in w.split(rows_per_block)]  # (..., rows_per_block) each
+    return torch.cat(out, dim=-1).to(x.dtype)  # (..., out_features)
+
+
+def row_block_linear(x: torch.Tensor, w: torch.Tensor, n_blocks: int = 16) -> torch.Tensor:
+    """F.linear(x, w) as one batched matmul over n_blocks blocks of w's rows (w's rows divisible by it)."""
+    blocks = w.view(n_blocks, -1, w.shape[1]).transpose(1, 2)  # (n_blocks, in, out / n_blocks), a view
+    out = torch.matmul(x.reshape(1, -1, x.shape[-1]), blocks)  # (n_blocks, rows, out / n_blocks)
+    return out.transpose(0, 1).reshape(*x.shape[:-1], w.shape[0])  # (..., out)
+
+
+class CPULinear(nn.Linear):
+    """A bias-free nn.Linear that takes the faster of the paths above for its CPU and weight."""
+
+    FP32_FROM_ROWS = 16  # bf16 via fp32 overtook the bf16 kernel between 8 and 16 rows
+    ROW_BLOCKS = 16  # 4 to 32 blocks measured alike on 2 cores
+
+    def __init__(self, in_features: int, out_features: int, bf16_via_fp32: bool):
+        super().__init__(in_features, out_features, bias=False)
+        self.bf16_via_fp32 = bf16_via_fp32  # this CPU lacks bf16 matrix instructions
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        rows = x.numel() // x.shape[-1]
+        if w.device.type != "cpu":
+            return F.linear(x, w)
+        # Inference only (no grad): the fp32 copy of w is not a parameter autograd could train.
+        if (self.bf16_via_fp32 and w.dtype == torch.bfloat16 and rows >= self.FP32_FROM_ROWS
+                and not torch.is_grad_enabled()):
+            return bf16_linear_in_fp32(x, w)
+        if w.dtype == torch.float32 and w.shape[0] % self.ROW_BLOCKS == 0:
+            return row_block_linear(x, w, self.ROW_BLOCKS)
+        return F.linear(x, w)
+
+
+def use_cpu_speed_paths(model: nn.Module, bf16_via_fp32: bool | None = None) -> nn.Module:
+    """Swap every plain bias-free nn.Linear in model for a CPULinear holding the same weight.
+
+    bf16_via_fp32: default: when this CPU has no bf16 matrix instructions.
+    Returns model, changed in place. Layers of other classes (tensor parallelism's) stay.
+    """
+    if bf16_via_fp32 is None:
+        bf16_via_fp32 = not cpu_has_bf16_matmul()
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if type(child) is nn.Linear and child.bias is None:
+                with torch.device("meta"):  # no storage: the weight is the old layer's
+                    fast = CPULinear(child.in_features, child.out_features, bf16_via_fp32)
+                fast.weight = child.weight  # the same Parameter, so tied weights stay tied
+                setattr(parent, name, fast)
+    return model
+
+
+# =============================================================================
+# Appendix B: tensor parallelism: torchrun --nproc-per-node N llama3.py --ckpt DIR ...
+#
+# 70B needs ~140 GB in bf16 and 405B ~810 GB, beyond one GPU. Split N ways the
+# way Meta trained (Megatron-LM, Shoeybi et al. 2019), each of N processes holds
+# 1/N of every matrix and the blocks need one all-reduce per sub-layer:
+#
+#        x (replicated)                        x (replicated)
+#     ___|___ ... ___                       ___|___ ... ___
+#    wq,wk,wv rows r       column-parallel  w1,w3 rows r           rank r holds a
+#    (rank r's heads)      (no talk)        (1/N of hidden_dim)    horizontal strip
+#        |  attention on own heads             |  silu(w1 x) * w3 x
+#    wo columns r          row-parallel     w2 columns r           a vertical strip:
+#        |                 partial sums         |                  partial sums
+#    all-reduce (sum) ----> x + attention   all-reduce (sum) ----> h + ffn
+#
+# tok_embeddings and output are split by vocabulary: each rank embeds the
+# tokens in its vocabulary range (zeros elsewhere, then an all-reduce sums
+# them), and computes logits for its range, gathered into the full row. Norms
+# are replicated. With more ranks than K/V heads (405B on 16 GPUs, 8 K/V heads)
+# each K/V head is replicated on N / n_kv_heads ranks, as Meta's 16-shard
+# release does. shard_model swaps in the three classes below, so the
+# single-process model of part 1 has no branch for any of this. The
+# command line joins the process group with the helpers at the end.
+# =============================================================================
+
+
+class RowParallelLinear(nn.Linear):
+    """Holds a block of the weight's input columns; sums the partial products of all ranks."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        dist.all_reduce(out)
+        return out
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """Holds rows [start, start + num_embeddings) of the embedding."""
+
+    def __init__(self, num_embeddings: int, dim: int, start: int):
+        super().__init__(num_embeddings, dim, _weight=torch.empty(num_embeddings, dim))  # no init: it is loaded
+        self.start = start
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        local = tokens - self.start
+        outside = (local < 0) | (local >= self.num_embeddings)
+        h = F.embedding(local.clamp(0, self.num_embeddings - 1), self.weight)  # (B, T, dim)
+        h = h.masked_fill(outside[..., None], 0.0)
+        dist.all_reduce(h)
+        return h
+
+
+class VocabParallelOutput(nn.Linear):
+    """Holds this rank's vocabulary rows of the output layer; gathers all ranks' logits."""
+
+    def __init__(self, dim: int, vocab_rows: int):
+        super().__init__(dim, vocab_rows, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        local = super().forward(h).contiguous()  # (B, T, vocab_size / N)
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, local)
+        return torch.cat(parts, dim=-1)  # (B, T, vocab_size)
+
+
+def shard_model(model: Transformer, rank: int, world_size: int) -> dict[str, tuple[int | None, int, int]]:
+    """Turn a model built on the "meta" device into rank's 1/world_size part of it.
+
+    Returns, for each state_dict name, the slice of the full tensor this rank
+    holds: (dim, start, stop), or (None, 0, 0) for a replicated norm.
+    """
+    a = model.args
+    n_kv = a.n_kv_heads
+    if a.n_heads % world_size or (n_kv % world_size and world_size % n_kv):
+        raise ValueError(f"{world_size} processes can't split n_heads={a.n_heads}, n_kv_heads={n_kv}: use a "
+                         f"number that divides n_heads and divides or is a multiple of n_kv_heads")
+    for what, n in (("vocab_size", a.vocab_size), ("SwiGLU width", a.ffn_hidden_dim)):
+        if n % world_size:
+            raise ValueError(f"{world_size} processes can't split {what}={n} evenly")
+    heads, kv_heads = a.n_heads // world_size, max(1, n_kv // world_size)
+    kv_start = rank * n_kv // world_size  # with replicated K/V heads, rank r reads head r // (N / n_kv_heads)
+    hidden, vocab, hd = a.ffn_hidden_dim // world_size, a.vocab_size // world_size, a.head_dim
+    slices = {}
+    with torch.device("meta"):
+        for i, layer in enumerate(model.layers):
+            att, ffn, pre = layer.attention, layer.feed_forward, f"layers.{i}."
+            att.n_heads, att.n_kv_heads, att.n_rep = heads, kv_heads, heads // kv_heads
+            att.wq, att.wo = nn.Linear(a.dim, heads * hd, bias=False), RowParallelLinear(heads * hd, a.dim)
+            att.wk = nn.Linear(a.dim, kv_heads * hd, bias=False)
+            att.wv = nn.Linear(a.dim, kv_heads * hd, bias=False)
+            ffn.w1 = nn.Linear(a.dim, hidden, bias=False)
+            ffn.w3 = nn.Linear(a.dim, hidden, bias=False)
+            ffn.w2 = RowParallelLinear(hidden, a.dim)
+            # This rank's query-head rows of wq (columns of wo) and K/V-head rows of wk, wv.
+            q_rows = (rank * heads * hd, (rank + 1) * heads * hd)
+            kv_rows = (kv_start * hd, (kv_start + kv_heads) * hd)
+            slices.update({pre + "attention.wq.weight": (0, *q_rows), pre + "attention.wk.weight": (0, *kv_rows),
+                           pre + "attention.wv.weight": (0, *kv_rows), pre + "attention.wo.weight": (1, *q_rows),
+                           pre + "feed_forward.w1.weight": (0, rank * hidden, (rank + 1) * hidden),
+                           pre + "feed_forward.w3.weight": (0, rank * hidden, (rank + 1) * hidden),
+                           pre + "feed_forward.w2.weight": (1, rank * hidden, (rank + 1) * hidden),
+                           pre + "attention_norm.weight": (None, 0, 0), pre + "ffn_norm.weight": (None, 0, 0)})
+        model.tok_embeddings = VocabParallelEmbedding(vocab, a.dim, start=rank * vocab)
+        model.output = VocabParallelOutput(a.dim, vocab)
+        if a.tie_word_embeddings:
+            model.output.weight = model.tok_embeddings.weight
+    slices.update({"tok_embeddings.weight": (0, rank * vocab, (rank + 1) * vocab),
+                   "output.weight": (0, rank * vocab, (rank + 1) * vocab), "norm.weight": (None, 0, 0)})
+    return slices
+
+
+def _join_process_group(device: torch.device) -> torch.device:
+    """Under torchrun: join the process group (nccl on GPUs, one GPU per process; gloo
+    on CPU). Rank 0 alone prints."""
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.get_rank() != 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (open for the process's lifetime)
+    return device
+
+
+def _shared_seed(seed: int | None, device: torch.device) -> int:
+    """Rank 0's seed (a random one if none was given), the same on every rank."""
+    import random
+
+    box = torch.tensor([seed if seed is not None else random.randrange(2**62)], device=device)
+    dist.broadcast(box, src=0)
+    return int(box)
+
+
+def _read_on_rank_0(prompt: str) -> str:
+    """input() on rank 0, shared with every rank; EOFError everywhere when rank 0 sees one."""
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [input(prompt)]
+        except (EOFError, KeyboardInterrupt):
+            pass
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is None:
+        raise EOFError
+    return box[0]
 
 
 if __name__ == "__main__":

@@ -8,10 +8,12 @@ Tests that need an optional reference skip without it, except under
 LLAMA3_REQUIRE_REFERENCES=1 (set by CI), where a missing reference fails.
 """
 
+import copy
 import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -93,7 +95,7 @@ def test_golden_checkpoint_exercises_rope_scaling():
     # The golden test must be able to catch a broken 3.1 scaling: without it the
     # 40-token logits (past the 16-token original context) must differ a lot.
     model = load_model(GOLDEN)
-    model.rope_freqs = llama3.rope_frequencies(ModelArgs(**{**model.args.__dict__, "use_scaled_rope": False}))
+    model.args.use_scaled_rope = False
     expected = torch.load(GOLDEN / "expected.pt", weights_only=True)
     with torch.no_grad():
         logits = model(expected["tokens"])
@@ -318,31 +320,43 @@ def test_cache_takes_the_weights_dtype_and_the_requested_size():
     assert cache[0].k.dtype == torch.bfloat16
 
 
+def cpu_linear(in_features: int, out_features: int, bf16_via_fp32: bool) -> llama3.CPULinear:
+    """A CPULinear with random weights, swapped in the way load_model does it."""
+    parent = torch.nn.Sequential(torch.nn.Linear(in_features, out_features, bias=False))
+    return llama3.use_cpu_speed_paths(parent, bf16_via_fp32=bf16_via_fp32)[0]
+
+
 def test_bf16_prefill_in_fp32_matches_the_bf16_kernel(monkeypatch):
     # The CPU prefill path copies bf16 weights to fp32 block by block; only summation
     # order may differ from the bf16 kernel, which also accumulates in fp32: results
     # within one bf16 step.
     torch.manual_seed(0)
-    layer = llama3.Linear(256, 512).bfloat16()
+    layer = cpu_linear(256, 512, bf16_via_fp32=True).bfloat16()
     x = torch.randn(2, 16, 256).bfloat16()  # 32 rows: the fp32 path when the CPU lacks bf16 instructions
-    monkeypatch.setattr(llama3, "_FP32_BLOCK_NUMEL", 100 * 256)  # blocks of 100 rows: 6 blocks, the last short
-    monkeypatch.setattr(llama3, "_fp32_block", torch.empty(0))
-    monkeypatch.setattr(llama3, "CPU_HAS_BF16_MATMUL", False)
+    calls, original = [], llama3.bf16_linear_in_fp32
+
+    def spy(x, w, block_numel=1 << 20):
+        calls.append(w.shape)
+        return original(x, w, 100 * 256)  # blocks of 100 rows: 6 blocks, the last short
+
+    monkeypatch.setattr(llama3, "bf16_linear_in_fp32", spy)
     with torch.no_grad():
         fast = layer(x)
-    assert llama3._fp32_block.numel() == 100 * 256  # the fp32 path ran, through a one-block buffer
-    monkeypatch.setattr(llama3, "CPU_HAS_BF16_MATMUL", True)
+    assert len(calls) == 1  # the fp32 path ran
+    layer.bf16_via_fp32 = False
     with torch.no_grad():
         reference = layer(x)
+    assert len(calls) == 1  # and without the flag it did not
     assert fast.dtype == torch.bfloat16 and fast.shape == (2, 16, 512)
     torch.testing.assert_close(fast, reference, atol=1e-5, rtol=2**-7)  # outputs are ~0.6: 1e-5 only spares zeros
     exact = torch.nn.functional.linear(x.double(), layer.weight.double())
     assert (fast.double() - exact).abs().max() <= (reference.double() - exact).abs().max() * 1.01
-    # With autograd on, the plain product runs: a reused buffer can't be saved for backward.
-    monkeypatch.setattr(llama3, "CPU_HAS_BF16_MATMUL", False)
-    monkeypatch.setattr(llama3, "_fp32_block", torch.empty(0))
+    # Fewer rows than CPULinear.FP32_FROM_ROWS (decode) and autograd both keep the bf16 kernel.
+    layer.bf16_via_fp32 = True
+    with torch.no_grad():
+        layer(x[:, :3])
     layer(x).float().sum().backward()
-    assert llama3._fp32_block.numel() == 0 and layer.weight.grad.shape == (512, 256)
+    assert len(calls) == 1 and layer.weight.grad.shape == (512, 256)
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 64), (3, 5, 64), (2, 40, 64)])
@@ -350,15 +364,47 @@ def test_fp32_product_in_row_blocks_matches_f_linear(shape):
     # An fp32 CPU product runs as a batch of ROW_BLOCKS blocks of the weight's rows;
     # each output is still one dot product, so only rounding may differ.
     torch.manual_seed(0)
-    layer = llama3.Linear(64, 32 * llama3.ROW_BLOCKS)
+    n_out = 32 * llama3.CPULinear.ROW_BLOCKS
+    layer = cpu_linear(64, n_out, bf16_via_fp32=False)
     x = torch.randn(shape)
     out = layer(x)
-    assert out.shape == (*shape[:-1], 32 * llama3.ROW_BLOCKS)
+    assert out.shape == (*shape[:-1], n_out)
     torch.testing.assert_close(out, torch.nn.functional.linear(x, layer.weight), atol=1e-6, rtol=1e-6)
     out.sum().backward()  # plain autograd ops: training through it works
-    torch.testing.assert_close(layer.weight.grad, x.reshape(-1, 64).sum(0).expand(32 * llama3.ROW_BLOCKS, 64))
-    odd = llama3.Linear(64, 33)  # not divisible into ROW_BLOCKS: the plain product
+    torch.testing.assert_close(layer.weight.grad, x.reshape(-1, 64).sum(0).expand(n_out, 64))
+    odd = cpu_linear(64, 33, bf16_via_fp32=False)  # not divisible into ROW_BLOCKS: the plain product
     torch.testing.assert_close(odd(x), torch.nn.functional.linear(x, odd.weight))
+
+
+def test_cpu_speed_paths_are_safe_with_two_threads_and_any_default_dtype():
+    # The speed paths keep no state between calls: two threads may share one model, and
+    # a user's torch.set_default_dtype must not change what they compute.
+    torch.manual_seed(0)
+    model = llama3.use_cpu_speed_paths(random_model(tiny_args()).bfloat16(), bf16_via_fp32=True)
+    prompts = [torch.randint(0, 256, (2, 24)) for _ in range(4)]  # 48 rows: the fp32 path
+    with torch.no_grad():
+        alone = [model(p) for p in prompts]
+    results = {}
+
+    def run(i):
+        with torch.no_grad():
+            for _ in range(5):
+                results[i] = model(prompts[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, expected in enumerate(alone):
+        assert torch.equal(results[i], expected)
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        with torch.no_grad():
+            assert torch.equal(model(prompts[0]), alone[0])
+    finally:
+        torch.set_default_dtype(default)
 
 
 def test_last_only_returns_the_last_positions_logits():
@@ -412,6 +458,7 @@ def test_meta_shards_merge_to_the_same_model(tmp_path, n_shards):
     for name, t in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], t), name
     tokens = torch.randint(0, 256, (1, 20))
+    llama3.use_cpu_speed_paths(model)  # load_model's products, so the logits can be equal to the bit
     with torch.no_grad():
         assert torch.equal(loaded(tokens), model(tokens))
 
@@ -419,7 +466,20 @@ def test_meta_shards_merge_to_the_same_model(tmp_path, n_shards):
 def test_load_model_casts_to_dtype():
     model = load_model(GOLDEN, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
-    assert model.rope_freqs.dtype == torch.float32  # RoPE angles stay float32
+
+
+def test_casting_a_built_model_keeps_rope_in_float32(tmp_path):
+    # Copy-users cast with model.to(torch.bfloat16) or .half(). That must not round RoPE's
+    # frequencies with the weights: at position 300 a bf16 frequency moves an angle by up
+    # to ~0.3 rad. The cast model must equal, to the bit, the same weights loaded as bf16.
+    model = random_model(tiny_args(max_seq_len=512))
+    save_meta_shards(model, tmp_path, 1)
+    tokens = torch.randint(0, 256, (1, 300))
+    for dtype in (torch.bfloat16, torch.float16):
+        loaded = load_model(tmp_path, dtype=dtype)
+        cast = llama3.use_cpu_speed_paths(copy.deepcopy(model).to(dtype))  # load_model's products
+        with torch.no_grad():
+            assert torch.equal(cast(tokens), loaded(tokens)), dtype
 
 
 def hf_model(args: ModelArgs, seed: int = 0):
@@ -1078,6 +1138,7 @@ def test_convert_reassembles_sharded_weights_exactly(tmp_path, n_shards):
     for name, t in model.state_dict().items():
         assert torch.equal(converted.state_dict()[name], t), name
     tokens = torch.randint(0, 256, (2, 30))
+    llama3.use_cpu_speed_paths(model)  # load_model's products, so the logits can be equal to the bit
     with torch.no_grad():
         assert torch.equal(converted(tokens), model(tokens))
 
