@@ -26,7 +26,6 @@ import argparse
 import ctypes
 import dataclasses
 import json
-import resource
 import shutil
 import sys
 import time
@@ -119,6 +118,45 @@ def verify(file: Path, entries: list) -> None:
                 raise llama3.CheckpointError(f"{file}: {name} was written as {s.get_dtype()} {s.get_shape()}")
 
 
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident memory, or None where the OS doesn't say (Windows has no resource)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS counts bytes, Linux KiB
+
+
+def replace_together(files: dict[Path, Path | None], log: Callable[[str], None]) -> None:
+    """Move each new file (a value) over its final path (the key), all or none.
+
+    A None value removes a final path left from an earlier conversion, so DST never
+    pairs a new model with an old tokenizer. The old files are first moved aside;
+    if any step fails they are put back, so DST holds either the old set or the new.
+    """
+    aside = {final: final.with_name(f".{final.name}.old") for final in files if final.exists()}
+    done = []
+    try:
+        for final, old in aside.items():
+            final.replace(old)
+        for final, new in files.items():
+            if new is not None:
+                new.replace(final)
+                done.append(final)
+    except BaseException:
+        for final in done:
+            final.unlink(missing_ok=True)
+        for final, old in aside.items():
+            if old.exists():
+                old.replace(final)
+        raise
+    for final, old in aside.items():
+        old.unlink()
+        if files[final] is None:
+            log(f"removed {final}, left by an earlier conversion (SRC has none)")
+
+
 def params_json(args: llama3.ModelArgs) -> dict:
     """Every number llama3.py needs, so load_model guesses nothing (use_sdpa is a run-time choice)."""
     params = dataclasses.asdict(args)
@@ -150,16 +188,16 @@ def convert(src: str | Path, dst: str | Path, dtype: str = "keep", force: bool =
         tmp[dst / "params.json"].write_text(json.dumps(params_json(reader.args), indent=2) + "\n")
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp[dst / "tokenizer.model"])
-        for final, partial in tmp.items():  # rename only once everything is written and checked
-            if partial.exists():
-                partial.replace(final)
+        # Only once everything is written and checked, and as one set.
+        replace_together({final: partial if partial.exists() else None for final, partial in tmp.items()}, log)
     finally:
         for partial in tmp.values():
             partial.unlink(missing_ok=True)
     summary = {"tensors": len(entries), "bytes": nbytes, "seconds": time.perf_counter() - t0,
-               "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+               "peak_rss_bytes": peak_rss_bytes()}
+    peak = summary["peak_rss_bytes"]
     log(f"wrote {dst / 'model.safetensors'}: {summary['tensors']} tensors, {nbytes / 1e9:.2f} GB in "
-        f"{summary['seconds']:.1f}s, peak RSS {summary['peak_rss_bytes'] / 1e9:.2f} GB"
+        f"{summary['seconds']:.1f}s" + (f", peak RSS {peak / 1e9:.2f} GB" if peak is not None else "")
         + ("" if tokenizer else "; no tokenizer.model in SRC"))
     return summary
 

@@ -1194,6 +1194,50 @@ def test_convert_refuses_to_overwrite_without_force(tmp_path):
     assert tree_digest(tmp_path / "dst") != before
 
 
+def test_convert_force_replaces_the_files_as_one_set(tmp_path, monkeypatch):
+    # --force swaps model.safetensors, params.json and tokenizer.model together: a failure
+    # between two renames must leave the old set whole, and a tokenizer.model from an
+    # earlier conversion must not stay beside a model whose SRC had none.
+    save_meta_shards(random_model(tiny_args(), seed=1), tmp_path / "a", 1)
+    (tmp_path / "a" / "tokenizer.model").write_bytes(b"tokenizer of a")
+    save_meta_shards(random_model(tiny_args(n_layers=1), seed=2), tmp_path / "b", 1)
+    convert_quietly(tmp_path / "a", tmp_path / "dst")
+    before = tree_digest(tmp_path / "dst")
+    real_replace, calls = Path.replace, []
+
+    def failing_replace(self, target):
+        calls.append(self.name)
+        if len(calls) == 5:  # 3 old files moved aside, the new model in place, then params.json fails
+            raise OSError("disk full")
+        return real_replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        convert_quietly(tmp_path / "b", tmp_path / "dst", force=True)
+    monkeypatch.undo()
+    assert len(calls) > 5 and tree_digest(tmp_path / "dst") == before  # rolled back to the old set
+    convert_quietly(tmp_path / "b", tmp_path / "dst", force=True)
+    assert sorted(p.name for p in (tmp_path / "dst").iterdir()) == ["model.safetensors", "params.json"]
+    assert load_model(tmp_path / "dst").args.n_layers == 1
+
+
+def test_convert_runs_without_the_resource_module_and_reads_macos_bytes(tmp_path, monkeypatch):
+    # resource is POSIX-only (no Windows), and ru_maxrss is KiB on Linux but bytes on macOS.
+    save_meta_shards(random_model(tiny_args()), tmp_path / "src", 1)
+    code = ("import sys; sys.modules['resource'] = None\nimport convert\n"
+            f"s = convert.convert({str(tmp_path / 'src')!r}, {str(tmp_path / 'dst')!r}, log=lambda m: None)\n"
+            "assert s['peak_rss_bytes'] is None, s\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    import resource
+
+    import convert
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert convert.peak_rss_bytes() >= kib * 1024
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert convert.peak_rss_bytes() < kib * 1024
+
+
 @pytest.mark.parametrize("case", ["truncated", "missing_shard", "shape", "unknown", "dtype", "no_config"])
 def test_convert_bad_input_exits_2_and_leaves_no_output(tmp_path, case):
     src, dst = tmp_path / "src", tmp_path / "dst"
