@@ -59,7 +59,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 
 def plan(reader: llama3.CheckpointReader, dtype: torch.dtype | None) -> list[tuple[str, torch.dtype, tuple]]:
     """(name, output dtype, shape) of every tensor to write, in the model's order, checked against the config."""
-    with torch.device("meta"):
+    with torch.device("meta"), llama3.SkipInit():
         expected = reader.expected_tensors(llama3.Transformer(reader.args))  # a tied output is not written
     out = []
     for name, want in expected.items():

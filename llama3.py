@@ -790,6 +790,20 @@ class CheckpointReader:
         return unpermute_hf(t, n)
 
 
+class SkipInit(torch.overrides.TorchFunctionMode):
+    """Within it, torch.nn.init's random initialisers leave tensors as they are.
+
+    A model whose weights are about to be loaded needs no init, and on the meta
+    device nn.Embedding's normal_ imports torch's compiler stack (~0.8 s, 77 MB).
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
 def load_model(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
                max_seq_len: int | None = None, rope_scaling_factor: float | None = None,
                use_sdpa: bool = False, tensor_parallel: bool = False) -> Transformer:
@@ -811,11 +825,10 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
         args.max_seq_len = max_seq_len
     args.use_sdpa = use_sdpa
     device = torch.device(device or "cpu")
-    with torch.device("meta"):  # parameters without storage; load_state_dict(assign=True) fills them
+    # Parameters without storage or random init; load_state_dict(assign=True) fills them.
+    with torch.device("meta"), SkipInit():
         model = Transformer(args)
-    slices = None
-    if tensor_parallel:
-        slices = shard_model(model, dist.get_rank(), dist.get_world_size())  # appendix B
+        slices = shard_model(model, dist.get_rank(), dist.get_world_size()) if tensor_parallel else None  # app. B
 
     expected = reader.expected_tensors(model)
     # Pages read through the maps count in our RSS while mapped. When the weights end
@@ -1227,14 +1240,14 @@ def run_chat(model: Transformer, tokenizer: Tokenizer, chat: ChatFormat, opts: a
 # - fp32 weights: F.linear's product of a few rows (decode) kept one of two
 #   cores mostly idle. The same product as one matmul over a batch of 16 blocks
 #   of the weight's rows, which torch spreads over its threads block by block,
-#   decoded 1.3-1.9x faster on both AMD EPYCs tried.
+#   ran decode's products 1.3-1.6x faster on the two AMD EPYCs measured.
 # - bf16 weights on an x86 CPU without bf16 matrix instructions (AVX512-BF16
 #   or AMX): a bf16 product of many rows ran ~4x slower than fp32 there. From
 #   16 rows on (a prefill, or a batch of 16 rows), each 4 MB block of the bf16
 #   weight is copied to fp32 and multiplied in fp32; bf16 kernels accumulate
 #   in fp32 too, so only the summation order changes. Fewer rows are bound by
-#   memory bandwidth, where reading bf16 directly is faster. CPUs with bf16
-#   instructions keep torch's bf16 kernel.
+#   memory bandwidth, where reading bf16 directly is faster. A CPU with bf16
+#   instructions keeps torch's bf16 kernel: on one, the fp32 route was 4x slower.
 #
 # use_cpu_speed_paths(model) swaps every plain nn.Linear of a built model for
 # a CPULinear sharing its weight; load_model does it for CPU models. The choice

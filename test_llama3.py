@@ -190,13 +190,24 @@ def test_rope_angles_at_an_offset_equal_the_full_tables_rows():
 
 
 def test_new_model_embeddings_are_initialised_like_nn_embedding():
-    # Transformer initialises the embedding itself (skipped on the meta device).
+    # A fresh Transformer is trainable: its embedding starts like nn.Embedding's.
     torch.manual_seed(0)
     weight = Transformer(tiny_args()).tok_embeddings.weight
     torch.manual_seed(0)
     assert torch.equal(weight, torch.nn.Embedding(*weight.shape).weight)
     with torch.device("meta"):
         assert Transformer(tiny_args()).tok_embeddings.weight.is_meta
+
+
+def test_loading_skips_random_init_and_the_compiler_stack(tmp_path):
+    # load_model builds on the meta device without random init: nn.Embedding's normal_
+    # there would import torch._dynamo (~0.8 s and 77 MB before the first token).
+    save_meta_shards(random_model(tiny_args()), tmp_path / "ckpt", 1)
+    code = ("import sys, llama3\n"
+            f"m = llama3.load_model({str(tmp_path / 'ckpt')!r})\n"
+            "assert 'torch._dynamo' not in sys.modules\n")
+    r = subprocess.run([sys.executable, "-c", code], check=False, cwd=HERE, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
 
 
 def test_rope_scores_depend_only_on_relative_position():
