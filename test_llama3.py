@@ -166,6 +166,20 @@ def test_rmsnorm_runs_in_float32_and_returns_input_dtype():
     torch.testing.assert_close(out, expected)
 
 
+def test_rmsnorm_follows_metas_order_of_operations_exactly():
+    # Meta's order gives one exact answer: statistics in float32, normalise in float32,
+    # cast to the input dtype, then multiply by the weight. bf16 statistics, or the weight
+    # applied before the cast, change about a quarter of a bf16 output's elements.
+    torch.manual_seed(0)
+    x = torch.randn(64, 2048).bfloat16()
+    norm = llama3.RMSNorm(2048).bfloat16()
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.5 * torch.randn(2048))
+    xf = x.float()
+    meta = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).type_as(x) * norm.weight
+    assert torch.equal(norm(x), meta)
+
+
 def test_rope_matches_complex_number_formulation():
     # Meta's reference rotates pairs as complex numbers; our real cos/sin must equal it.
     args = tiny_args()
@@ -939,6 +953,28 @@ def test_compiled_decode_matches_eager():
     prompts = [[1, 2, 3], [9, 8, 7, 6, 5]]
     eager = llama3.generate(model, prompts, 8, temperature=0, stop_tokens=[])
     assert llama3.generate(model, prompts, 8, temperature=0, stop_tokens=[], compile=True) == eager
+
+
+def test_a_stopped_row_streams_nothing_more_and_generation_ends_when_all_rows_stop():
+    # generate cuts each returned row at its stop token, so only on_token (the CLI's
+    # streaming) and the number of model calls show whether a stopped row really stopped:
+    # text after <|eot_id|> must never reach the screen, and once every row has stopped,
+    # no further step may run up to max_new_tokens.
+    model = random_model(tiny_args())
+    prompts = [[5, 9, 2], [7] * 11]
+    free = llama3.generate(model, prompts, 20, temperature=0, stop_tokens=[])
+    stop = next(t for t in free[0][3:] if t not in free[0][:3] and t not in free[1])  # row 1 never stops
+    row0 = free[0][: free[0].index(stop)]
+    seen, calls = {0: [], 1: []}, []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    out = llama3.generate(model, prompts, 20, temperature=0, stop_tokens=[stop],
+                          on_token=lambda row, t: seen[row].append(t))
+    assert seen[0] == out[0] == row0  # nothing streamed after row 0's stop token
+    assert seen[1] == out[1]
+    calls.clear()
+    assert llama3.generate(model, [prompts[0]], 20, temperature=0, stop_tokens=[stop]) == [row0]
+    # One prefill, then one call per token up to the stop token, which ends the run.
+    assert len(calls) == len(row0) + 1
 
 
 def test_on_token_streams_every_new_token_in_order():
