@@ -461,6 +461,9 @@ def _note(msg: str) -> None:
 
 def args_from_params(params: dict, source: str = "params.json") -> ModelArgs:
     """ModelArgs from Meta's params.json (or the one convert.py writes)."""
+    if "quantization_args" in params:  # Meta's -QLORA_INT4_EO8 and -SpinQuant_INT4_EO8 releases
+        raise CheckpointError(f"{source}: a quantized release (quantization_args), whose int4 weights llama3.py "
+                              "does not run; use the same model without the QLORA/SpinQuant suffix")
     known = {f.name for f in fields(ModelArgs)}
     unused = sorted(k for k in params if k not in known)
     if unused:
@@ -874,6 +877,108 @@ def config_hint(name: str, args: ModelArgs) -> str:
 
 
 # -----------------------------------------------------------------------------
+# Finding a checkpoint by name
+#
+# People download Llama 3 with one of two tools, and each keeps models in its
+# own place:
+# - Hugging Face (`hf download`, or transformers on first use) keeps repo
+#   meta-llama/Llama-3.2-1B in $HF_HUB_CACHE (else $HF_HOME/hub, else
+#   ~/.cache/huggingface/hub) as models--meta-llama--Llama-3.2-1B/, where
+#   refs/main names a commit and snapshots/<commit>/ holds the files, each a
+#   link into blobs/. Meta's own layout sits in original/, which transformers
+#   skips, so such a folder often has tokenizer.json and no tokenizer.model.
+# - Meta's `llama model download` keeps Llama3.2-1B in
+#   $LLAMA_STACK_CONFIG_DIR/checkpoints/ (else ~/.llama/checkpoints/).
+# resolve_checkpoint turns a folder, a repo id or a Meta model id into a
+# folder; given no name, it takes the one model it finds there.
+# -----------------------------------------------------------------------------
+
+# What a Hugging Face download needs: no original/*.pth, which repeat the weights.
+HF_DOWNLOAD_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
+                        "tokenizer_config.json", "generation_config.json"]
+
+
+def hf_hub_cache() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    return Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "hub"
+
+
+def meta_checkpoints() -> Path:
+    return Path(os.environ.get("LLAMA_STACK_CONFIG_DIR") or Path.home() / ".llama") / "checkpoints"
+
+
+def hf_snapshot(repo_id: str) -> Path | None:
+    """The cached snapshot of repo_id that refs/main names, if it holds a config.json."""
+    repo = hf_hub_cache() / ("models--" + repo_id.replace("/", "--"))
+    try:
+        snapshot = repo / "snapshots" / (repo / "refs" / "main").read_text().strip()
+    except OSError:
+        return None
+    return snapshot if (snapshot / "config.json").is_file() else None
+
+
+def downloaded_models() -> list[tuple[str, Path]]:
+    """(name, folder) of every Llama checkpoint in the Hugging Face cache and Meta's folder."""
+    found = []
+    for repo in sorted(hf_hub_cache().glob("models--*--*")):
+        repo_id = repo.name.removeprefix("models--").replace("--", "/", 1)
+        snapshot = hf_snapshot(repo_id)
+        if snapshot is not None:
+            try:
+                if json.loads((snapshot / "config.json").read_text()).get("model_type") == "llama":
+                    found.append((repo_id, snapshot))
+            except (OSError, ValueError):
+                pass  # not a model we can run: leave it out of the list
+    found += [(d.name, d) for d in sorted(meta_checkpoints().glob("*")) if (d / "params.json").is_file()]
+    return found
+
+
+def download_hf(repo_id: str) -> Path:
+    """Fetch what llama3.py needs of repo_id into the hub cache, with huggingface_hub's progress bars."""
+    fetch = f"hf download {repo_id} --exclude 'original/*'"
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointNotFoundError(f"{repo_id}: not in the Hugging Face cache {hf_hub_cache()}; fetch it "
+                                      f"with: pip install huggingface_hub && {fetch}") from None
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise CheckpointNotFoundError(f"{repo_id}: not in the Hugging Face cache {hf_hub_cache()} and "
+                                      f"HF_HUB_OFFLINE is set; fetch it with: {fetch}")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HF_DOWNLOAD_PATTERNS))
+    except Exception as e:  # noqa: BLE001 (huggingface_hub's many errors: gated or unknown repo, no network)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointNotFoundError(f"{repo_id}: download failed ({reason}); for a gated Llama repo accept "
+                                      f"its license on the hub, run `hf auth login`, then {fetch}") from None
+
+
+def resolve_checkpoint(name: str | None) -> Path:
+    """A checkpoint folder from a folder, a Hugging Face repo id, a Meta model id, or None (the only model found)."""
+    if name is None:
+        models = downloaded_models()
+        if len(models) == 1:
+            _note(f"using {models[0][0]} ({models[0][1]}), the one model found")
+            return models[0][1]
+        if models:
+            raise CheckpointNotFoundError(f"several models found: {', '.join(n for n, _ in models)}; "
+                                          "choose one with --ckpt NAME")
+        raise CheckpointNotFoundError(
+            f"no model in {hf_hub_cache()} or {meta_checkpoints()}: download one with `hf download "
+            "meta-llama/Llama-3.2-1B-Instruct --exclude 'original/*'` or Meta's `llama model download "
+            "--model-id Llama3.2-1B-Instruct`, or pass --ckpt DIR, a checkpoint folder")
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name):  # owner/name: a Hugging Face repo id
+        return hf_snapshot(name) or download_hf(name)
+    if re.fullmatch(r"[\w.-]+", name) and (meta_checkpoints() / name).is_dir():  # a Meta model id
+        return meta_checkpoints() / name
+    raise CheckpointNotFoundError(f"{name}: no such folder, Hugging Face repo id (owner/name) or model in "
+                                  f"{meta_checkpoints()}")
+
+
+# -----------------------------------------------------------------------------
 # Sampling
 #
 # The next token is drawn from softmax(logits / temperature), optionally
@@ -896,6 +1001,18 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | Non
     probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
     next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)  # (B, 1) index into the sort
     return torch.gather(probs_idx, -1, next_token)  # (B, 1) token ids
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Discourage tokens already in each row: logits (B, vocab_size), seen (B, S) token ids.
+
+    Hugging Face's rule (Keskar et al. 2019, CTRL), so results compare: the logit of every
+    token in the row is divided by penalty where positive and multiplied by it where
+    negative, once however often the token occurred. penalty 1.0 changes nothing.
+    """
+    score = logits.gather(1, seen)  # (B, S)
+    score = torch.where(score > 0, score / penalty, score * penalty)
+    return logits.scatter(1, seen, score)
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.6, top_p: float = 0.9, top_k: int | None = None,
@@ -935,14 +1052,18 @@ LLAMA3_STOP_TOKENS = (128001, 128008, 128009)
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.6,
              top_p: float = 0.9, top_k: int | None = None, stop_tokens: list[int] | tuple[int, ...] | None = None,
-             seed: int | None = None, on_token: Callable[[int, int], None] | None = None,
-             cache: list[KVCache] | None = None, cached_len: int = 0, compile: bool = False) -> list[list[int]]:
+             seed: int | None = None, on_token: Callable[[int, int], bool | None] | None = None,
+             cache: list[KVCache] | None = None, cached_len: int = 0, compile: bool = False,
+             repetition_penalty: float = 1.0) -> list[list[int]]:
     """Continue each prompt (a list of token ids) by up to max_new_tokens tokens.
 
     Returns the new tokens of each prompt, without the stop token that ended it.
     stop_tokens: ids that end a row (default LLAMA3_STOP_TOKENS; [] never stops).
     seed: makes sampling repeatable (a torch.Generator; greedy needs none).
-    on_token(row, token_id): called for each new token as it is chosen (streaming).
+    on_token(row, token_id): called for each new token as it is chosen (streaming);
+        returning True ends that row after this token (the CLI's stop strings).
+    repetition_penalty: > 1 discourages every token already in the row, prompt
+        included (apply_repetition_penalty); 1.0 is off.
     cache, cached_len: reuse a cache whose first cached_len positions already hold
         prompts[0][:cached_len] (the CLI's chat keeps one across turns; batch size 1).
     compile: run the one-token decode steps through torch.compile. Meant for GPUs,
@@ -983,15 +1104,18 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     prev_pos = cached_len
     for cur_pos in range(min(lengths), total_len):
         step = decode_step if cur_pos - prev_pos == 1 else model
-        logits = step(tokens[:, prev_pos:cur_pos], prev_pos, cache, last_only=True)  # (B, 1, vocab_size)
-        next_token = sample(logits[:, -1], temperature, top_p, top_k, generator)  # (B,)
+        logits = step(tokens[:, prev_pos:cur_pos], prev_pos, cache, last_only=True)[:, -1]  # (B, vocab_size)
+        if repetition_penalty != 1.0:
+            logits = apply_repetition_penalty(logits, tokens[:, :cur_pos], repetition_penalty)
+        next_token = sample(logits, temperature, top_p, top_k, generator)  # (B,)
         next_token = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
         tokens[:, cur_pos] = next_token
         new = ~is_prompt[:, cur_pos] & ~done & (cur_pos < limit)
         stopped = new & torch.isin(next_token, stop)
         if on_token is not None:
             for i in (new & ~stopped).nonzero().flatten().tolist():
-                on_token(i, int(next_token[i]))
+                if on_token(i, int(next_token[i])):
+                    limit[i] = cur_pos + 1  # the caller ended this row: it ends with this token
         done |= stopped | (cur_pos + 1 >= limit)
         prev_pos = cur_pos
         if bool(done.all()):
@@ -1003,6 +1127,63 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         end = next((j for j, t in enumerate(row) if t in stops), len(row))  # positions after a stop are unused
         out.append(row[:end])
     return out
+
+
+# -----------------------------------------------------------------------------
+# Looking inside: the logit lens (nostalgebraist 2020) and attention
+#
+# Every block adds its output to one residual stream, and the last RMSNorm and
+# output layer read the prediction off its end. Reading it off after block i
+# instead shows what the model would predict had it stopped there: early
+# layers mostly echo the current token, and the final answer forms in the last
+# layers. Beside it, the last position's attention (the explicit path's softmax,
+# averaged over heads) shows which earlier tokens each layer reads from. Hooks
+# capture the blocks' inputs and outputs, so the model has no branch for this.
+# -----------------------------------------------------------------------------
+
+
+def last_position_attention(attention: Attention, x: torch.Tensor, cos: torch.Tensor,
+                            sin: torch.Tensor) -> torch.Tensor:
+    """The last position's attention probabilities (B, n_heads, T) over a fresh prompt x (B, T, dim) (normed)."""
+    B, T, _ = x.shape
+    a = attention
+    xq = apply_rotary_emb(a.wq(x[:, -1:]).view(B, 1, a.n_heads, a.head_dim), cos[-1:], sin[-1:])  # (B, 1, n_heads, hd)
+    xk = apply_rotary_emb(a.wk(x).view(B, T, a.n_kv_heads, a.head_dim), cos, sin)  # (B, T, n_kv_heads, head_dim)
+    k = xk.float().repeat_interleave(a.n_rep, dim=2)  # (B, T, n_heads, head_dim), query head h reads h // n_rep
+    scores = torch.einsum("bhd,bthd->bht", xq[:, 0].float(), k) / math.sqrt(a.head_dim)  # (B, n_heads, T)
+    return F.softmax(scores, dim=-1)  # the last query sees every position: no mask
+
+
+@torch.inference_mode()
+def explain(model: Transformer, prompt: list[int], top: int = 5) -> list[dict]:
+    """For each layer: the next-token prediction read off after it, and where the last position attends.
+
+    Returns one dict per layer: "top", the `top` most likely (token id, probability)
+    pairs; "attends", the `top` (position, weight) pairs the last position attends
+    to most, averaged over heads. The last layer's "top" is the model's own prediction.
+    """
+    device = model.tok_embeddings.weight.device
+    tokens = torch.tensor([prompt], device=device)  # (1, T)
+    if not 0 < len(prompt) <= model.args.max_seq_len:
+        raise ValueError(f"--explain needs 1 to {model.args.max_seq_len} prompt tokens, not {len(prompt)}")
+    residual, attends = [], []
+    hooks = [layer.register_forward_hook(lambda _m, _args, out: residual.append(out[:, -1:]))
+             for layer in model.layers]
+    hooks += [layer.attention.register_forward_pre_hook(
+        lambda m, args: attends.append(last_position_attention(m, args[0], args[2], args[3]).mean(1)[0]))
+        for layer in model.layers]  # args: (x, start_pos, cos, sin, mask, cache)
+    try:
+        model(tokens, last_only=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    rows = []
+    for h, weights in zip(residual, attends):
+        probs = F.softmax(model.output(model.norm(h)).float()[0, -1], dim=-1)  # (vocab_size,)
+        p, ids = probs.topk(min(top, probs.numel()))
+        w, pos = weights.topk(min(top, weights.numel()))
+        rows.append({"top": list(zip(ids.tolist(), p.tolist())), "attends": list(zip(pos.tolist(), w.tolist()))})
+    return rows
 
 
 # -----------------------------------------------------------------------------
@@ -1045,8 +1226,10 @@ def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llama3.py", description="Run a Llama 3 / 3.1 / 3.2 / 3.3 text model.")
-    p.add_argument("--ckpt", help="checkpoint directory: Meta's (params.json + consolidated.*.pth), "
-                   "convert.py's output, or Hugging Face's (config.json + *.safetensors)")
+    p.add_argument("--ckpt", help="a checkpoint folder (Meta's, convert.py's or Hugging Face's), a Hugging Face "
+                   "repo id such as meta-llama/Llama-3.2-1B-Instruct (from the hub cache, else downloaded), or a "
+                   "Meta model id such as Llama3.2-1B-Instruct (from ~/.llama/checkpoints); default: the one "
+                   "model found in those places")
     p.add_argument("--prompt", help="text to continue; with --chat, one user message to answer, then exit")
     p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate (default 256)")
     p.add_argument("--temperature", type=float, default=0.6,
@@ -1054,6 +1237,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9, Meta's)")
     p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
     p.add_argument("--seed", type=int, default=None, help="random seed, for repeatable sampling")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="F",
+                   help="discourage tokens already in the text: their logits are divided by F (multiplied where "
+                   "negative), as in transformers; 1.0 = off (default), 1.1-1.3 is typical")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end the output at the first appearance of TEXT, which is not printed; repeatable")
+    p.add_argument("--explain", action="store_true",
+                   help="instead of generating, show per layer what the model would predict next if it stopped "
+                   "there (the logit lens) and which earlier tokens the last position attends to most")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "fp32", "bfloat16", "bf16", "float16",
                    "fp16"], help="weight dtype (default: bfloat16; float16 on MPS)")
@@ -1064,7 +1255,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="context positions to support (default: the model's; --chat caps its cache at 8192)")
     p.add_argument("--rope-scaling-factor", type=float, default=None,
                    help="override the Llama 3.1 RoPE scaling factor (8; 32 for 3.2 1B/3B)")
-    p.add_argument("--tokenizer", default=None, help="path of tokenizer.model (default: CKPT/tokenizer.model)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.model or tokenizer.json (default: CKPT's "
+                   "tokenizer.model, else original/tokenizer.model, else tokenizer.json)")
     p.add_argument("--chat", action="store_true", help="interactive chat in the Llama 3 chat format "
                    "(instruct models); /reset clears the history, Ctrl-D quits")
     p.add_argument("--system", default=None, help="system message for --chat")
@@ -1078,21 +1270,29 @@ def main(argv: list[str] | None = None) -> None:
     from tokenizer import ChatFormat, StreamDecoder, Tokenizer, TokenizerError
 
     opts = _parser().parse_args(argv)
-    if not opts.ckpt:
-        _fail("--ckpt is required: a checkpoint directory")
     if opts.prompt is None and not opts.chat:
         _fail("--prompt is required (or --chat for an interactive chat)")
     if opts.system is not None and not opts.chat:
         _fail("--system needs --chat")
     if opts.max_new_tokens < 0 or (opts.top_k is not None and opts.top_k < 1) or not 0 < opts.top_p <= 1:
         _fail("--max-new-tokens must be >= 0, --top-k >= 1 and --top-p in (0, 1]")
-    ckpt = Path(opts.ckpt)
-    if not ckpt.is_dir():
-        _fail(f"--ckpt {ckpt}: no such directory")
+    if not opts.repetition_penalty > 0:
+        _fail(f"--repetition-penalty must be > 0 (1.0 is off), not {opts.repetition_penalty}")
+    if "" in opts.stop:
+        _fail("--stop needs a non-empty TEXT")
     try:
-        tokenizer = Tokenizer(opts.tokenizer or ckpt / "tokenizer.model")
+        ckpt = resolve_checkpoint(opts.ckpt)
+    except CheckpointError as e:
+        _fail(str(e))
+    # Meta's file, else Meta's file in a Hugging Face repo's original/, else Hugging Face's own.
+    candidates = [ckpt / "tokenizer.model", ckpt / "original" / "tokenizer.model", ckpt / "tokenizer.json"]
+    tokenizer_path = opts.tokenizer or next((p for p in candidates if p.is_file()), None)
+    if tokenizer_path is None:
+        _fail(f"{ckpt}: no tokenizer.model, original/tokenizer.model or tokenizer.json (pass --tokenizer PATH)")
+    try:
+        tokenizer = Tokenizer(tokenizer_path)
     except TokenizerError as e:
-        _fail(f"{e} (pass --tokenizer PATH)" if opts.tokenizer is None else str(e))
+        _fail(str(e))
 
     device = _pick_device(opts.device)
     tensor_parallel = int(os.environ.get("WORLD_SIZE", "1")) > 1  # started by torchrun with N processes
@@ -1114,12 +1314,22 @@ def main(argv: list[str] | None = None) -> None:
           f"parameters, {str(dtype).removeprefix('torch.')} on {device}", file=sys.stderr)
 
     sampling = {"temperature": opts.temperature, "top_p": opts.top_p, "top_k": opts.top_k, "seed": opts.seed,
-                "compile": opts.compile}
+                "compile": opts.compile, "repetition_penalty": opts.repetition_penalty}
     read = input
     if tensor_parallel:
         # Every rank holds the same full logits, so the same seed draws the same token everywhere.
         sampling["seed"], read = _shared_seed(opts.seed, device), _read_on_rank_0
-    if opts.chat:
+    if opts.explain:
+        if opts.prompt is None:
+            _fail("--explain needs --prompt")
+        dialog = [{"role": "system", "content": opts.system}] if opts.system else []
+        prompt = (ChatFormat(tokenizer).encode_dialog_prompt([*dialog, {"role": "user", "content": opts.prompt}])
+                  if opts.chat else tokenizer.encode(opts.prompt, bos=True, eos=False))
+        try:
+            print_explanation(model, tokenizer, prompt)
+        except ValueError as e:
+            _fail(str(e))
+    elif opts.chat:
         run_chat(model, tokenizer, ChatFormat(tokenizer), opts, sampling, read=read)
     else:
         if opts.prompt != opts.prompt.rstrip():
@@ -1129,7 +1339,8 @@ def main(argv: list[str] | None = None) -> None:
         if len(prompt) >= model.args.max_seq_len:
             _fail(f"--prompt is {len(prompt)} tokens, too long for the {model.args.max_seq_len}-position context "
                   "(--max-seq-len)")
-        _, interrupted = stream(model, StreamDecoder(tokenizer), prompt, opts.max_new_tokens, sampling)
+        _, _, interrupted = stream(model, StreamDecoder(tokenizer), prompt, opts.max_new_tokens, sampling,
+                                   stops=opts.stop)
         print()
         if interrupted:
             raise SystemExit(130)
@@ -1138,37 +1349,88 @@ def main(argv: list[str] | None = None) -> None:
         dist.destroy_process_group()
 
 
+def print_explanation(model: Transformer, tokenizer: Tokenizer, prompt: list[int]) -> None:
+    """--explain: one line per layer, as explain() returns it; the last line is the model's prediction."""
+    def show(ids: list[int]) -> str:
+        return repr(tokenizer.decode(ids))
+
+    rows = explain(model, prompt)
+    for i, row in enumerate(rows):
+        top = "  ".join(f"{show([t])} {100 * p:.3g}%" for t, p in row["top"])
+        attends = "  ".join(f"{show([prompt[j]])}@{j} {w:.2f}" for j, w in row["attends"][:3])
+        print(f"layer {i:2d}  next: {top}  | attends to: {attends}")
+
+
+class StopText:
+    """Streams text, holding back what may be the start of a stop string, and ends at the first one.
+
+    "First" is the first to be complete: a stop string that contains another ends
+    where the inner one completes.
+    """
+
+    def __init__(self, stops: list[str]):
+        self.stops, self.pending, self.stopped = stops, "", False
+
+    def push(self, text: str) -> str:
+        """Take newly decoded text; return what is safe to print now."""
+        if self.stopped:
+            return ""
+        self.pending += text
+        found = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if found:  # everything before the earliest stop string, nothing after it
+            self.stopped, out, self.pending = True, self.pending[: min(found)], ""
+            return out
+        # Keep the longest end of the text that a stop string starts with: the next token may complete it.
+        keep = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        out, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
+        return out
+
+    def finish(self) -> str:
+        """The held-back text, once generation has ended without completing a stop string."""
+        out, self.pending = ("" if self.stopped else self.pending), ""
+        return out
+
+
 def stream(model: Transformer, decoder: StreamDecoder, prompt: list[int], max_new_tokens: int, sampling: dict,
-           **cache_kw) -> tuple[list[int], bool]:
+           stops: list[str] = (), **cache_kw) -> tuple[list[int], str, bool]:
     """Generate for one prompt, printing text as it comes and timing to stderr.
 
-    Returns the new tokens and whether Ctrl-C stopped the generation.
+    Generation ends at the first of the stop strings, which is not printed.
+    Returns the new tokens, the text printed and whether Ctrl-C stopped the generation.
     """
     import time
 
     new: list[int] = []
     times = [time.perf_counter()]
+    text = StopText(list(stops))
+    shown: list[str] = []
 
-    def on_token(_row: int, token: int) -> None:
+    def show(piece: str) -> None:
+        shown.append(piece)
+        print(piece, end="", flush=True)
+
+    def on_token(_row: int, token: int) -> bool:
         new.append(token)
         times.append(time.perf_counter())
-        print(decoder.push(token), end="", flush=True)
+        show(text.push(decoder.push(token)))
+        return text.stopped
 
     try:
         generate(model, [prompt], max_new_tokens, on_token=on_token, **sampling, **cache_kw)
     except ValueError as e:
         _fail(str(e))
     except KeyboardInterrupt:
-        print(decoder.finish(), flush=True)
+        show(text.push(decoder.finish()) + text.finish())
+        print(flush=True)
         print("llama3.py: interrupted", file=sys.stderr)
-        return new, True
-    print(decoder.finish(), end="", flush=True)
+        return new, "".join(shown), True
+    show(text.push(decoder.finish()) + text.finish())
     fed = len(prompt) - cache_kw.get("cached_len", 0)  # a chat turn feeds only what the cache lacks
     prefill = times[1] - times[0] if len(times) > 1 else float("nan")
     decode = (len(times) - 2) / (times[-1] - times[1]) if len(times) > 2 else float("nan")
     print(f"\n[{len(prompt)} prompt tokens ({fed} fed), prefill {fed / prefill:.1f} tok/s; "
           f"{len(new)} new tokens, decode {decode:.1f} tok/s]", file=sys.stderr)
-    return new, False
+    return new, "".join(shown), False
 
 
 def run_chat(model: Transformer, tokenizer: Tokenizer, chat: ChatFormat, opts: argparse.Namespace, sampling: dict,
@@ -1217,12 +1479,13 @@ def run_chat(model: Transformer, tokenizer: Tokenizer, chat: ChatFormat, opts: a
         reuse = 0
         while reuse < min(len(cached), len(prompt) - 1) and cached[reuse] == prompt[reuse]:
             reuse += 1
-        reply, interrupted = stream(model, StreamDecoder(tokenizer), prompt, opts.max_new_tokens, sampling,
-                                    cache=cache, cached_len=reuse)
+        reply, answer, interrupted = stream(model, StreamDecoder(tokenizer), prompt, opts.max_new_tokens,
+                                            sampling, stops=getattr(opts, "stop", None) or [], cache=cache,
+                                            cached_len=reuse)
         # The last token chosen was never fed to the model, so it is not in the cache;
         # with no reply at all the prompt may not have been fed completely (Ctrl-C).
         cached = (prompt + reply)[:-1] if reply else prompt[:reuse]
-        dialog.append({"role": "assistant", "content": tokenizer.decode(reply)})
+        dialog.append({"role": "assistant", "content": answer})  # as shown: cut at a stop string
         print()
         if not interactive:  # Ctrl-C in a chat ends the answer, not the chat
             if interrupted:

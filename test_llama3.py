@@ -8,11 +8,16 @@ Tests that need an optional reference skip without it, except under
 LLAMA3_REQUIRE_REFERENCES=1 (set by CI), where a missing reference fails.
 """
 
+import ast
 import copy
+import hashlib
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -122,10 +127,19 @@ def test_feed_forward_width_follows_meta_rounding(dim, multiplier, multiple_of, 
 
 
 def test_params_json_ignores_unknown_keys_with_a_note(capsys):
-    # Meta's quantized releases add keys; they must not break loading, nor pass silently.
-    args = llama3.args_from_params({"dim": 128, "n_layers": 1, "n_heads": 2, "quantization_args": {"x": 1}})
+    # Later releases add keys (llama-models writes vision_chunk_size and the like); they
+    # must not break loading, nor pass silently.
+    args = llama3.args_from_params({"dim": 128, "n_layers": 1, "n_heads": 2, "vision_chunk_size": 560})
     assert args.dim == 128 and args.n_kv_heads == 2
-    assert "quantization_args" in capsys.readouterr().err
+    assert "vision_chunk_size" in capsys.readouterr().err
+
+
+def test_quantized_release_is_refused_up_front():
+    # Meta's -QLORA_INT4_EO8 / -SpinQuant_INT4_EO8 folders hold int4 weights under the same
+    # names: refuse them by their params.json instead of failing later on a tensor.
+    with pytest.raises(llama3.CheckpointError, match="quantized release"):
+        llama3.args_from_params({"dim": 128, "n_layers": 1, "n_heads": 2,
+                                 "quantization_args": {"group_size": 32, "scheme": "int4_weight_int8_dynamic_activation"}})
 
 
 @pytest.mark.parametrize("dim, n_layers, factor", [(2048, 16, 32.0), (3072, 28, 32.0), (4096, 32, 8.0)])
@@ -268,6 +282,13 @@ def test_state_dict_keys_match_meta_checkpoint():
     assert model.layers[0].attention.wk.weight.shape == (2 * 16, 64)  # (n_kv_heads * head_dim, dim)
 
 
+def test_tied_model_uses_one_matrix_for_embedding_and_output():
+    # Llama 3.2 1B/3B: the output layer is the embedding matrix itself, trained as one.
+    model = Transformer(tiny_args(tie_word_embeddings=True))
+    assert model.output.weight is model.tok_embeddings.weight
+    assert Transformer(tiny_args()).output.weight is not Transformer(tiny_args()).tok_embeddings.weight
+
+
 def test_gqa_equals_mha_with_repeated_kv_heads():
     # Grouped-query attention is multi-head attention whose K/V heads are shared by groups of query heads.
     gqa = random_model(tiny_args(n_kv_heads=2))
@@ -334,6 +355,12 @@ def test_sdpa_path_matches_teaching_path_in_prefill_and_decode():
         sdpa(tokens[:, :10], 0, c2)
         torch.testing.assert_close(sdpa(tokens[:, 10:], 10, c2), explicit(tokens[:, 10:], 10, c1),
                                    atol=1e-5, rtol=1e-5)
+        # A chunk of several tokens after cached ones (chat turns): T > 1 and T < S, where
+        # the causal triangle must sit at the bottom right of the (T, S) scores.
+        c1, c2 = explicit.new_cache(2, 16), sdpa.new_cache(2, 16)
+        explicit(tokens[:, :4], 0, c1)
+        sdpa(tokens[:, :4], 0, c2)
+        torch.testing.assert_close(sdpa(tokens[:, 4:], 4, c2), explicit(tokens[:, 4:], 4, c1), atol=1e-5, rtol=1e-5)
 
 
 def test_cache_takes_the_weights_dtype_and_the_requested_size():
@@ -578,6 +605,23 @@ def test_hf_checkpoint_with_old_rope_scaling_config(tmp_path):
         torch.testing.assert_close(load_model(tmp_path)(tokens), ref(tokens).logits.float(), atol=1e-4, rtol=1e-4)
 
 
+def test_hf_checkpoint_with_a_saved_rope_table_loads(tmp_path):
+    # Older Hugging Face exports also saved each layer's rotary_emb.inv_freq; we compute
+    # RoPE ourselves, so those tensors are skipped, not refused as unknown names.
+    from safetensors.torch import load_file, save_file
+
+    args = tiny_args(dim=128, n_heads=4, n_kv_heads=2)
+    ref = hf_model(args, seed=2)
+    ref.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    for i in range(args.n_layers):
+        tensors[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.ones(args.head_dim // 2)
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    tokens = torch.randint(0, 256, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path)(tokens), ref(tokens).logits.float(), atol=1e-4, rtol=1e-4)
+
+
 # -----------------------------------------------------------------------------
 # Bad checkpoints: clear errors that name the file, the tensor and the shapes
 # -----------------------------------------------------------------------------
@@ -638,11 +682,27 @@ def test_truncated_safetensors_error_names_the_file(tmp_path):
         load_model(tmp_path)
 
 
-def test_torch_load_is_only_called_with_weights_only():
+class RunsCodeWhenUnpickled:
+    """A pickle payload: unpickling it creates `marker`, as a malicious .pth could run anything."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_torch_load_is_only_called_with_weights_only(tmp_path):
     # A .pth is a pickle; unpickling with weights_only=False runs arbitrary code from the file.
     src = "".join((HERE / f).read_text() for f in ("llama3.py", "convert.py") if (HERE / f).exists())
     calls = src.count("torch.load(")
     assert calls >= 1 and src.count("weights_only=True") >= calls
+    save_meta_shards(random_model(tiny_args()), tmp_path, 1)
+    marker = tmp_path / "code_ran"
+    torch.save({"tok_embeddings.weight": RunsCodeWhenUnpickled(marker)}, tmp_path / "consolidated.00.pth")
+    with pytest.raises(llama3.CheckpointError, match="consolidated.00.pth"):
+        load_model(tmp_path)
+    assert not marker.exists()
 
 
 def test_rope_scaling_factor_can_be_overridden(tmp_path):
@@ -834,6 +894,56 @@ def test_missing_tokenizer_model_is_a_clear_error(tmp_path):
         Tokenizer(tmp_path / "tokenizer.model")
 
 
+@pytest.fixture(scope="session")
+def tokenizer_json_path(tmp_path_factory, tokenizer_model_path) -> Path:
+    """tokenizer.json made from Meta's tokenizer.model by transformers' own tiktoken converter, as the hub's were."""
+    require("transformers")
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from tokenizer import PAT_STR, SPECIAL_TOKENS
+
+    path = tmp_path_factory.mktemp("hf_tokenizer") / "tokenizer.json"
+    TikTokenConverter(vocab_file=str(tokenizer_model_path), pattern=PAT_STR,
+                      extra_special_tokens=SPECIAL_TOKENS).converted().save(str(path))
+    return path
+
+
+def test_tokenizer_json_equals_tokenizer_model(tok, tokenizer_json_path):
+    # A transformers download has only tokenizer.json: it must tokenize exactly like Meta's file.
+    from tokenizer import ChatFormat, Tokenizer
+
+    hf = Tokenizer(tokenizer_json_path)
+    for text in HARD_STRINGS:
+        ids = tok.encode(text, bos=True, eos=True)
+        assert hf.encode(text, bos=True, eos=True) == ids
+        assert hf.decode(ids) == tok.decode(ids)
+    assert hf.special_tokens == tok.special_tokens and hf.stop_tokens == tok.stop_tokens
+    dialog = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi <|eot_id|> 🌍"}]
+    assert ChatFormat(hf).encode_dialog_prompt(dialog) == ChatFormat(tok).encode_dialog_prompt(dialog)
+
+
+@pytest.mark.parametrize("change", ["pattern", "vocabulary", "special", "not_bpe"])
+def test_tokenizer_json_of_another_model_is_a_one_line_error(tmp_path, tokenizer_json_path, change):
+    from tokenizer import Tokenizer, TokenizerError
+
+    spec = json.loads(tokenizer_json_path.read_text())
+    if change == "pattern":  # GPT-2's split pattern
+        spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"'s|'t| ?\p{L}+| ?\p{N}+"
+    elif change == "vocabulary":  # two ranks swapped: another merge order
+        vocab = spec["model"]["vocab"]
+        a, b = list(vocab)[1000:1002]
+        vocab[a], vocab[b] = vocab[b], vocab[a]
+    elif change == "special":
+        next(t for t in spec["added_tokens"] if t["id"] == 128009)["content"] = "<|im_end|>"
+    else:
+        spec["model"]["type"] = "Unigram"
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text(json.dumps(spec))
+    with pytest.raises(TokenizerError) as e:
+        Tokenizer(bad)
+    assert str(bad) in str(e.value) and "\n" not in str(e.value)
+
+
 def test_huge_inputs_encode_quickly_and_match_meta(tok, meta_tok):
     # tiktoken alone can take quadratic time or recurse on such runs; Meta's cuts prevent it.
     import time
@@ -894,6 +1004,10 @@ def test_seed_makes_sampling_repeatable():
     a = llama3.generate(model, prompts, 12, temperature=1.0, top_p=0.95, seed=7, stop_tokens=[])
     b = llama3.generate(model, prompts, 12, temperature=1.0, top_p=0.95, seed=7, stop_tokens=[])
     c = llama3.generate(model, prompts, 12, temperature=1.0, top_p=0.95, seed=8, stop_tokens=[])
+    assert a == b and a != c
+    # Without the nucleus (top_p=1) sampling draws from the full distribution: seeded as well.
+    a, b, c = (llama3.generate(model, prompts, 12, temperature=1.0, top_p=1.0, top_k=50, seed=seed, stop_tokens=[])
+               for seed in (7, 7, 8))
     assert a == b and a != c
 
 
@@ -977,6 +1091,42 @@ def test_a_stopped_row_streams_nothing_more_and_generation_ends_when_all_rows_st
     assert len(calls) == len(row0) + 1
 
 
+def test_repetition_penalty_matches_transformers():
+    # The penalty is Hugging Face's rule, so greedy text must equal transformers' generate
+    # with the same penalty; and on this model and prompt the penalty must change the text.
+    model = random_model(tiny_args(max_seq_len=64), seed=5)
+    ref = hf_from_meta(model)
+    prompt = [1, 17, 17, 42, 9, 17]
+    plain = llama3.generate(model, [prompt], 16, temperature=0, stop_tokens=[])
+    ours = llama3.generate(model, [prompt], 16, temperature=0, stop_tokens=[], repetition_penalty=1.5)
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        theirs = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                              repetition_penalty=1.5, eos_token_id=None, pad_token_id=0)
+    assert ours[0] == theirs[0, len(prompt):].tolist()
+    assert ours != plain
+    # Batched rows are penalised by their own tokens only.
+    other = [3, 3, 3, 3]
+    batched = llama3.generate(model, [prompt, other], 16, temperature=0, stop_tokens=[], repetition_penalty=1.5)
+    assert batched == ours + llama3.generate(model, [other], 16, temperature=0, stop_tokens=[],
+                                             repetition_penalty=1.5)
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    out = llama3.apply_repetition_penalty(logits, torch.tensor([[0, 1, 1]]), 2.0)  # token 1 seen twice: once
+    assert out.tolist() == [[1.0, -4.0, 1.0, 0.5]]
+
+
+def test_on_token_returning_true_ends_that_row_only():
+    model = random_model(tiny_args())
+    prompts = [[5, 9, 2], [7] * 11]
+    free = llama3.generate(model, prompts, 10, temperature=0, stop_tokens=[])
+    out = llama3.generate(model, prompts, 10, temperature=0, stop_tokens=[],
+                          on_token=lambda row, t: row == 0 and len(free[0]) > 0)
+    assert out == [free[0][:1], free[1]]  # row 0 ends with its first token; row 1 runs on
+
+
 def test_on_token_streams_every_new_token_in_order():
     model = random_model(tiny_args())
     seen = {0: [], 1: []}
@@ -1028,9 +1178,18 @@ def cli_ckpt(tmp_path_factory, tokenizer_model_path):
     return folder, model
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
+def user_env(home: Path, **extra: str) -> dict:
+    """The environment with HOME at home and no Hugging Face or Meta folder settings of the real user."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "LLAMA_STACK_"))}
+    return {**env, "HOME": str(home), "HF_HUB_OFFLINE": "1", **extra}
+
+
+EMPTY_HOME = Path(tempfile.mkdtemp(prefix="llama3-test-home-"))  # no downloaded models in it
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(HERE / "llama3.py"), *args], check=False, capture_output=True,
-                          text=True, timeout=300, stdin=subprocess.DEVNULL)
+                          text=True, timeout=300, stdin=subprocess.DEVNULL, env=env or user_env(EMPTY_HOME))
 
 
 def test_cli_greedy_output_equals_transformers_continuation(cli_ckpt, tok):
@@ -1103,6 +1262,213 @@ def test_chat_feeds_exactly_the_dialog_prompt_and_reuses_the_cache(cli_ckpt, tok
     first_turn_len = len(ChatFormat(tok).encode_dialog_prompt(dialog[:2]))
     turn2_start = [s for s, n in starts if n > 1][1]  # the second prefill
     assert turn2_start >= first_turn_len  # the history was not fed again
+
+
+def greedy_pieces(folder: Path, tok, prompt_ids: list[int], n: int) -> list[str]:
+    """The text of each greedy token the CLI's model (float32) continues prompt_ids with."""
+    new = llama3.generate(load_model(folder, dtype=torch.float32), [prompt_ids], n, temperature=0)[0]
+    return [tok.decode([t]) for t in new]
+
+
+def test_cli_stop_strings_cut_the_text_before_the_first_appearance(cli_ckpt, tok):
+    # The text with --stop X equals the text without it, cut before X's first appearance,
+    # when X spans two tokens and with several stop strings; nothing before X is lost.
+    folder, _ = cli_ckpt
+    prompt = "The capital of France is"
+    base = ("--ckpt", str(folder), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "20",
+            "--dtype", "float32")
+    full = run_cli(*base)
+    assert full.returncode == 0, full.stderr
+    text = full.stdout.removesuffix("\n")
+    pieces = greedy_pieces(folder, tok, tok.encode(prompt, bos=True, eos=False), 20)
+    assert "".join(pieces) == text
+    k = next(i for i in range(3, len(pieces) - 1) if len(pieces[i]) >= 2 and len(pieces[i + 1]) >= 2)
+    spanning = pieces[k][-2:] + pieces[k + 1][:2]  # two tokens' worth of characters
+    later = pieces[-1]
+    cases = [([spanning], text[: text.index(spanning)]),
+             ([later, spanning], text[: min(text.index(spanning), text.index(later))]),
+             ([text[:3]], "")]
+    for stops, expected in cases:
+        r = run_cli(*base, *[arg for stop in stops for arg in ("--stop", stop)])
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == expected + "\n", stops
+    assert 0 < len(cases[0][1]) < len(text)
+    # In a chat as well: the answer is cut, and the chat goes on normally.
+    chat = ("--ckpt", str(folder), "--chat", "--prompt", "hi", "--temperature", "0", "--max-new-tokens", "20")
+    answer = run_cli(*chat).stdout.removesuffix("\n")
+    stop = answer[len(answer) // 2 : len(answer) // 2 + 3]
+    r = run_cli(*chat, "--stop", stop)
+    assert r.returncode == 0 and r.stdout == answer[: answer.index(stop)] + "\n"
+
+
+def test_stop_text_holds_back_a_possible_stop_and_cuts_at_the_first(tok):
+    st = llama3.StopText(["END", "xyz"])
+    assert st.push("abcE") == "abc"  # "E" may begin END: held back
+    assert st.push("N") == ""
+    assert st.push("O") == "ENO"  # it did not
+    assert st.push("..EN") == ".."
+    assert st.push("D and more") == "" and st.stopped
+    assert st.push("more") == "" and st.finish() == ""
+    st = llama3.StopText(["xyz"])
+    assert st.push("ab") + st.push("xy") + st.finish() == "abxy"  # generation ended first: nothing lost
+    st = llama3.StopText(["cd", "ab"])
+    assert st.push("xabcdy") == "x" and st.stopped  # both appear at once: cut before the earlier
+    # Through the stream decoder: a stop string that begins inside a multi-byte character
+    # split over several tokens (the emoji's 4 bytes span tokens).
+    text = "Hello 🌍 world, and more"
+    ids = tok.encode(text, bos=False, eos=False)
+    from tokenizer import StreamDecoder
+
+    decoder, st, shown = StreamDecoder(tok), llama3.StopText(["🌍 w"]), ""
+    for t in ids:
+        shown += st.push(decoder.push(t))
+        assert "🌍" not in shown
+    assert st.stopped and shown + st.finish() == "Hello "
+
+
+def test_cli_explain_prints_one_line_per_layer_ending_in_the_models_prediction(cli_ckpt, tok):
+    # The logit lens after the last block is the model's own prediction: its top token
+    # must be the greedy next token.
+    folder, model = cli_ckpt
+    prompt = "The capital of France is"
+    r = run_cli("--ckpt", str(folder), "--prompt", prompt, "--explain", "--dtype", "float32")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert [line.split()[:2] for line in lines] == [["layer", str(i)] for i in range(model.args.n_layers)]
+    top = ast.literal_eval(re.search(r"next: ('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")", lines[-1]).group(1))
+    assert top == greedy_pieces(folder, tok, tok.encode(prompt, bos=True, eos=False), 1)[0]
+    assert "attends to:" in lines[-1]
+
+
+def test_explained_attention_reproduces_the_attention_output():
+    # The last position's attention weights (recomputed outside the model) must be the
+    # model's: weighting the values with them and applying wo gives the layer's output.
+    model = random_model(tiny_args(n_heads=4, n_kv_heads=2))
+    tokens = torch.randint(0, 256, (1, 12))
+    seen = {}
+    att = model.layers[1].attention
+    att.register_forward_pre_hook(lambda m, args: seen.update(args=args))
+    att.register_forward_hook(lambda m, args, out: seen.update(out=out))
+    with torch.no_grad():
+        model(tokens)
+        x, _, cos, sin = seen["args"][:4]
+        probs = llama3.last_position_attention(att, x, cos, sin)  # (1, n_heads, T)
+        v = att.wv(x).view(1, 12, att.n_kv_heads, att.head_dim).repeat_interleave(att.n_rep, dim=2)
+        mixed = torch.einsum("bht,bthd->bhd", probs, v).reshape(1, -1)  # (1, n_heads * head_dim)
+        torch.testing.assert_close(att.wo(mixed), seen["out"][:, -1], atol=1e-5, rtol=1e-5)
+    rows = llama3.explain(model, tokens[0].tolist(), top=3)
+    assert len(rows) == 2
+    for row in rows:  # the heaviest positions first, from a distribution over the 12 positions
+        weights = [w for _, w in row["attends"]]
+        assert weights == sorted(weights, reverse=True) and sum(weights) <= 1 + 1e-6
+    with torch.no_grad():
+        assert rows[-1]["top"][0][0] == int(model(tokens)[0, -1].argmax())
+
+
+def hub_cache_repo(cache: Path, repo_id: str, files: dict[str, Path]) -> Path:
+    """Lay files out as huggingface_hub does: blobs/<hash>, refs/main naming a commit, and
+    snapshots/<commit>/<name> as relative links to the blobs. Returns the snapshot folder."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)  # no newline, as the hub writes it
+    for name, src in files.items():
+        data = src.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(exist_ok=True)
+        blob.write_bytes(data)
+        link = repo / "snapshots" / commit / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    return repo / "snapshots" / commit
+
+
+@pytest.fixture(scope="session")
+def downloads(tmp_path_factory, cli_ckpt, tokenizer_json_path):
+    """The CLI test model as each tool downloads it: a Hugging Face repo (config.json, safetensors,
+    tokenizer.json, no tokenizer.model) and a folder of Meta's `llama model download`."""
+    folder, model = cli_ckpt
+    hf_files = tmp_path_factory.mktemp("hf_files")
+    hf_from_meta(model).save_pretrained(hf_files)
+    files = {"config.json": hf_files / "config.json", "model.safetensors": hf_files / "model.safetensors",
+             "tokenizer.json": tokenizer_json_path}
+    return {"hf_files": files, "meta": folder}
+
+
+def make_home(tmp_path: Path, downloads: dict, hf: bool, meta: bool, hub: Path | None = None) -> Path:
+    home = tmp_path / "home"
+    if hf:
+        hub_cache_repo(hub or home / ".cache" / "huggingface" / "hub", "test-org/Tiny-Llama-3", downloads["hf_files"])
+    if meta:
+        shutil.copytree(downloads["meta"], home / ".llama" / "checkpoints" / "Tiny-Llama3-Meta")
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+def test_hub_cache_layout_is_what_huggingface_hub_reads(tmp_path, downloads):
+    # Our fake cache must be the real layout, or the lookups below prove nothing.
+    hub = require("huggingface_hub")
+    cache = tmp_path / "hub"
+    snapshot = hub_cache_repo(cache, "test-org/Tiny-Llama-3", downloads["hf_files"])
+    (repo,) = hub.scan_cache_dir(cache).repos
+    (revision,) = repo.revisions
+    assert repo.repo_id == "test-org/Tiny-Llama-3" and revision.commit_hash == snapshot.name
+    assert {f.file_name for f in revision.files} == {"config.json", "model.safetensors", "tokenizer.json"}
+    assert Path(hub.try_to_load_from_cache("test-org/Tiny-Llama-3", "config.json", cache_dir=cache)).is_file()
+
+
+def test_every_way_of_naming_a_model_gives_the_same_text(tmp_path, downloads):
+    # A download from either tool runs by its folder, its name, or with no --ckpt at all.
+    gen = ("--prompt", "The capital of France is", "--temperature", "0", "--max-new-tokens", "8", "--dtype", "float32")
+    expected = run_cli("--ckpt", str(downloads["meta"]), *gen)
+    assert expected.returncode == 0, expected.stderr
+    home = make_home(tmp_path, downloads, hf=True, meta=True)
+    snapshot = next((home / ".cache" / "huggingface" / "hub").glob("models--*/snapshots/*"))
+    hub_elsewhere = tmp_path / "elsewhere"
+    make_home(tmp_path / "b", downloads, hf=True, meta=False, hub=hub_elsewhere / "hub")
+    shutil.copytree(home / ".llama", tmp_path / "stack")
+    ways = [(["--ckpt", str(snapshot)], {}),  # the snapshot folder itself: tokenizer.json, no tokenizer.model
+            (["--ckpt", "test-org/Tiny-Llama-3"], {}),  # ~/.cache/huggingface/hub
+            (["--ckpt", "test-org/Tiny-Llama-3"], {"HF_HUB_CACHE": str(hub_elsewhere / "hub")}),
+            (["--ckpt", "test-org/Tiny-Llama-3"], {"HF_HOME": str(hub_elsewhere)}),
+            (["--ckpt", "Tiny-Llama3-Meta"], {}),  # ~/.llama/checkpoints
+            (["--ckpt", "Tiny-Llama3-Meta"], {"LLAMA_STACK_CONFIG_DIR": str(tmp_path / "stack")})]
+    for args, extra in ways:
+        r = run_cli(*args, *gen, env=user_env(home if not extra else tmp_path / "b" / "home", **extra))
+        assert (r.returncode, r.stdout) == (0, expected.stdout), (args, extra, r.stderr)
+        # Nothing but our own lines on stderr (no library warnings on a plain run).
+        assert all(line.startswith(("loaded ", "[", "llama3: ")) for line in r.stderr.splitlines() if line), r.stderr
+    # No --ckpt and one model: it is used, and named on stderr.
+    for hf, meta in ((True, False), (False, True)):
+        one = make_home(tmp_path / f"one{hf}", downloads, hf=hf, meta=meta)
+        r = run_cli(*gen, env=user_env(one))
+        assert (r.returncode, r.stdout) == (0, expected.stdout), r.stderr
+        assert ("test-org/Tiny-Llama-3" if hf else "Tiny-Llama3-Meta") in r.stderr
+
+
+@pytest.mark.parametrize("case", ["several", "none", "offline_repo", "unknown_name", "quantized", "no_tokenizer"])
+def test_model_lookup_failures_are_one_line_with_exit_2(tmp_path, downloads, case):
+    home, args, culprit = make_home(tmp_path, downloads, hf=True, meta=True), ["--prompt", "hi"], None
+    if case == "several":
+        culprit = "test-org/Tiny-Llama-3, Tiny-Llama3-Meta"
+    elif case == "none":
+        home, culprit = EMPTY_HOME, "hf download"
+    elif case == "offline_repo":
+        args, culprit = ["--ckpt", "meta-llama/Llama-3.2-1B", "--prompt", "hi"], "hf download meta-llama/Llama-3.2-1B"
+    elif case == "unknown_name":
+        args, culprit = ["--ckpt", "Llama3.9-1B", "--prompt", "hi"], "Llama3.9-1B"
+    elif case == "quantized":
+        params = home / ".llama" / "checkpoints" / "Tiny-Llama3-Meta" / "params.json"
+        params.write_text(json.dumps({**json.loads(params.read_text()), "quantization_args": {"group_size": 32}}))
+        args, culprit = ["--ckpt", "Tiny-Llama3-Meta", "--prompt", "hi"], "quantized release"
+    elif case == "no_tokenizer":
+        snapshot = next((home / ".cache" / "huggingface" / "hub").glob("models--*/snapshots/*"))
+        (snapshot / "tokenizer.json").unlink()
+        args, culprit = ["--ckpt", "test-org/Tiny-Llama-3", "--prompt", "hi"], "tokenizer.json"
+    r = run_cli(*args, env=user_env(home))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line]
+    assert len(lines) == 1 and culprit in lines[0], r.stderr
 
 
 def test_chat_with_prompt_answers_once_and_exits(cli_ckpt):
@@ -1266,6 +1632,19 @@ def test_convert_force_replaces_the_files_as_one_set(tmp_path, monkeypatch):
     convert_quietly(tmp_path / "b", tmp_path / "dst", force=True)
     assert sorted(p.name for p in (tmp_path / "dst").iterdir()) == ["model.safetensors", "params.json"]
     assert load_model(tmp_path / "dst").args.n_layers == 1
+
+
+def test_convert_checks_what_it_wrote_before_moving_it_into_place(tmp_path, monkeypatch):
+    # A writer that leaves a tensor out must be caught by reading the file back, and then
+    # nothing may be left in DST.
+    import convert
+
+    save_meta_shards(random_model(tiny_args()), tmp_path / "src", 1)
+    write = convert.write_safetensors
+    monkeypatch.setattr(convert, "write_safetensors", lambda reader, entries, *a: write(reader, entries[:-1], *a))
+    with pytest.raises(llama3.CheckpointError, match="differ from the plan"):
+        convert_quietly(tmp_path / "src", tmp_path / "dst")
+    assert list((tmp_path / "dst").iterdir()) == []
 
 
 def test_convert_runs_without_the_resource_module_and_reads_macos_bytes(tmp_path, monkeypatch):

@@ -6,7 +6,7 @@ languages. It compresses text better (about 15% fewer tokens for English), so
 the same context holds more text. Tokens 0..127999 are BPE tokens; 256 special
 tokens follow at 128000..128255, for 128256 ids in all (the model's vocab_size).
 
-    tok = Tokenizer("tokenizer.model")
+    tok = Tokenizer("tokenizer.model")      # Meta's file; or Hugging Face's "tokenizer.json"
     ids = tok.encode("Hello world", bos=True, eos=False)  # [128000, 9906, 1917]
     tok.decode(ids)                                        # '<|begin_of_text|>Hello world'
 
@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import base64
 import codecs
+import hashlib
+import json
 import re
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
@@ -71,6 +73,83 @@ def load_bpe_ranks(path: str | Path) -> dict[bytes, int]:
 
 
 # -----------------------------------------------------------------------------
+# Hugging Face's tokenizer.json
+#
+# The hub's Llama 3 repos carry tokenizer.json (what transformers reads), made
+# from tokenizer.model by transformers' tiktoken converter; a download through
+# transformers has only that file. Its BPE vocabulary maps token strings to ids,
+# the strings written in GPT-2's byte-level alphabet: each of the 256 byte
+# values is one printable character (bytes 33-126, 161-172 and 174-255 stand
+# for themselves, the other 68 for chr(256), chr(257), ...). Mapping each
+# string back to its bytes gives tokenizer.model's ranks, the id being the
+# rank. A file is accepted only if it is Llama 3's: the same split pattern,
+# the same 128,000 (bytes, rank) pairs (their SHA-256 in tokenizer.model's
+# text format equals that of Meta's file) and the special tokens at their ids.
+# -----------------------------------------------------------------------------
+
+LLAMA3_RANKS_SHA256 = "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55"  # Meta's tokenizer.model
+
+
+def byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: printable character -> the byte it stands for."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    char_of = {b: chr(b) for b in printable}
+    for n, b in enumerate(b for b in range(256) if b not in char_of):
+        char_of[b] = chr(256 + n)
+    return {c: b for b, c in char_of.items()}
+
+
+def ranks_sha256(ranks: dict[bytes, int]) -> str:
+    """SHA-256 of ranks written in tokenizer.model's format ("<base64> <rank>" lines)."""
+    h = hashlib.sha256()
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        h.update(base64.b64encode(token) + b" %d\n" % rank)
+    return h.hexdigest()
+
+
+def load_tokenizer_json(path: str | Path) -> dict[bytes, int]:
+    """Read Hugging Face's tokenizer.json for Llama 3 into {token bytes: rank}, checking it is Llama 3's."""
+    path = Path(path)
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TokenizerError(f"{path}: tokenizer file not found") from None
+    except (OSError, ValueError) as e:
+        raise TokenizerError(f"{path}: cannot read JSON ({e})") from None
+    model = spec.get("model") if isinstance(spec, dict) else None
+    if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        raise TokenizerError(f"{path}: not a BPE tokenizer.json")
+    pre = spec.get("pre_tokenizer") or {}
+    splits = [p for p in pre.get("pretokenizers", [pre]) if isinstance(p, dict) and p.get("type") == "Split"]
+    if [p.get("pattern", {}).get("Regex") for p in splits] != [PAT_STR]:
+        raise TokenizerError(f"{path}: its split pattern is not Llama 3's, so this is another model's tokenizer")
+    alphabet, ranks = byte_level_alphabet(), {}
+    for text, rank in model["vocab"].items():
+        if any(c not in alphabet for c in text):
+            raise TokenizerError(f"{path}: token {text!r} is not in the byte-level alphabet")
+        ranks[bytes(alphabet[c] for c in text)] = rank
+    if len(ranks) != N_BPE_TOKENS or ranks_sha256(ranks) != LLAMA3_RANKS_SHA256:
+        raise TokenizerError(f"{path}: its {len(ranks)}-token vocabulary is not Llama 3's")
+    check_special_tokens(path, {t.get("id"): t.get("content") for t in spec.get("added_tokens", [])})
+    return ranks
+
+
+def check_special_tokens(path: Path, added: dict[int, str]) -> None:
+    """tokenizer.json's added tokens must be Llama 3's 256, at Meta's ids.
+
+    Releases name the unused ones differently (3.0's reserved_special_token_4 is
+    3.1's <|eom_id|>), so a reserved name may stand anywhere; the rest must match.
+    """
+    for i, name in enumerate(SPECIAL_TOKENS):
+        theirs = added.get(N_BPE_TOKENS + i)
+        if theirs != name and not (isinstance(theirs, str) and re.fullmatch(r"<\|reserved_special_token_\d+\|>", theirs)
+                                   and name not in CORE_SPECIAL_TOKENS):
+            raise TokenizerError(f"{path}: special token {N_BPE_TOKENS + i} is {theirs!r}, Llama 3's is {name!r}")
+    if len(added) != N_SPECIAL_TOKENS:
+        raise TokenizerError(f"{path}: {len(added)} added tokens, Llama 3 has {N_SPECIAL_TOKENS}")
+
+
+# -----------------------------------------------------------------------------
 # Pre-tokenizer and special tokens
 #
 # Before BPE, a regex splits text into pieces and merges never cross a piece
@@ -113,6 +192,9 @@ NAMED_SPECIAL_TOKENS = [
 SPECIAL_TOKENS = NAMED_SPECIAL_TOKENS + [
     f"<|reserved_special_token_{i}|>" for i in range(2, 2 + N_SPECIAL_TOKENS - len(NAMED_SPECIAL_TOKENS))
 ]
+# Named alike by every Llama 3 release: the document and chat-turn markers.
+CORE_SPECIAL_TOKENS = {"<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                       "<|eot_id|>"}
 
 # tiktoken's BPE slows down (and can recurse deeply) on very long pieces, and it
 # takes at most ~400K characters well at a time. Meta's encode therefore cuts
@@ -146,7 +228,8 @@ class Tokenizer:
     """Llama 3's tokenizer: encode text to ids and back, exactly as Meta's does."""
 
     def __init__(self, path: str | Path):
-        ranks = load_bpe_ranks(path)
+        # Meta's tokenizer.model, or Hugging Face's tokenizer.json: the same ranks either way.
+        ranks = load_tokenizer_json(path) if str(path).endswith(".json") else load_bpe_ranks(path)
         self.special_tokens = {name: N_BPE_TOKENS + i for i, name in enumerate(SPECIAL_TOKENS)}
         self.model = tiktoken.Encoding(name=Path(path).name, pat_str=PAT_STR, mergeable_ranks=ranks,
                                        special_tokens=self.special_tokens)
