@@ -436,16 +436,14 @@ class Transformer(nn.Module):
 # -----------------------------------------------------------------------------
 
 
-# The configs. Meta's params.json uses ModelArgs' own names; Hugging Face's
-# config.json has its own (HF_CONFIG_KEYS). Both readers ignore keys this file
-# does not use with a one-line note on stderr.
-
-
 class CheckpointError(ValueError):
     """A checkpoint or its config is missing, malformed or doesn't match: the message names the file or tensor."""
 
 
-
+# The configs. Meta's params.json uses ModelArgs' own names; Hugging Face's
+# config.json has its own (HF_CONFIG_KEYS). Both readers ignore keys this file
+# does not use with a one-line note on stderr.
+#
 # The 3.1 scaling factor. Hugging Face configs state it; Meta's params.json only
 # says use_scaled_rope, and Meta's reference code hard-codes 8, which is right for
 # 3.1 and 3.3 but wrong for 3.2 1B and 3B: their Hugging Face configs say 32
