@@ -277,32 +277,38 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(start_pos, k, v)  # (B, n_kv_heads, S, head_dim)
 
-        if not self.use_sdpa:
-            # The definition: scores, mask, softmax, weighted sum of the values.
-            S = k.shape[2]
-            # Query head h reads K/V head h // n_rep: group the query heads by K/V head.
-            q = q.reshape(B, self.n_kv_heads, self.n_rep * T, self.head_dim)  # (B, n_kv_heads, n_rep * T, head_dim)
-            # In float32 at least: exp() of bf16 scores loses the small probabilities. For a
-            # bf16 model this copies the visible K/V each call: 2 x S x n_kv_heads x head_dim x
-            # 4 bytes per layer (4 MiB per layer for 8B at 1K positions).
-            dtype = torch.promote_types(q.dtype, torch.float32)
-            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-            # The 1/sqrt(head_dim) keeps the scores' variance near 1 (Vaswani et al. 2017).
-            scores = q @ k.transpose(2, 3) / math.sqrt(self.head_dim)  # (B, n_kv_heads, n_rep * T, S)
-            if mask is not None:
-                scores = (scores.view(B, self.n_kv_heads, self.n_rep, T, S) + mask).view_as(scores)
-            probs = F.softmax(scores, dim=-1)
-            out = (probs @ v).type_as(x).view(B, self.n_heads, T, self.head_dim)  # (B, n_heads, T, head_dim)
-        else:
-            # The same four steps fused into one kernel that never stores the scores.
-            # Not is_causal=True: SDPA then anchors the causal triangle at the top-left
-            # corner, which is right only when T == S. With a cache T < S, so pass the
-            # mask from Transformer.forward, whose first start_pos columns are 0.
-            # enable_gqa: SDPA maps query head h to K/V head h // n_rep itself.
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                                 enable_gqa=self.n_rep > 1)  # (B, n_heads, T, head_dim)
+        out = self.sdpa(q, k, v, mask) if self.use_sdpa else self.explicit(q, k, v, mask)  # (B, n_heads, T, hd)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, dim)
         return self.wo(out)
+
+    def explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The definition: scores, mask, softmax, weighted sum of the values.
+
+        q (B, n_heads, T, head_dim), k and v (B, n_kv_heads, S, head_dim), mask (T, S) -> (B, n_heads, T, head_dim).
+        """
+        B, _, T, _ = q.shape
+        S = k.shape[2]
+        # Query head h reads K/V head h // n_rep: group the query heads by K/V head.
+        q = q.reshape(B, self.n_kv_heads, self.n_rep * T, self.head_dim)  # (B, n_kv_heads, n_rep * T, head_dim)
+        # In float32 at least: exp() of bf16 scores loses the small probabilities. For a
+        # bf16 model this copies the visible K/V each call: 2 x S x n_kv_heads x head_dim x
+        # 4 bytes per layer (4 MiB per layer for 8B at 1K positions).
+        dtype, out_dtype = torch.promote_types(q.dtype, torch.float32), q.dtype
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        # The 1/sqrt(head_dim) keeps the scores' variance near 1 (Vaswani et al. 2017).
+        scores = q @ k.transpose(2, 3) / math.sqrt(self.head_dim)  # (B, n_kv_heads, n_rep * T, S)
+        if mask is not None:
+            scores = (scores.view(B, self.n_kv_heads, self.n_rep, T, S) + mask).view_as(scores)
+        probs = F.softmax(scores, dim=-1)
+        return (probs @ v).to(out_dtype).view(B, self.n_heads, T, self.head_dim)
+
+    def sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The same four steps fused into one kernel that never stores the (T, S) scores."""
+        # Not is_causal=True: SDPA then anchors the causal triangle at the top-left
+        # corner, which is right only when T == S. With a cache T < S, so pass the
+        # mask from Transformer.forward, whose first start_pos columns are 0.
+        # enable_gqa: SDPA maps query head h to K/V head h // n_rep itself.
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_rep > 1)
 
 
 # -----------------------------------------------------------------------------
@@ -807,13 +813,14 @@ class SkipInit(torch.overrides.TorchFunctionMode):
 
 def load_model(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
                max_seq_len: int | None = None, rope_scaling_factor: float | None = None,
-               use_sdpa: bool = False, tensor_parallel: bool = False) -> Transformer:
+               use_sdpa: bool | None = None, tensor_parallel: bool = False) -> Transformer:
     """Load a checkpoint directory in any of the three layouts above.
 
     device: where the weights go (default cpu); dtype: cast the weights to it
     (default: keep the checkpoint's). max_seq_len caps the positions the model
     addresses; rope_scaling_factor overrides the 3.1 factor (see
-    LLAMA32_ROPE_FACTORS); use_sdpa picks the SDPA attention path.
+    LLAMA32_ROPE_FACTORS); use_sdpa: attention through SDPA (None, the default:
+    yes, the faster for prompts on every device measured; False: the explicit path).
     tensor_parallel: load only this process's part for tensor parallelism across
     the processes of torch.distributed's default group (see shard_model).
     """
@@ -824,7 +831,7 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
             raise ValueError(f"max_seq_len {max_seq_len} is outside the 1..{args.max_seq_len} positions "
                              f"{path} supports")
         args.max_seq_len = max_seq_len
-    args.use_sdpa = use_sdpa
+    args.use_sdpa = use_sdpa is not False
     device = torch.device(device or "cpu")
     # Parameters without storage or random init; load_state_dict(assign=True) fills them.
     with torch.device("meta"), SkipInit():
@@ -1047,12 +1054,25 @@ def sample(logits: torch.Tensor, temperature: float = 0.6, top_p: float = 0.9, t
 LLAMA3_STOP_TOKENS = (128001, 128008, 128009)
 
 
+def prefill(model: Transformer, tokens: torch.Tensor, start_pos: int, cache: list[KVCache],
+            chunk: int = 512) -> torch.Tensor:
+    """Feed tokens (B, T) at start_pos through the cache, at most `chunk` positions per call.
+
+    Returns the last position's logits (B, vocab_size). Each chunk attends to the
+    cache and to itself through a (chunk, S) mask, so memory grows linearly with the
+    prompt; 512 rows keep the matrix products as fast as one call (README.md).
+    """
+    for i in range(0, tokens.shape[1], chunk):
+        logits = model(tokens[:, i : i + chunk], start_pos + i, cache, last_only=True)  # (B, 1, vocab_size)
+    return logits[:, -1]
+
+
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.6,
              top_p: float = 0.9, top_k: int | None = None, stop_tokens: list[int] | tuple[int, ...] | None = None,
              seed: int | None = None, on_token: Callable[[int, int], bool | None] | None = None,
              cache: list[KVCache] | None = None, cached_len: int = 0, compile: bool = False,
-             repetition_penalty: float = 1.0) -> list[list[int]]:
+             repetition_penalty: float = 1.0, prefill_chunk: int = 512) -> list[list[int]]:
     """Continue each prompt (a list of token ids) by up to max_new_tokens tokens.
 
     Returns the new tokens of each prompt, without the stop token that ended it.
@@ -1062,6 +1082,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         returning True ends that row after this token (the CLI's stop strings).
     repetition_penalty: > 1 discourages every token already in the row, prompt
         included (apply_repetition_penalty); 1.0 is off.
+    prefill_chunk: the prompt is fed this many positions at a time (see prefill).
     cache, cached_len: reuse a cache whose first cached_len positions already hold
         prompts[0][:cached_len] (the CLI's chat keeps one across turns; batch size 1).
     compile: run the one-token decode steps through torch.compile. Meant for GPUs,
@@ -1101,8 +1122,10 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     decode_step = torch.compile(model, dynamic=True) if compile else model
     prev_pos = cached_len
     for cur_pos in range(min(lengths), total_len):
-        step = decode_step if cur_pos - prev_pos == 1 else model
-        logits = step(tokens[:, prev_pos:cur_pos], prev_pos, cache, last_only=True)[:, -1]  # (B, vocab_size)
+        if cur_pos - prev_pos == 1:
+            logits = decode_step(tokens[:, prev_pos:cur_pos], prev_pos, cache, last_only=True)[:, -1]  # (B, vocab)
+        else:
+            logits = prefill(model, tokens[:, prev_pos:cur_pos], prev_pos, cache, prefill_chunk)  # (B, vocab_size)
         if repetition_penalty != 1.0:
             logits = apply_repetition_penalty(logits, tokens[:, :cur_pos], repetition_penalty)
         next_token = sample(logits, temperature, top_p, top_k, generator)  # (B,)
@@ -1218,8 +1241,10 @@ def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
     # loading needs no copy. On CPU too: decode reads every weight per token, and half
     # the bytes decoded 1.2x faster than fp32 on a CPU without bf16 instructions
     # (benchmarks/bench.py), while appendix A keeps prefill at fp32 speed. MPS runs fp16
-    # more reliably than bf16.
-    return torch.float16 if device.type == "mps" else torch.bfloat16
+    # more reliably than bf16, and so do CUDA GPUs without bf16 (V100, T4).
+    if device.type == "mps" or (device.type == "cuda" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -1245,12 +1270,15 @@ def _parser() -> argparse.ArgumentParser:
                    "there (the logit lens) and which earlier tokens the last position attends to most")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "fp32", "bfloat16", "bf16", "float16",
-                   "fp16"], help="weight dtype (default: bfloat16; float16 on MPS)")
-    p.add_argument("--sdpa", action="store_true", help="attention through F.scaled_dot_product_attention")
+                   "fp16"], help="weight dtype (default: bfloat16; float16 on MPS and on GPUs without bf16)")
+    p.add_argument("--sdpa", action="store_true", help="attention through F.scaled_dot_product_attention "
+                   "(the default; on CPU a single decoded token still takes the explicit path, which is faster)")
+    p.add_argument("--explicit-attention", action="store_true", help="attention by its definition: scores, "
+                   "mask, softmax (the same numbers, slower for long prompts)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (meant for GPUs; "
                    "slower than eager on the CPUs measured; the first tokens wait for compilation)")
     p.add_argument("--max-seq-len", type=int, default=None,
-                   help="context positions to support (default: the model's; --chat caps its cache at 8192)")
+                   help="context positions to support (default: the model's, up to 131072 for 3.1+)")
     p.add_argument("--rope-scaling-factor", type=float, default=None,
                    help="override the Llama 3.1 RoPE scaling factor (8; 32 for 3.2 1B/3B)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model or tokenizer.json (default: CKPT's "
@@ -1274,6 +1302,8 @@ def main(argv: list[str] | None = None) -> None:
         _fail("--system needs --chat")
     if opts.max_new_tokens < 0 or (opts.top_k is not None and opts.top_k < 1) or not 0 < opts.top_p <= 1:
         _fail("--max-new-tokens must be >= 0, --top-k >= 1 and --top-p in (0, 1]")
+    if opts.sdpa and opts.explicit_attention:
+        _fail("--sdpa and --explicit-attention exclude each other")
     if not opts.repetition_penalty > 0:
         _fail(f"--repetition-penalty must be > 0 (1.0 is off), not {opts.repetition_penalty}")
     if "" in opts.stop:
@@ -1299,7 +1329,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     try:
         model = load_model(ckpt, device, _pick_dtype(opts.dtype, device), max_seq_len=opts.max_seq_len,
-                           rope_scaling_factor=opts.rope_scaling_factor, use_sdpa=opts.sdpa,
+                           rope_scaling_factor=opts.rope_scaling_factor, use_sdpa=not opts.explicit_attention,
                            tensor_parallel=tensor_parallel)
     except (CheckpointError, ValueError, OSError) as e:
         _fail(str(e))
@@ -1311,6 +1341,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"loaded {ckpt} in {time.perf_counter() - t0:.1f}s: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B "
           f"parameters, {str(dtype).removeprefix('torch.')} on {device}", file=sys.stderr)
 
+    if opts.compile and device.type == "cpu":
+        _note("--compile ran 5x slower than eager on CPU (README.md, Performance): running eager")
+        opts.compile = False
     sampling = {"temperature": opts.temperature, "top_p": opts.top_p, "top_k": opts.top_k, "seed": opts.seed,
                 "compile": opts.compile, "repetition_penalty": opts.repetition_penalty}
     read = input
@@ -1445,8 +1478,10 @@ def run_chat(model: Transformer, tokenizer: Tokenizer, chat: ChatFormat, opts: a
 
     system = [{"role": "system", "content": opts.system}] if opts.system else []
     dialog = list(system)
-    limit = opts.max_seq_len or min(model.args.max_seq_len, 8192)
-    cache, cached = model.new_cache(1, limit), []  # cached: the tokens whose K/V the cache holds
+    limit = model.args.max_seq_len  # the model's context, or --max-seq-len
+    # The cache starts at 8192 positions and doubles when a turn needs more, up to limit:
+    # 128K positions of 8B's cache would take 16 GiB before the first word.
+    cache, cached = model.new_cache(1, min(limit, 8192)), []  # cached: the tokens whose K/V the cache holds
     interactive = opts.prompt is None
     if interactive:
         print("chat: /reset clears the history, Ctrl-D quits", file=sys.stderr)
@@ -1477,6 +1512,12 @@ def run_chat(model: Transformer, tokenizer: Tokenizer, chat: ChatFormat, opts: a
         reuse = 0
         while reuse < min(len(cached), len(prompt) - 1) and cached[reuse] == prompt[reuse]:
             reuse += 1
+        need = min(limit, len(prompt) + opts.max_new_tokens)
+        if cache[0].k.shape[2] < need:
+            bigger = model.new_cache(1, min(limit, max(need, 2 * cache[0].k.shape[2])))
+            for old, new in zip(cache, bigger):
+                new.k[:, :, :reuse], new.v[:, :, :reuse] = old.k[:, :, :reuse], old.v[:, :, :reuse]
+            cache = bigger
         reply, answer, interrupted = stream(model, StreamDecoder(tokenizer), prompt, opts.max_new_tokens,
                                             sampling, stops=getattr(opts, "stop", None) or [], cache=cache,
                                             cached_len=reuse)
@@ -1510,8 +1551,12 @@ def run_chat(model: Transformer, tokenizer: Tokenizer, chat: ChatFormat, opts: a
 #   memory bandwidth, where reading bf16 directly is faster. A CPU with bf16
 #   instructions keeps torch's bf16 kernel: on one, the fp32 route was 4x slower.
 #
+# - SDPA's CPU kernel is 3.4x faster than the explicit product for a prefill
+#   chunk but slower for one decoded token, which CPUAttention routes around.
+#
 # use_cpu_speed_paths(model) swaps every plain nn.Linear of a built model for
-# a CPULinear sharing its weight; load_model does it for CPU models. The choice
+# a CPULinear sharing its weight, and each Attention for a CPUAttention;
+# load_model does it for CPU models. The choice
 # is made once, from what this CPU can do; no state is kept between calls, so
 # one model serves two threads, under any torch default dtype or device.
 # =============================================================================
@@ -1567,14 +1612,30 @@ class CPULinear(nn.Linear):
         return F.linear(x, w)
 
 
+class CPUAttention(Attention):
+    """Attention whose SDPA setting applies to prefill only: one decoded token takes the explicit path."""
+
+    def sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        # One query has only S scores to store, so fusing saves nothing, and on CPU SDPA's
+        # kernel ran a decode step's attention 1.7x (fp32) to 10x (bf16) slower than the
+        # explicit product (README.md, Performance). Prefill chunks keep SDPA: 3.4x faster.
+        if q.shape[2] == 1:
+            return self.explicit(q, k, v, mask)
+        return super().sdpa(q, k, v, mask)
+
+
 def use_cpu_speed_paths(model: nn.Module, bf16_via_fp32: bool | None = None) -> nn.Module:
-    """Swap every plain bias-free nn.Linear in model for a CPULinear holding the same weight.
+    """Swap every plain bias-free nn.Linear in model for a CPULinear holding the same weight,
+    and every Attention for a CPUAttention (the same module with another sdpa method).
 
     bf16_via_fp32: default: when this CPU has no bf16 matrix instructions.
     Returns model, changed in place. Layers of other classes (tensor parallelism's) stay.
     """
     if bf16_via_fp32 is None:
         bf16_via_fp32 = not cpu_has_bf16_matmul()
+    for module in model.modules():
+        if type(module) is Attention:
+            module.__class__ = CPUAttention  # same parameters and state; only the method differs
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if type(child) is nn.Linear and child.bias is None:
