@@ -342,6 +342,38 @@ def test_cached_chunks_match_full_recompute():
         torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("use_sdpa", [False, True])
+def test_cached_decode_after_a_chunked_prefill_matches_full_recompute(use_sdpa):
+    # generate feeds long prompts in chunks through the cache; every position's logits
+    # must be those of one full forward pass, through the prefill and the decode after it.
+    model = random_model(tiny_args(use_sdpa=use_sdpa))
+    tokens = torch.randint(0, 256, (2, 40))
+    cache = model.new_cache(2, 40)
+    with torch.no_grad():
+        full = model(tokens)  # (B, 40, vocab_size)
+        last = llama3.prefill(model, tokens[:, :25], 0, cache, chunk=7)  # chunks of 7, 7, 7 and 4
+        torch.testing.assert_close(last, full[:, 24], atol=1e-5, rtol=1e-5)
+        for t in range(25, 40):
+            torch.testing.assert_close(model(tokens[:, t : t + 1], t, cache)[:, 0], full[:, t], atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_attention_decodes_like_sdpa():
+    # On CPU one decoded token takes the explicit path; it must give SDPA's numbers.
+    sdpa = random_model(tiny_args(use_sdpa=True))
+    cpu = llama3.use_cpu_speed_paths(copy.deepcopy(sdpa))
+    assert isinstance(cpu.layers[0].attention, llama3.CPUAttention)
+    calls = []
+    cpu.layers[0].attention.explicit = lambda *a: calls.append(1) or llama3.Attention.explicit(
+        cpu.layers[0].attention, *a)
+    tokens = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        c1, c2 = sdpa.new_cache(2, 12), cpu.new_cache(2, 12)
+        torch.testing.assert_close(cpu(tokens[:, :11], 0, c2), sdpa(tokens[:, :11], 0, c1), atol=1e-5, rtol=1e-5)
+        assert calls == []  # the prompt went through SDPA
+        torch.testing.assert_close(cpu(tokens[:, 11:], 11, c2), sdpa(tokens[:, 11:], 11, c1), atol=1e-5, rtol=1e-5)
+        assert calls == [1]  # the decoded token through the explicit product
+
+
 def test_sdpa_path_matches_teaching_path_in_prefill_and_decode():
     # --sdpa must be a pure speed choice: same numbers as the explicit attention.
     explicit = random_model(tiny_args())
@@ -603,6 +635,52 @@ def test_hf_checkpoint_with_old_rope_scaling_config(tmp_path):
     tokens = torch.randint(0, 256, (1, 40))
     with torch.no_grad():
         torch.testing.assert_close(load_model(tmp_path)(tokens), ref(tokens).logits.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_long_prompt_gives_transformers_greedy_tokens(tmp_path):
+    # A 4,000-token prompt through the default running path (SDPA, 512-token chunks, CPU
+    # paths) must continue exactly as transformers does.
+    args = tiny_args(dim=64, n_heads=4, n_kv_heads=2, max_seq_len=4096, original_max_seq_len=512)
+    ref = hf_model(args, seed=4)
+    ref.save_pretrained(tmp_path)
+    model = load_model(tmp_path)
+    prompt = torch.randint(0, 256, (1, 4000), generator=torch.Generator().manual_seed(1))
+    ours = llama3.generate(model, prompt.tolist(), 8, temperature=0, stop_tokens=[])
+    with torch.no_grad():
+        theirs = ref.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)
+    assert ours[0] == theirs[0, 4000:].tolist()
+
+
+PREFILL_MEMORY = """
+import json, sys, torch, llama3
+def peak():  # VmHWM: this process's peak resident memory, in bytes
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
+n, explicit = int(sys.argv[1]), sys.argv[2] == "explicit"
+torch.manual_seed(0)
+args = llama3.ModelArgs(dim=256, n_layers=2, n_heads=8, n_kv_heads=8, vocab_size=256, max_seq_len=n + 1,
+                        use_sdpa=not explicit)
+model = llama3.use_cpu_speed_paths(llama3.Transformer(args).eval())
+llama3.generate(model, [[1] * 600], 1, temperature=0)  # warm up every kernel and allocator pool
+before = peak()
+llama3.generate(model, [[i % 256 for i in range(n)]], 1, temperature=0)
+print(json.dumps(peak() - before))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads peak memory from Linux's /proc")
+def test_prefill_memory_grows_linearly_with_the_prompt():
+    # No (prompt x prompt) tensor may exist: doubling the prompt may about double what its
+    # prefill adds. A (T, T) mask and (8, T, T) scores would quadruple it (4.7 GB at 8,192).
+    def added(n: int) -> int:
+        r = subprocess.run([sys.executable, "-c", PREFILL_MEMORY, str(n), "sdpa"], cwd=HERE, capture_output=True,
+                           text=True, check=False)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    small, large = added(4096), added(8192)
+    assert large <= 2.3 * small, (small, large)
+    assert large < 200e6  # the cache (2 x 2 layers x 8192 x 256 x 4 bytes = 34 MB), chunks and activations
 
 
 def test_hf_checkpoint_with_a_saved_rope_table_loads(tmp_path):
@@ -1221,6 +1299,25 @@ def test_cli_sdpa_gives_the_same_greedy_text(cli_ckpt):
     assert a.returncode == b.returncode == 0 and a.stdout == b.stdout
 
 
+def test_cli_compile_on_cpu_says_it_runs_eager(cli_ckpt):
+    folder, _ = cli_ckpt
+    base = ("--ckpt", str(folder), "--prompt", "Hello", "--temperature", "0", "--max-new-tokens", "5")
+    r, eager = run_cli(*base, "--compile"), run_cli(*base)
+    assert r.returncode == 0 and r.stdout == eager.stdout
+    notes = [line for line in r.stderr.splitlines() if "--compile" in line]
+    assert len(notes) == 1 and "eager" in notes[0]
+
+
+def test_dtype_auto_picks_float16_on_gpus_without_bf16(monkeypatch):
+    # V100 and T4 have no bf16: float16 there, bf16 on newer GPUs and on CPU.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert llama3._pick_dtype("auto", torch.device("cuda")) == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert llama3._pick_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert llama3._pick_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    assert llama3._pick_dtype("auto", torch.device("mps")) == torch.float16
+
+
 def test_cli_warns_about_a_prompt_ending_in_whitespace(cli_ckpt):
     folder, _ = cli_ckpt
     r = run_cli("--ckpt", str(folder), "--prompt", "Hello ", "--max-new-tokens", "2", "--seed", "1")
@@ -1262,6 +1359,52 @@ def test_chat_feeds_exactly_the_dialog_prompt_and_reuses_the_cache(cli_ckpt, tok
     first_turn_len = len(ChatFormat(tok).encode_dialog_prompt(dialog[:2]))
     turn2_start = [s for s, n in starts if n > 1][1]  # the second prefill
     assert turn2_start >= first_turn_len  # the history was not fed again
+
+
+def test_chat_cache_grows_past_8192_positions_and_keeps_the_history(tok):
+    # Chat keeps one cache up to the model's context: its first 8,192 positions are
+    # allocated up front and it grows when a turn needs more, keeping what it holds.
+    import argparse
+
+    from tokenizer import ChatFormat
+
+    model = random_model(tiny_args(vocab_size=128256, dim=32, n_heads=2, n_kv_heads=1, max_seq_len=12000), seed=6)
+    opts = argparse.Namespace(system=None, max_new_tokens=4, prompt=None, stop=[])
+    sizes, lines = [], iter(["one " * 5000, "two " * 3500])
+
+    def read(_prompt):
+        return next(lines)  # StopIteration after two turns: end the chat as Ctrl-D would
+
+    original = llama3.generate
+
+    def spy(model, prompts, *a, cache=None, **kw):
+        sizes.append(cache[0].k.shape[2])
+        return original(model, prompts, *a, cache=cache, **kw)
+
+    llama3.generate = spy
+    try:
+        with pytest.raises(StopIteration):
+            llama3.run_chat(model, tok, ChatFormat(tok), opts, {"temperature": 0}, read=read)
+    finally:
+        llama3.generate = original
+    assert sizes[0] == 8192 and sizes[1] > 8192  # grew for the second turn
+    # The second turn's answer equals a fresh run on the whole dialog: the copied history is intact.
+    dialog = [{"role": "user", "content": "one " * 5000}]
+    first = llama3.generate(model, [ChatFormat(tok).encode_dialog_prompt(dialog)], 4, temperature=0)[0]
+    dialog += [{"role": "assistant", "content": tok.decode(first)}, {"role": "user", "content": "two " * 3500}]
+    prompt = ChatFormat(tok).encode_dialog_prompt(dialog)
+    assert len(prompt) > 8192
+    fresh = llama3.generate(model, [prompt], 4, temperature=0)[0]
+    seen = []
+    llama3.generate = lambda *a, on_token=None, **kw: original(
+        *a, on_token=lambda r, t: seen.append(t) or (on_token and on_token(r, t)), **kw)
+    try:
+        lines = iter(["one " * 5000, "two " * 3500])
+        with pytest.raises(StopIteration):
+            llama3.run_chat(model, tok, ChatFormat(tok), opts, {"temperature": 0}, read=read)
+    finally:
+        llama3.generate = original
+    assert seen[len(first):] == fresh
 
 
 def greedy_pieces(folder: Path, tok, prompt_ids: list[int], n: int) -> list[str]:
