@@ -175,9 +175,8 @@ class RMSNorm(nn.Module):
 # Meta computes the rotation in complex numbers; we use real cos and sin and
 # two multiply-adds per pair: same numbers, runs on every device (MPS has no
 # complex dtype) and shows the 2x2 rotation. All of it is float32, whatever
-# the weights are: a bf16 angle is off by up to 16 radians at position 4000.
-# The angles are computed per call for the positions it covers, so no state
-# can be cast or left on the wrong device.
+# the weights are: bf16 frequencies move 8B's angles at position 4000 by up to
+# 7 radians. The angles are computed per call, for the positions it covers.
 # -----------------------------------------------------------------------------
 
 
@@ -242,8 +241,7 @@ class KVCache:
     def __init__(self, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k, self.v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
 
     def update(self, start_pos: int, xk: torch.Tensor, xv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store xk, xv (B, n_kv_heads, T, head_dim) at start_pos; return all S positions so far."""
@@ -282,12 +280,9 @@ class Attention(nn.Module):
         return self.wo(out)
 
     def explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """The definition: scores, mask, softmax, weighted sum of the values.
-
-        q (B, n_heads, T, head_dim), k and v (B, n_kv_heads, S, head_dim), mask (T, S) -> (B, n_heads, T, head_dim).
-        """
+        """The definition: scores, mask, softmax, weighted sum of the values -> (B, n_heads, T, head_dim)."""
         B, _, T, _ = q.shape
-        S = k.shape[2]
+        S = k.shape[2]  # q (B, n_heads, T, head_dim); k, v (B, n_kv_heads, S, head_dim); mask (T, S)
         # Query head h reads K/V head h // n_rep: group the query heads by K/V head.
         q = q.reshape(B, self.n_kv_heads, self.n_rep * T, self.head_dim)  # (B, n_kv_heads, n_rep * T, head_dim)
         # In float32 at least: exp() of bf16 scores loses the small probabilities. For a
@@ -304,9 +299,8 @@ class Attention(nn.Module):
 
     def sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """The same four steps fused into one kernel that never stores the (T, S) scores."""
-        # Not is_causal=True: SDPA then anchors the causal triangle at the top-left
-        # corner, which is right only when T == S. With a cache T < S, so pass the
-        # mask from Transformer.forward, whose first start_pos columns are 0.
+        # Not is_causal=True: SDPA anchors that triangle at the top left, right only when
+        # T == S; with a cache T < S, so pass the mask, whose first start_pos columns are 0.
         # enable_gqa: SDPA maps query head h to K/V head h // n_rep itself.
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_rep > 1)
 
@@ -1085,9 +1079,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     prefill_chunk: the prompt is fed this many positions at a time (see prefill).
     cache, cached_len: reuse a cache whose first cached_len positions already hold
         prompts[0][:cached_len] (the CLI's chat keeps one across turns; batch size 1).
-    compile: run the one-token decode steps through torch.compile. Meant for GPUs,
-        where launching ~20 small kernels per layer can dominate a step; not yet
-        measured there. On the CPUs measured it was slower than eager (README.md).
+    compile: run the one-token decode steps compiled, with CUDA graphs on a GPU
+        (appendix C); compiled once per model and cache size. Not yet measured on a
+        GPU; on the CPU measured it was slower than eager (README.md).
     """
     stop_tokens = LLAMA3_STOP_TOKENS if stop_tokens is None else stop_tokens
     max_seq_len = model.args.max_seq_len
@@ -1118,12 +1112,13 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     # A row ends after max_new_tokens of its own, not the longest prompt's.
     limit = torch.tensor([min(n + max_new_tokens, total_len) for n in lengths], device=device)
 
-    # dynamic=True: start_pos and the cache length change every step; without it each would recompile.
-    decode_step = torch.compile(model, dynamic=True) if compile else model
+    step = compiled_decode(model, cache) if compile else None  # appendix C
     prev_pos = cached_len
     for cur_pos in range(min(lengths), total_len):
-        if cur_pos - prev_pos == 1:
-            logits = decode_step(tokens[:, prev_pos:cur_pos], prev_pos, cache, last_only=True)[:, -1]  # (B, vocab)
+        if cur_pos - prev_pos == 1 and step is not None:
+            logits = step(model, tokens[:, prev_pos:cur_pos], torch.tensor(prev_pos, device=device), cache)
+        elif cur_pos - prev_pos == 1:
+            logits = model(tokens[:, prev_pos:cur_pos], prev_pos, cache, last_only=True)[:, -1]  # (B, vocab_size)
         else:
             logits = prefill(model, tokens[:, prev_pos:cur_pos], prev_pos, cache, prefill_chunk)  # (B, vocab_size)
         if repetition_penalty != 1.0:
@@ -1793,6 +1788,56 @@ def _read_on_rank_0(prompt: str) -> str:
     if box[0] is None:
         raise EOFError
     return box[0]
+
+
+
+# =============================================================================
+# Appendix C: compiled decoding for GPUs (--compile)
+#
+# A decode step launches ~20 small kernels per layer, and on a GPU launching
+# them can take longer than running them. CUDA graphs record a whole step once
+# and replay it with one launch, but only for fixed shapes and memory
+# addresses, while part 1's step reads a cache slice that grows by one
+# position per token. So this step, like gpt-fast's, attends over the whole
+# preallocated cache, with a mask of the positions written so far, takes its
+# position as a tensor and writes K/V in place. torch.compile with mode
+# "reduce-overhead" records it as a CUDA graph; it is compiled once per model
+# (kept as model.compiled_decode) and replayed by every later generate call.
+# =============================================================================
+
+
+def decode_step_static(model: Transformer, token: torch.Tensor, pos: torch.Tensor,
+                       cache: list[KVCache]) -> torch.Tensor:
+    """model(token, pos, cache, last_only=True)[:, -1] with fixed shapes: token (B, 1), pos a 0-d tensor."""
+    B, L = token.shape[0], cache[0].k.shape[2]
+    angles = pos.float() * rope_frequencies(model.args, token.device)  # (head_dim // 2,)
+    cos, sin = angles.cos()[None], angles.sin()[None]  # (1, head_dim // 2)
+    visible = (torch.arange(L, device=token.device) <= pos)[None]  # (1, L): the positions written so far
+    h = model.tok_embeddings(token)  # (B, 1, dim)
+    for layer, c in zip(model.layers, cache):
+        a, x = layer.attention, layer.attention_norm(h)
+        q = apply_rotary_emb(a.wq(x).view(B, 1, a.n_heads, a.head_dim), cos, sin).transpose(1, 2)
+        k = apply_rotary_emb(a.wk(x).view(B, 1, a.n_kv_heads, a.head_dim), cos, sin).transpose(1, 2)
+        v = a.wv(x).view(B, 1, a.n_kv_heads, a.head_dim).transpose(1, 2)  # (B, n_kv_heads, 1, head_dim)
+        c.k[:B].index_copy_(2, pos[None], k)
+        c.v[:B].index_copy_(2, pos[None], v)
+        out = F.scaled_dot_product_attention(q, c.k[:B], c.v[:B], attn_mask=visible,
+                                             enable_gqa=a.n_rep > 1)  # (B, n_heads, 1, head_dim)
+        h = h + a.wo(out.transpose(1, 2).reshape(B, 1, -1))
+        h = h + layer.feed_forward(layer.ffn_norm(h))
+    return model.output(model.norm(h)).float()[:, -1]  # (B, vocab_size)
+
+
+def compiled_decode(model: Transformer, cache: list[KVCache]) -> Callable:
+    """decode_step_static compiled for model, once; cache's tensors marked as fixed addresses."""
+    cuda = model.tok_embeddings.weight.device.type == "cuda"
+    if cuda:
+        for c in cache:  # written in place by the graph: CUDA graphs must not copy them per step
+            torch._dynamo.mark_static_address(c.k)
+            torch._dynamo.mark_static_address(c.v)
+    if getattr(model, "compiled_decode", None) is None:
+        model.compiled_decode = torch.compile(decode_step_static, mode="reduce-overhead" if cuda else None)
+    return model.compiled_decode
 
 
 if __name__ == "__main__":

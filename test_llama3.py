@@ -1147,6 +1147,23 @@ def test_compiled_decode_matches_eager():
     assert llama3.generate(model, prompts, 8, temperature=0, stop_tokens=[], compile=True) == eager
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_static_decode_step_matches_the_models_own(tied):
+    # --compile's step attends over the whole cache with a mask of the positions written so
+    # far (fixed shapes for CUDA graphs); eagerly it must give the model's own logits and
+    # leave the cache as the model's step does.
+    model = random_model(tiny_args(tie_word_embeddings=tied))
+    tokens = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        c1, c2 = model.new_cache(2, 24), model.new_cache(2, 24)
+        model(tokens[:, :10], 0, c1)
+        model(tokens[:, :10], 0, c2)
+        for t in range(10, 16):
+            ours = llama3.decode_step_static(model, tokens[:, t : t + 1], torch.tensor(t), c2)
+            torch.testing.assert_close(ours, model(tokens[:, t : t + 1], t, c1)[:, -1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(c2[1].k, c1[1].k, atol=1e-6, rtol=1e-6)
+
+
 def test_a_stopped_row_streams_nothing_more_and_generation_ends_when_all_rows_stop():
     # generate cuts each returned row at its stop token, so only on_token (the CLI's
     # streaming) and the number of model calls show whether a stopped row really stopped:
@@ -1945,3 +1962,60 @@ def test_torchrun_command_line_prints_the_same_greedy_text(cli_ckpt):
                        env=env, stdin=subprocess.DEVNULL)
     assert single.returncode == 0 and r.returncode == 0, r.stderr[-2000:]
     assert r.stdout == single.stdout and len(single.stdout.strip()) > 0
+
+
+# -----------------------------------------------------------------------------
+# On a device: the same checks on cuda where one is present (benchmarks/gpu_check.sh runs these)
+# -----------------------------------------------------------------------------
+
+
+def on(device: str):
+    """Skip a device case on a machine without that device."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device here")
+    return torch.device(device)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_on_device_logits_match_cpu_and_cached_decode_matches_recompute(device):
+    dev = on(device)
+    cpu = random_model(tiny_args(use_sdpa=True))
+    model = copy.deepcopy(cpu).to(dev)
+    tokens = torch.randint(0, 256, (2, 30))
+    with torch.no_grad():
+        full = model(tokens.to(dev))
+        torch.testing.assert_close(full.cpu(), cpu(tokens), atol=1e-4, rtol=1e-4)  # TF32-free float32 kernels
+        cache = model.new_cache(2, 30)
+        last = llama3.prefill(model, tokens[:, :20].to(dev), 0, cache, chunk=8)
+        torch.testing.assert_close(last, full[:, 19], atol=1e-4, rtol=1e-4)
+        for t in range(20, 30):
+            step = model(tokens[:, t : t + 1].to(dev), t, cache)[:, 0]
+            torch.testing.assert_close(step, full[:, t], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_on_device_sdpa_equals_explicit_and_half_precision_stays_close(device):
+    dev = on(device)
+    explicit = random_model(tiny_args()).to(dev)
+    sdpa = copy.deepcopy(explicit)
+    for layer in sdpa.layers:
+        layer.attention.use_sdpa = True
+    tokens = torch.randint(0, 256, (2, 24), device=dev)
+    with torch.no_grad():
+        reference = explicit(tokens)
+        torch.testing.assert_close(sdpa(tokens), reference, atol=1e-4, rtol=1e-4)
+        for dtype in (torch.bfloat16, torch.float16):
+            half = copy.deepcopy(sdpa).to(dtype)(tokens)
+            assert half.dtype == torch.float32
+            # Logits of order 1 through 2 layers: bf16's 8 bits of mantissa keep them within ~0.1.
+            assert (half - reference).abs().max() < 0.15, dtype
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_on_device_compiled_decode_matches_eager(device):
+    dev = on(device)
+    model = random_model(tiny_args(use_sdpa=True)).to(dev)
+    prompts = [[1, 2, 3], [9, 8, 7, 6, 5]]
+    eager = llama3.generate(model, prompts, 8, temperature=0, stop_tokens=[])
+    assert llama3.generate(model, prompts, 8, temperature=0, stop_tokens=[], compile=True) == eager
+

@@ -1,6 +1,7 @@
 """llama3.py against Hugging Face transformers: load, prefill, decode, memory (run by hand).
 
     python benchmarks/bench.py [--rounds 3] [--dtypes fp32,bf16] [--new-tokens 32] [--device cpu|cuda]
+    python benchmarks/bench.py --long 1024,4096,16384 [--rounds 1]    (long prompts)
 
 Creates once, in a temporary folder (or --ckpt-dir, kept for the next run), a
 random bf16 checkpoint in Llama 3.2 1B shape in the Hugging Face layout
@@ -14,6 +15,9 @@ own matrix-vector kernel through all the weights: the decode ceiling of any
 implementation built on F.linear. On CPU it also measures the machine's read bandwidth, the decode
 bound it implies (weights' bytes / bandwidth) and each side's share of it.
 On CUDA (bf16) it adds ours with --compile and reports peak GPU memory.
+With --long, it runs each prompt length instead, generating 2 tokens, and
+prints per side the time to the first token (load + prefill) and the peak RSS
+above the weights, with the ratios ours / transformers.
 transformers is needed for its side only; without it, ours runs alone.
 """
 
@@ -132,7 +136,7 @@ def child(side: str, ckpt: str, dtype_name: str, device: str, prompt_len: int, n
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                            min_new_tokens=new_tokens, do_sample=False, streamer=Stamp(), pad_token_id=0)
     prefill_ms = (stamps[1] - stamps[0]) * 1e3
-    decode = (len(stamps) - 2) / (stamps[-1] - stamps[1])
+    decode = (len(stamps) - 2) / (stamps[-1] - stamps[1]) if len(stamps) > 2 else float("nan")
     result = {"load_s": load_s, "load_rss_gb": load_rss, "prefill_ms": prefill_ms, "decode_tok_s": decode,
               "ttft_s": load_s + prefill_ms / 1e3,
               "peak_rss_gb": peak_rss_gb(), "weights_gb": weights / 1e9, "new_tokens": len(stamps) - 1}
@@ -202,6 +206,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--ckpt-dir", type=Path, default=None, help="where the random checkpoint lives (kept)")
+    p.add_argument("--long", default=None, help="long-prompt mode: prompt lengths, e.g. 1024,4096,16384")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     opts = p.parse_args()
     if opts.child:
@@ -232,6 +237,9 @@ def main() -> None:
     print(f"# Llama 3.2 1B shape, random bf16 weights in {opts.ckpt_dir}; prompt {opts.prompt_len} tokens, "
           f"{opts.new_tokens} greedy new tokens; {opts.rounds} rounds, sides alternating")
 
+    if opts.long:
+        long_prompts(opts, sides)
+        return
     for dtype in opts.dtypes.split(","):
         results = {s: [] for s in sides}
         bandwidths, ceilings = [], []
@@ -277,6 +285,33 @@ def main() -> None:
                           f" rounds {', '.join(f'{x:.2f}' for x in ratios)})")
     if tmp:
         tmp.cleanup()
+
+
+def long_prompts(opts, sides: list[str]) -> None:
+    """Time to first token and peak RSS above the weights for each prompt length, sides alternating."""
+    for dtype in opts.dtypes.split(","):
+        print(f"\n## {dtype}\n| prompt tokens | side | prefill s | time to first token s | peak RSS over weights GB |"
+              "\n|---|---|---|---|---|")
+        ratios = []
+        for n in (int(x) for x in opts.long.split(",")):
+            run = argparse.Namespace(**{**vars(opts), "prompt_len": n, "new_tokens": 2})
+            results = {s: [] for s in sides}
+            for r in range(opts.rounds):
+                for side in sides if r % 2 == 0 else sides[::-1]:
+                    results[side].append(run_child(side, run, dtype))
+            for side in sides:
+                rs = results[side]
+                over = statistics.median(x["peak_rss_gb"] - x["weights_gb"] for x in rs)
+                print(f"| {n} | {side} | {statistics.median(x['prefill_ms'] for x in rs) / 1e3:.1f} | "
+                      f"{statistics.median(x['ttft_s'] for x in rs):.1f} | {over:.2f} |")
+            if "transformers" in sides:
+                ttft = statistics.median(a["ttft_s"] / b["ttft_s"] for a, b in zip(results["ours"],
+                                                                                   results["transformers"]))
+                mem = statistics.median((a["peak_rss_gb"] - a["weights_gb"]) / (b["peak_rss_gb"] - b["weights_gb"])
+                                        for a, b in zip(results["ours"], results["transformers"]))
+                ratios.append(f"{n} tokens: time to first token {ttft:.2f}x, memory over weights {mem:.2f}x")
+        for line in ratios:
+            print(f"ours / transformers, {line} (lower is better; median of {opts.rounds} rounds)")
 
 
 if __name__ == "__main__":
