@@ -287,7 +287,7 @@ class Attention(nn.Module):
         q = q.reshape(B, self.n_kv_heads, self.n_rep * T, self.head_dim)  # (B, n_kv_heads, n_rep * T, head_dim)
         # In float32 at least: exp() of bf16 scores loses the small probabilities. For a
         # bf16 model this copies the visible K/V each call: 2 x S x n_kv_heads x head_dim x
-        # 4 bytes per layer (4 MiB per layer for 8B at 1K positions).
+        # 4 bytes per layer (8 MiB per layer for 8B at 1K positions).
         dtype, out_dtype = torch.promote_types(q.dtype, torch.float32), q.dtype
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         # The 1/sqrt(head_dim) keeps the scores' variance near 1 (Vaswani et al. 2017).
@@ -299,8 +299,8 @@ class Attention(nn.Module):
 
     def sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """The same four steps fused into one kernel that never stores the (T, S) scores."""
-        # Not is_causal=True: SDPA anchors that triangle at the top left, right only when
-        # T == S; with a cache T < S, so pass the mask, whose first start_pos columns are 0.
+        # Not is_causal=True: SDPA anchors the causal triangle at the top left, right only
+        # when T == S; with a cache T < S, so pass the mask, whose first start_pos columns are 0.
         # enable_gqa: SDPA maps query head h to K/V head h // n_rep itself.
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_rep > 1)
 

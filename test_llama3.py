@@ -38,6 +38,11 @@ def require(module: str):
     return pytest.importorskip(module)
 
 
+def run_python(code: str, *args: str) -> subprocess.CompletedProcess:
+    """Run code in a fresh interpreter in this folder (imports, memory and modules start clean)."""
+    return subprocess.run([sys.executable, "-c", code, *args], check=False, cwd=HERE, capture_output=True, text=True)
+
+
 def tiny_args(**kw) -> ModelArgs:
     base = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 256, "multiple_of": 32,
             "ffn_dim_multiplier": None, "max_seq_len": 64, "use_scaled_rope": True, "original_max_seq_len": 16}
@@ -234,7 +239,7 @@ def test_loading_skips_random_init_and_the_compiler_stack(tmp_path):
     code = ("import sys, llama3\n"
             f"m = llama3.load_model({str(tmp_path / 'ckpt')!r})\n"
             "assert 'torch._dynamo' not in sys.modules\n")
-    r = subprocess.run([sys.executable, "-c", code], check=False, cwd=HERE, capture_output=True, text=True)
+    r = run_python(code)
     assert r.returncode == 0, r.stderr
 
 
@@ -485,10 +490,14 @@ def test_cpu_speed_paths_are_safe_with_two_threads_and_any_default_dtype():
     default = torch.get_default_dtype()
     try:
         torch.set_default_dtype(torch.float64)
+        torch.set_default_device("meta")  # where nothing can be computed: every tensor must say its device
         with torch.no_grad():
             assert torch.equal(model(prompts[0]), alone[0])
+        out = llama3.generate(model, [prompts[0][0].tolist()], 3, temperature=0.8, seed=1, stop_tokens=[])
+        assert len(out[0]) == 3 and all(0 <= t < 256 for t in out[0])
     finally:
         torch.set_default_dtype(default)
+        torch.set_default_device(None)
 
 
 def test_last_only_returns_the_last_positions_logits():
@@ -523,7 +532,7 @@ def test_model_imports_with_only_torch_installed(tmp_path):
         f"llama3.load_model({str(tmp_path / 'ckpt')!r})\n"
         "assert 'tiktoken' not in sys.modules or sys.modules['tiktoken'] is None\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], check=False, cwd=HERE, capture_output=True, text=True)
+    r = run_python(code)
     assert r.returncode == 0, r.stderr
 
 
@@ -673,8 +682,7 @@ def test_prefill_memory_grows_linearly_with_the_prompt():
     # No (prompt x prompt) tensor may exist: doubling the prompt may about double what its
     # prefill adds. A (T, T) mask and (8, T, T) scores would quadruple it (4.7 GB at 8,192).
     def added(n: int) -> int:
-        r = subprocess.run([sys.executable, "-c", PREFILL_MEMORY, str(n), "sdpa"], cwd=HERE, capture_output=True,
-                           text=True, check=False)
+        r = run_python(PREFILL_MEMORY, str(n), "sdpa")
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout)
 
@@ -1813,7 +1821,7 @@ def test_convert_runs_without_the_resource_module_and_reads_macos_bytes(tmp_path
     code = ("import sys; sys.modules['resource'] = None\nimport convert\n"
             f"s = convert.convert({str(tmp_path / 'src')!r}, {str(tmp_path / 'dst')!r}, log=lambda m: None)\n"
             "assert s['peak_rss_bytes'] is None, s\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, check=False)
+    r = run_python(code)
     assert r.returncode == 0, r.stderr
     import resource
 
