@@ -1032,8 +1032,9 @@ def sample(logits: torch.Tensor, temperature: float = 0.6, top_p: float = 0.9, t
 # -----------------------------------------------------------------------------
 # Generation
 #
-# Prefill runs the prompt through the model once, filling the KV cache; decode
-# then feeds one token per step. A batch of prompts of different lengths uses
+# Prefill runs the prompt through the model, filling the KV cache, 512 tokens
+# at a time so that a 128K-token prompt needs memory in proportion to its
+# length; decode then feeds one token per step. A batch of prompts of different lengths uses
 # Meta's scheme, which needs no padding mask: every row starts decoding at the
 # shortest prompt's length, and while a row still has prompt tokens left, its
 # sampled token is replaced by the prompt's own. Position t of every row is
@@ -1054,7 +1055,8 @@ def prefill(model: Transformer, tokens: torch.Tensor, start_pos: int, cache: lis
 
     Returns the last position's logits (B, vocab_size). Each chunk attends to the
     cache and to itself through a (chunk, S) mask, so memory grows linearly with the
-    prompt; 512 rows keep the matrix products as fast as one call (README.md).
+    prompt. 512 rows keep the matrix products as fast as one call; the masked
+    attention costs ~1.2x one causal call (README.md, long prompts).
     """
     for i in range(0, tokens.shape[1], chunk):
         logits = model(tokens[:, i : i + chunk], start_pos + i, cache, last_only=True)  # (B, 1, vocab_size)
