@@ -1546,7 +1546,7 @@ def run_chat(model: Transformer, tokenizer: Tokenizer, chat: ChatFormat, opts: a
 #   weight is copied to fp32 and multiplied in fp32; bf16 kernels accumulate
 #   in fp32 too, so only the summation order changes. Fewer rows are bound by
 #   memory bandwidth, where reading bf16 directly is faster. A CPU with bf16
-#   instructions keeps torch's bf16 kernel: on one, the fp32 route was 4x slower.
+#   instructions keeps torch's bf16 kernel: on one, the fp32 route was 4-5x slower.
 #
 # - SDPA's CPU kernel is 3.4x faster than the explicit product for a prefill
 #   chunk but slower for one decoded token, which CPUAttention routes around.
@@ -1615,7 +1615,7 @@ class CPUAttention(Attention):
     def sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         # One query has only S scores to store, so fusing saves nothing, and on CPU SDPA's
         # kernel ran a decode step's attention 1.7x (fp32) to 10x (bf16) slower than the
-        # explicit product (README.md, Performance). Prefill chunks keep SDPA: 3.4x faster.
+        # explicit product (README.md, Performance). Prefill chunks keep SDPA: ~3.2x faster.
         if q.shape[2] == 1:
             return self.explicit(q, k, v, mask)
         return super().sdpa(q, k, v, mask)

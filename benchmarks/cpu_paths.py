@@ -1,0 +1,103 @@
+"""The choices appendix A and generate make on a CPU, timed side by side (run by hand).
+
+    python benchmarks/cpu_paths.py [--rounds 7]
+
+On the Llama 3.2 1B shape, alternating the two sides of each choice and
+printing medians, with the ratio of the medians of each round:
+  - fp32 products: torch's F.linear against row_block_linear (1 to 2,048 rows);
+  - bf16 products of 16 and 128 rows: torch's bf16 kernel against bf16_linear_in_fp32;
+  - attention of one layer: explicit against SDPA, for a 512-token chunk and one decoded token;
+  - a 4,096-token prompt's attention: one is_causal call against masked chunks of 256, 512 and 2,048.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import llama3
+
+DIM, HIDDEN, N_HEADS, N_KV_HEADS, HEAD_DIM = 2048, 8192, 32, 8, 64
+
+
+def timed(fn, reps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - start) / reps
+
+
+def compare(title: str, sides: dict, rounds: int, reps: int) -> None:
+    """Alternate the sides `rounds` times; print each side's median and the median ratio to the first."""
+    for fn in sides.values():
+        fn()  # warm up
+    times = {name: [] for name in sides}
+    for r in range(rounds):
+        for name in sides if r % 2 == 0 else list(sides)[::-1]:
+            times[name].append(timed(sides[name], reps))
+    first = next(iter(sides))
+    parts = []
+    for name, ts in times.items():
+        ratio = statistics.median(a / b for a, b in zip(times[first], ts))
+        parts.append(f"{name} {statistics.median(ts) * 1e3:.2f} ms" + ("" if name == first else f" ({ratio:.2f}x)"))
+    print(f"{title}: " + ", ".join(parts))
+
+
+def masked_chunks(q, k, v, chunk: int) -> None:
+    T = q.shape[2]
+    for start in range(0, T, chunk):
+        mask = torch.hstack([torch.zeros(chunk, start), torch.full((chunk, chunk), float("-inf")).triu(1)])
+        F.scaled_dot_product_attention(q[:, :, start : start + chunk], k[:, :, : start + chunk],
+                                       v[:, :, : start + chunk], attn_mask=mask.to(q.dtype), enable_gqa=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=7)
+    opts = p.parse_args()
+    torch.manual_seed(0)
+    print(f"# {os.cpu_count()} threads; torch {torch.__version__}; bf16 matrix instructions: "
+          f"{llama3.cpu_has_bf16_matmul()}; ratios are (first side's time) / (this side's time), so > 1 is faster")
+    shapes = [(N_HEADS * HEAD_DIM, DIM), (N_KV_HEADS * HEAD_DIM, DIM), (HIDDEN, DIM), (DIM, HIDDEN)]
+    with torch.inference_mode():
+        ws = [torch.randn(s) * 0.02 for s in shapes]
+        for rows in (1, 128, 512, 2048):
+            xs = [torch.randn(1, rows, w.shape[1]) for w in ws]
+            compare(f"fp32, {rows} rows, one layer's shapes", {
+                "F.linear": lambda xs=xs: [F.linear(x, w) for x, w in zip(xs, ws)],
+                "row blocks": lambda xs=xs: [llama3.row_block_linear(x, w) for x, w in zip(xs, ws)]},
+                opts.rounds, 20 if rows == 1 else 2)
+        wb = [w.bfloat16() for w in ws]
+        for rows in (16, 128):
+            xs = [torch.randn(1, rows, w.shape[1]).bfloat16() for w in wb]
+            compare(f"bf16, {rows} rows, one layer's shapes", {
+                "bf16 kernel": lambda xs=xs: [F.linear(x, w) for x, w in zip(xs, wb)],
+                "via fp32 blocks": lambda xs=xs: [llama3.bf16_linear_in_fp32(x, w) for x, w in zip(xs, wb)]},
+                opts.rounds, 2)
+        attention = llama3.Attention(llama3.ModelArgs(dim=DIM, n_heads=N_HEADS, n_kv_heads=N_KV_HEADS))
+        for dtype in (torch.float32, torch.bfloat16):
+            for T, S in ((512, 4096), (1, 4096)):
+                q = torch.randn(1, N_HEADS, T, HEAD_DIM, dtype=dtype)
+                k, v = (torch.randn(1, N_KV_HEADS, S, HEAD_DIM, dtype=dtype) for _ in range(2))
+                mask = None if T == 1 else torch.hstack(
+                    [torch.zeros(T, S - T), torch.full((T, T), float("-inf")).triu(1)]).to(dtype)
+                compare(f"{str(dtype)[6:]} attention, {T} tokens over {S} positions", {
+                    "explicit": lambda q=q, k=k, v=v, m=mask: attention.explicit(q, k, v, m),
+                    "SDPA": lambda q=q, k=k, v=v, m=mask: attention.sdpa(q, k, v, m)},
+                    opts.rounds, 50 if T == 1 else 2)
+        q = torch.randn(1, N_HEADS, 4096, HEAD_DIM)
+        k, v = (torch.randn(1, N_KV_HEADS, 4096, HEAD_DIM) for _ in range(2))
+        compare("fp32 attention of a 4,096-token prompt", {
+            "is_causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+            **{f"chunks of {c}": lambda c=c: masked_chunks(q, k, v, c) for c in (256, 512, 2048)}},
+            max(3, opts.rounds // 2), 1)
+
+
+if __name__ == "__main__":
+    main()
