@@ -11,7 +11,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" \
     | tee -a "$out/gpu.txt"
 timeout 220 python -m pytest -q test_llama3.py -k "on_device" -rs 2>&1 | tail -15 | tee "$out/tests.txt"
-ckpt="$out/ckpt"
+ckpt="${TMPDIR:-/tmp}/llama3-gpu-check-ckpt"  # 2.5 GB: kept out of OUT_DIR
 timeout 170 python benchmarks/bench.py --device cuda --dtypes bf16 --rounds 1 --ckpt-dir "$ckpt" 2>&1 \
     | tee "$out/bench.txt"
 timeout 80 python benchmarks/bench.py --device cuda --dtypes bf16 --rounds 1 --long 4096 --ckpt-dir "$ckpt" 2>&1 \
