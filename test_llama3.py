@@ -665,10 +665,10 @@ PREFILL_MEMORY = """
 import json, sys, torch, llama3
 def peak():  # VmHWM: this process's peak resident memory, in bytes
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
-n, explicit = int(sys.argv[1]), sys.argv[2] == "explicit"
+n = int(sys.argv[1])
 torch.manual_seed(0)
 args = llama3.ModelArgs(dim=256, n_layers=8, n_heads=8, n_kv_heads=8, vocab_size=256, max_seq_len=n + 1,
-                        use_sdpa=not explicit)
+                        use_sdpa=True)  # load_model's default
 model = llama3.use_cpu_speed_paths(llama3.Transformer(args).eval())
 llama3.generate(model, [[1] * 16], 1, temperature=0)  # load the kernels; a longer warm-up would hide growth
 before = peak()
@@ -682,7 +682,7 @@ def test_prefill_memory_grows_linearly_with_the_prompt():
     # No (prompt x prompt) tensor may exist: doubling the prompt may about double what its
     # prefill adds (measured 1.8x). The old full (T, T) mask made it 2.5x (272 -> 681 MB).
     def added(n: int) -> int:
-        r = run_python(PREFILL_MEMORY, str(n), "sdpa")
+        r = run_python(PREFILL_MEMORY, str(n))
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout)
 
