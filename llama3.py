@@ -1055,8 +1055,8 @@ def prefill(model: Transformer, tokens: torch.Tensor, start_pos: int, cache: lis
 
     Returns the last position's logits (B, vocab_size). Each chunk attends to the
     cache and to itself through a (chunk, S) mask, so memory grows linearly with the
-    prompt. 512 rows keep the matrix products as fast as one call; the masked
-    attention costs ~1.2x one causal call (README.md, long prompts).
+    prompt. 512 rows keep the matrix products as fast as one call; on CPU the
+    chunks' attention costs 1.02-1.07x one causal call (appendix A, CPUAttention).
     """
     for i in range(0, tokens.shape[1], chunk):
         logits = model(tokens[:, i : i + chunk], start_pos + i, cache, last_only=True)  # (B, 1, vocab_size)
@@ -1548,8 +1548,9 @@ def run_chat(model: Transformer, tokenizer: Tokenizer, chat: ChatFormat, opts: a
 #   memory bandwidth, where reading bf16 directly is faster. A CPU with bf16
 #   instructions keeps torch's bf16 kernel: on one, the fp32 route was 4-5x slower.
 #
-# - SDPA's CPU kernel is 3.4x faster than the explicit product for a prefill
-#   chunk but slower for one decoded token, which CPUAttention routes around.
+# - SDPA's CPU kernel is 3.2x faster than the explicit product for a prefill
+#   chunk but slower for one decoded token, and given a mask it costs 1.2x what
+#   the same work does without one: CPUAttention routes around both.
 #
 # use_cpu_speed_paths(model) swaps every plain nn.Linear of a built model for
 # a CPULinear sharing its weight, and each Attention for a CPUAttention;
@@ -1610,15 +1611,41 @@ class CPULinear(nn.Linear):
 
 
 class CPUAttention(Attention):
-    """Attention whose SDPA setting applies to prefill only: one decoded token takes the explicit path."""
+    """Attention whose SDPA setting takes the fastest CPU route: the explicit product for one
+    decoded token, and for a prefill chunk two unmasked kernel calls merged by their softmax sums."""
 
     def sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        B, _, T, head_dim = q.shape
+        past = k.shape[2] - T  # cached positions before this chunk
         # One query has only S scores to store, so fusing saves nothing, and on CPU SDPA's
         # kernel ran a decode step's attention 1.7x (fp32) to 10x (bf16) slower than the
-        # explicit product (README.md, Performance). Prefill chunks keep SDPA: ~3.2x faster.
-        if q.shape[2] == 1:
+        # explicit product (README.md, Performance).
+        if T == 1:
             return self.explicit(q, k, v, mask)
-        return super().sdpa(q, k, v, mask)
+        # The CPU kernel behind SDPA, which also returns each query's log-sum-exp of scores.
+        flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+        if flash is None or mask is None or q.device.type != "cpu":
+            return super().sdpa(q, k, v, mask)
+        # Transformer.forward's mask is always causal over the cache: every query sees the
+        # `past` cached keys, and its own chunk's keys up to itself. Given a mask, the kernel
+        # reads it for every block of every head: 512-token chunks of a 16K prompt took 1.2x
+        # one causal call. So each part goes unmasked: the chunk's own keys with is_causal
+        # (its top-left triangle is right when queries and keys are the same T positions),
+        # the past with no mask; 1.02-1.07x one causal call (README.md, long prompts).
+        own_k, own_v = (x[:, :, past:].repeat_interleave(self.n_rep, 1) for x in (k, v))  # (B, n_heads, T, hd)
+        out, lse = flash(q, own_k, own_v, 0.0, True)  # (B, n_heads, T, head_dim); lse (B, n_heads, T) fp32
+        if past == 0:
+            return out
+        # No mask over the past, so each group's n_rep query heads can be rows against
+        # their one K/V head, as in explicit().
+        grouped = q.reshape(B, self.n_kv_heads, self.n_rep * T, head_dim)
+        out_past, lse_past = flash(grouped, k[:, :, :past], v[:, :, :past], 0.0, False)
+        # Each call normalised its softmax by its own sum Z of exp(scores), lse = log Z.
+        # Over all keys, the two outputs mix in proportion to their Z: the past's share is
+        # Z_past / (Z_past + Z_own) = sigmoid(lse_past - lse).
+        share = torch.sigmoid(lse_past.reshape(B, self.n_heads, T) - lse).unsqueeze(-1)  # (B, n_heads, T, 1)
+        out_past = out_past.reshape(B, self.n_heads, T, head_dim)
+        return torch.lerp(out.float(), out_past.float(), share).to(q.dtype)  # (B, n_heads, T, head_dim)
 
 
 def use_cpu_speed_paths(model: nn.Module, bf16_via_fp32: bool | None = None) -> nn.Module:

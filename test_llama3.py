@@ -379,6 +379,30 @@ def test_cpu_attention_decodes_like_sdpa():
         assert calls == [1]  # the decoded token through the explicit product
 
 
+@pytest.mark.parametrize("n_kv_heads", [2, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_attention_prefill_chunks_equal_the_definition(monkeypatch, n_kv_heads, dtype):
+    # On CPU a chunk after cached positions runs as two unmasked kernel calls merged by their
+    # log-sum-exp; it must give explicit()'s softmax over all S keys, never reaching masked SDPA.
+    attention = llama3.CPUAttention(ModelArgs(dim=8 * 16, n_heads=8, n_kv_heads=n_kv_heads))
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", None)  # masked SDPA would now fail
+    torch.manual_seed(0)
+    for past, T in ((0, 37), (45, 37), (300, 2)):
+        S = past + T
+        q = torch.randn(2, 8, T, 16) * 2  # scale 2: sharper softmaxes, where a wrong mix shows
+        k, v = torch.randn(2, n_kv_heads, S, 16) * 2, torch.randn(2, n_kv_heads, S, 16)
+        mask = torch.hstack([torch.zeros(T, past), torch.full((T, T), float("-inf")).triu(1)])  # as forward's
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        want = attention.explicit(q.double(), k.double(), v.double(), mask.double())  # exact, same inputs
+        with torch.no_grad():
+            got = attention.sdpa(q, k, v, mask.to(dtype))
+        assert got.dtype == dtype and got.shape == want.shape
+        # float32: only summation order differs. Half precision: the two partial outputs are
+        # rounded before the merge and the result once more, so up to ~2 units in the last place.
+        tol = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+        torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+
+
 def test_sdpa_path_matches_teaching_path_in_prefill_and_decode():
     # --sdpa must be a pure speed choice: same numbers as the explicit attention.
     explicit = random_model(tiny_args())
