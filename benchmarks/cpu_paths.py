@@ -7,7 +7,9 @@ printing medians, with the ratio of the medians of each round:
   - fp32 products: torch's F.linear against row_block_linear (1 to 2,048 rows);
   - bf16 products of 16 and 128 rows: torch's bf16 kernel against bf16_linear_in_fp32;
   - attention of one layer: explicit against SDPA, for a 512-token chunk and one decoded token;
-  - a 4,096-token prompt's attention: one is_causal call against masked chunks of 256, 512 and 2,048.
+  - a prompt's attention (4,096 tokens, then 16,384): one is_causal call against chunks of 512 with
+    forward's mask through SDPA, and through CPUAttention (two unmasked calls a chunk); fp32 4,096
+    also with masked chunks of 256 and 2,048.
 """
 
 import argparse
@@ -49,17 +51,17 @@ def compare(title: str, sides: dict, rounds: int, reps: int) -> None:
     print(f"{title}: " + ", ".join(parts))
 
 
-def masked_chunks(q, k, v, chunk: int) -> None:
-    T = q.shape[2]
-    for start in range(0, T, chunk):
+def chunks(attend, q, k, v, chunk: int) -> None:
+    """A prompt's attention in chunks over the keys so far, each with forward's (chunk, S) causal mask."""
+    for start in range(0, q.shape[2], chunk):
         mask = torch.hstack([torch.zeros(chunk, start), torch.full((chunk, chunk), float("-inf")).triu(1)])
-        F.scaled_dot_product_attention(q[:, :, start : start + chunk], k[:, :, : start + chunk],
-                                       v[:, :, : start + chunk], attn_mask=mask.to(q.dtype), enable_gqa=True)
+        attend(q[:, :, start : start + chunk], k[:, :, : start + chunk], v[:, :, : start + chunk], mask.to(q.dtype))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--long-prompt", type=int, default=16384, help="the last attention comparison's prompt length")
     opts = p.parse_args()
     torch.manual_seed(0)
     print(f"# {os.cpu_count()} threads; torch {torch.__version__}; bf16 matrix instructions: "
@@ -80,7 +82,8 @@ def main() -> None:
                 "bf16 kernel": lambda xs=xs: [F.linear(x, w) for x, w in zip(xs, wb)],
                 "via fp32 blocks": lambda xs=xs: [llama3.bf16_linear_in_fp32(x, w) for x, w in zip(xs, wb)]},
                 opts.rounds, 2)
-        attention = llama3.Attention(llama3.ModelArgs(dim=DIM, n_heads=N_HEADS, n_kv_heads=N_KV_HEADS))
+        args = llama3.ModelArgs(dim=DIM, n_heads=N_HEADS, n_kv_heads=N_KV_HEADS)
+        attention = llama3.Attention(args)
         for dtype in (torch.float32, torch.bfloat16):
             for T, S in ((512, 4096), (1, 4096)):
                 q = torch.randn(1, N_HEADS, T, HEAD_DIM, dtype=dtype)
@@ -91,12 +94,17 @@ def main() -> None:
                     "explicit": lambda q=q, k=k, v=v, m=mask: attention.explicit(q, k, v, m),
                     "SDPA": lambda q=q, k=k, v=v, m=mask: attention.sdpa(q, k, v, m)},
                     opts.rounds, 50 if T == 1 else 2)
-        q = torch.randn(1, N_HEADS, 4096, HEAD_DIM)
-        k, v = (torch.randn(1, N_KV_HEADS, 4096, HEAD_DIM) for _ in range(2))
-        compare("fp32 attention of a 4,096-token prompt", {
-            "is_causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
-            **{f"chunks of {c}": lambda c=c: masked_chunks(q, k, v, c) for c in (256, 512, 2048)}},
-            max(3, opts.rounds // 2), 1)
+        cpu_attention = llama3.CPUAttention(args)
+        for dtype, T in ((torch.float32, 4096), (torch.bfloat16, 4096), (torch.float32, opts.long_prompt)):
+            q = torch.randn(1, N_HEADS, T, HEAD_DIM, dtype=dtype)
+            k, v = (torch.randn(1, N_KV_HEADS, T, HEAD_DIM, dtype=dtype) for _ in range(2))
+            compare(f"{str(dtype)[6:]} attention of a {T:,}-token prompt", {
+                "is_causal": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                                  enable_gqa=True),
+                **{f"masked chunks of {c}": lambda c=c, q=q, k=k, v=v: chunks(attention.sdpa, q, k, v, c)
+                   for c in ((256, 512, 2048) if T == 4096 and dtype == torch.float32 else (512,))},
+                "CPUAttention chunks of 512": lambda q=q, k=k, v=v: chunks(cpu_attention.sdpa, q, k, v, 512)},
+                3 if T > 4096 else max(3, opts.rounds // 2), 1)
 
 
 if __name__ == "__main__":
