@@ -347,15 +347,18 @@ def test_cached_chunks_match_full_recompute():
         torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("use_sdpa", [False, True])
-def test_cached_decode_after_a_chunked_prefill_matches_full_recompute(use_sdpa):
+@pytest.mark.parametrize("attention", ["explicit", "sdpa", "cpu paths"])
+def test_cached_decode_after_a_chunked_prefill_matches_full_recompute(attention):
     # generate feeds long prompts in chunks through the cache; every position's logits
-    # must be those of one full forward pass, through the prefill and the decode after it.
-    model = random_model(tiny_args(use_sdpa=use_sdpa))
+    # must be those of one full forward pass of the definition, through the prefill and
+    # the decode after it.
+    model = random_model(tiny_args(use_sdpa=attention != "explicit"))
+    if attention == "cpu paths":
+        model = llama3.use_cpu_speed_paths(model)
     tokens = torch.randint(0, 256, (2, 40))
     cache = model.new_cache(2, 40)
     with torch.no_grad():
-        full = model(tokens)  # (B, 40, vocab_size)
+        full = random_model(tiny_args())(tokens)  # (B, 40, vocab_size), the same weights, explicit
         last = llama3.prefill(model, tokens[:, :25], 0, cache, chunk=7)  # chunks of 7, 7, 7 and 4
         torch.testing.assert_close(last, full[:, 24], atol=1e-5, rtol=1e-5)
         for t in range(25, 40):
