@@ -1056,7 +1056,7 @@ def prefill(model: Transformer, tokens: torch.Tensor, start_pos: int, cache: lis
     Returns the last position's logits (B, vocab_size). Each chunk attends to the
     cache and to itself through a (chunk, S) mask, so memory grows linearly with the
     prompt. 512 rows keep the matrix products as fast as one call; on CPU the
-    chunks' attention costs 1.02-1.07x one causal call (appendix A, CPUAttention).
+    chunks' attention costs 1.03-1.05x one causal call (appendix A, CPUAttention).
     """
     for i in range(0, tokens.shape[1], chunk):
         logits = model(tokens[:, i : i + chunk], start_pos + i, cache, last_only=True)  # (B, 1, vocab_size)
@@ -1548,7 +1548,7 @@ def run_chat(model: Transformer, tokenizer: Tokenizer, chat: ChatFormat, opts: a
 #   memory bandwidth, where reading bf16 directly is faster. A CPU with bf16
 #   instructions keeps torch's bf16 kernel: on one, the fp32 route was 4-5x slower.
 #
-# - SDPA's CPU kernel is 3.2x faster than the explicit product for a prefill
+# - SDPA's CPU kernel is 3.4x faster than the explicit product for a prefill
 #   chunk but slower for one decoded token, and given a mask it costs 1.2x what
 #   the same work does without one: CPUAttention routes around both.
 #
@@ -1618,7 +1618,7 @@ class CPUAttention(Attention):
         B, _, T, head_dim = q.shape
         past = k.shape[2] - T  # cached positions before this chunk
         # One query has only S scores to store, so fusing saves nothing, and on CPU SDPA's
-        # kernel ran a decode step's attention 1.7x (fp32) to 10x (bf16) slower than the
+        # kernel ran a decode step's attention 1.6x (fp32) to 10x (bf16) slower than the
         # explicit product (README.md, Performance).
         if T == 1:
             return self.explicit(q, k, v, mask)
@@ -1631,7 +1631,7 @@ class CPUAttention(Attention):
         # reads it for every block of every head: 512-token chunks of a 16K prompt took 1.2x
         # one causal call. So each part goes unmasked: the chunk's own keys with is_causal
         # (its top-left triangle is right when queries and keys are the same T positions),
-        # the past with no mask; 1.02-1.07x one causal call (README.md, long prompts).
+        # the past with no mask; 1.03-1.05x one causal call (README.md, long prompts).
         own_k, own_v = (x[:, :, past:].repeat_interleave(self.n_rep, 1) for x in (k, v))  # (B, n_heads, T, hd)
         out, lse = flash(q, own_k, own_v, 0.0, True)  # (B, n_heads, T, head_dim); lse (B, n_heads, T) fp32
         if past == 0:
