@@ -1642,7 +1642,8 @@ class CPUAttention(Attention):
         out_past, lse_past = flash(grouped, k[:, :, :past], v[:, :, :past], 0.0, False)
         # Each call normalised its softmax by its own sum Z of exp(scores), lse = log Z.
         # Over all keys, the two outputs mix in proportion to their Z: the past's share is
-        # Z_past / (Z_past + Z_own) = sigmoid(lse_past - lse).
+        # Z_past / (Z_past + Z_own) = sigmoid(lse_past - lse). In bf16 or fp16 the two partial
+        # outputs are rounded before the mix: up to one more unit in the last place.
         share = torch.sigmoid(lse_past.reshape(B, self.n_heads, T) - lse).unsqueeze(-1)  # (B, n_heads, T, 1)
         out_past = out_past.reshape(B, self.n_heads, T, head_dim)
         return torch.lerp(out.float(), out_past.float(), share).to(q.dtype)  # (B, n_heads, T, head_dim)
