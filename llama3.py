@@ -1632,6 +1632,8 @@ class CPUAttention(Attention):
         # one causal call. So each part goes unmasked: the chunk's own keys with is_causal
         # (its top-left triangle is right when queries and keys are the same T positions),
         # the past with no mask; 1.03-1.05x one causal call (README.md, long prompts).
+        # The chunk's own K/V heads are copied n_rep times (T positions, little to copy): stacking
+        # query heads as rows, as below, would misplace the causal triangle.
         own_k, own_v = (x[:, :, past:].repeat_interleave(self.n_rep, 1) for x in (k, v))  # (B, n_heads, T, hd)
         out, lse = flash(q, own_k, own_v, 0.0, True)  # (B, n_heads, T, head_dim); lse (B, n_heads, T) fp32
         if past == 0:
