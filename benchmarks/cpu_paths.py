@@ -51,11 +51,16 @@ def compare(title: str, sides: dict, rounds: int, reps: int) -> None:
     print(f"{title}: " + ", ".join(parts))
 
 
+def causal_mask(T: int, past: int, dtype: torch.dtype) -> torch.Tensor:
+    """Transformer.forward's (T, past + T) mask: the past visible to every query, the chunk causal."""
+    return torch.hstack([torch.zeros(T, past), torch.full((T, T), float("-inf")).triu(1)]).to(dtype)
+
+
 def chunks(attend, q, k, v, chunk: int) -> None:
-    """A prompt's attention in chunks over the keys so far, each with forward's (chunk, S) causal mask."""
+    """A prompt's attention in chunks over the keys so far, each with forward's causal mask."""
     for start in range(0, q.shape[2], chunk):
-        mask = torch.hstack([torch.zeros(chunk, start), torch.full((chunk, chunk), float("-inf")).triu(1)])
-        attend(q[:, :, start : start + chunk], k[:, :, : start + chunk], v[:, :, : start + chunk], mask.to(q.dtype))
+        attend(q[:, :, start : start + chunk], k[:, :, : start + chunk], v[:, :, : start + chunk],
+               causal_mask(chunk, start, q.dtype))
 
 
 def main() -> None:
@@ -88,8 +93,7 @@ def main() -> None:
             for T, S in ((512, 4096), (1, 4096)):
                 q = torch.randn(1, N_HEADS, T, HEAD_DIM, dtype=dtype)
                 k, v = (torch.randn(1, N_KV_HEADS, S, HEAD_DIM, dtype=dtype) for _ in range(2))
-                mask = None if T == 1 else torch.hstack(
-                    [torch.zeros(T, S - T), torch.full((T, T), float("-inf")).triu(1)]).to(dtype)
+                mask = None if T == 1 else causal_mask(T, S - T, dtype)
                 compare(f"{str(dtype)[6:]} attention, {T} tokens over {S} positions", {
                     "explicit": lambda q=q, k=k, v=v, m=mask: attention.explicit(q, k, v, m),
                     "SDPA": lambda q=q, k=k, v=v, m=mask: attention.sdpa(q, k, v, m)},
