@@ -54,9 +54,9 @@ import pickle
 import re
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 import torch
 import torch.distributed as dist
@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:  # type names only: the model runs without tiktoken
-    from tokenizer import ChatFormat, StreamDecoder, Tokenizer
+    from tokenizer import Tokenizer
 
 # =============================================================================
 # Part 1: the model
@@ -99,7 +99,7 @@ class ModelArgs:
     max_seq_len: int = 8192  # positions this model instance accepts (3.1+: up to 131072)
     hidden_dim: int | None = None  # SwiGLU width; None: Meta's rule from multiple_of
     tie_word_embeddings: bool = False  # output layer shares tok_embeddings (3.2 1B/3B)
-    use_sdpa: bool = False  # attention through F.scaled_dot_product_attention
+    use_sdpa: bool = True  # attention through F.scaled_dot_product_attention; False: the explicit definition
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -280,9 +280,13 @@ class Attention(nn.Module):
         return self.wo(out)
 
     def explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """The definition: scores, mask, softmax, weighted sum of the values -> (B, n_heads, T, head_dim)."""
+        """The definition: scores, mask, softmax, weighted sum of the values -> (B, n_heads, T, head_dim).
+
+        mask is added to the scores: 0 where a query may look, -inf where not; any float
+        tensor that broadcasts to (B, n_heads, T, S), such as Transformer.forward's causal (T, S).
+        """
         B, _, T, _ = q.shape
-        S = k.shape[2]  # q (B, n_heads, T, head_dim); k, v (B, n_kv_heads, S, head_dim); mask (T, S)
+        S = k.shape[2]  # q (B, n_heads, T, head_dim); k, v (B, n_kv_heads, S, head_dim)
         # Query head h reads K/V head h // n_rep: group the query heads by K/V head.
         q = q.reshape(B, self.n_kv_heads, self.n_rep * T, self.head_dim)  # (B, n_kv_heads, n_rep * T, head_dim)
         # In float32 at least: exp() of bf16 scores loses the small probabilities. For a
@@ -293,7 +297,7 @@ class Attention(nn.Module):
         # The 1/sqrt(head_dim) keeps the scores' variance near 1 (Vaswani et al. 2017).
         scores = q @ k.transpose(2, 3) / math.sqrt(self.head_dim)  # (B, n_kv_heads, n_rep * T, S)
         if mask is not None:
-            scores = (scores.view(B, self.n_kv_heads, self.n_rep, T, S) + mask).view_as(scores)
+            scores = (scores.view(B, self.n_heads, T, S) + mask).view_as(scores)  # head h = row block h
         probs = F.softmax(scores, dim=-1)
         return (probs @ v).to(out_dtype).view(B, self.n_heads, T, self.head_dim)
 
@@ -356,10 +360,14 @@ class TransformerBlock(nn.Module):
 #
 # tokens -> embedding -> n_layers blocks -> RMSNorm -> output projection -> logits.
 #
-# Calling it: model(tokens) runs a fresh sequence, no set-up needed. To decode
-# incrementally, make a cache with model.new_cache(B, max_len), run the prompt
-# once as model(prompt, 0, cache) (prefill), then feed each new token as
+# Calling it: model(tokens) runs a fresh sequence, no set-up needed, and can be
+# trained (loss.backward() reaches every weight). To decode incrementally, make
+# a cache with model.new_cache(B, max_len), run the prompt once as
+# model(prompt, 0, cache) (prefill), then feed each new token as
 # model(next_token, start_pos, cache) with start_pos = tokens already cached.
+# A cached forward is inference whatever the caller's grad mode, as Meta's
+# forward is: the cache outlives the call, and recording its writes for
+# autograd would chain every step's graph onto the last, growing memory per token.
 # -----------------------------------------------------------------------------
 
 
@@ -394,27 +402,29 @@ class Transformer(nn.Module):
             raise ValueError(f"start_pos={start_pos} needs the cache that holds the earlier positions")
         if start_pos + T > self.args.max_seq_len:
             raise ValueError(f"positions up to {start_pos + T} exceed max_seq_len={self.args.max_seq_len}")
-        h = self.tok_embeddings(tokens)  # (B, T, dim)
-        # Meta keeps a float32 table as a plain attribute; angles made here stay float32
-        # whatever the model is cast to, and appear on the tokens' device.
-        freqs = rope_frequencies(self.args, tokens.device)  # (head_dim // 2,)
-        cos, sin = rope_cos_sin(freqs, start_pos, T)  # (T, head_dim // 2) each
+        # No autograd graph through the cache (see "Calling it" above).
+        with torch.set_grad_enabled(torch.is_grad_enabled() and cache is None):
+            h = self.tok_embeddings(tokens)  # (B, T, dim)
+            # Meta keeps a float32 table as a plain attribute; angles made here stay float32
+            # whatever the model is cast to, and appear on the tokens' device.
+            freqs = rope_frequencies(self.args, tokens.device)  # (head_dim // 2,)
+            cos, sin = rope_cos_sin(freqs, start_pos, T)  # (T, head_dim // 2) each
 
-        # Causal mask: query i (at position start_pos + i) sees keys 0 .. start_pos + i.
-        # The first start_pos columns are the cached past, visible to every query.
-        # A single query sees everything cached, so decoding needs no mask.
-        mask = None
-        if T > 1:
-            mask = torch.full((T, T), float("-inf"), device=tokens.device).triu(1)
-            mask = torch.hstack([torch.zeros(T, start_pos, device=tokens.device), mask]).to(h.dtype)  # (T, S)
+            # Causal mask: query i (at position start_pos + i) sees keys 0 .. start_pos + i.
+            # The first start_pos columns are the cached past, visible to every query.
+            # A single query sees everything cached, so decoding needs no mask.
+            mask = None
+            if T > 1:
+                mask = torch.full((T, T), float("-inf"), device=tokens.device).triu(1)
+                mask = torch.hstack([torch.zeros(T, start_pos, device=tokens.device), mask]).to(h.dtype)  # (T, S)
 
-        for i, layer in enumerate(self.layers):
-            h = layer(h, start_pos, cos, sin, mask, cache[i] if cache is not None else None)
-        if last_only:
-            h = h[:, -1:]  # (B, 1, dim)
-        h = self.norm(h)
-        # Logits in float32: softmax and sampling over 128K entries need the precision.
-        return self.output(h).float()  # (B, T, vocab_size)
+            for i, layer in enumerate(self.layers):
+                h = layer(h, start_pos, cos, sin, mask, cache[i] if cache is not None else None)
+            if last_only:
+                h = h[:, -1:]  # (B, 1, dim)
+            h = self.norm(h)
+            # Logits in float32: softmax and sampling over 128K entries need the precision.
+            return self.output(h).float()  # (B, T, vocab_size)
 
 
 # =============================================================================
@@ -441,8 +451,9 @@ class CheckpointError(ValueError):
 
 
 # The configs. Meta's params.json uses ModelArgs' own names; Hugging Face's
-# config.json has its own (HF_CONFIG_KEYS). Both readers ignore keys this file
-# does not use with a one-line note on stderr.
+# config.json has its own (HF_CONFIG_KEYS). Both readers refuse a key that
+# changes what the tensors compute (a quantized release, another activation)
+# and ignore other keys they do not use, with a one-line note on stderr.
 #
 # The 3.1 scaling factor. Hugging Face configs state it; Meta's params.json only
 # says use_scaled_rope, and Meta's reference code hard-codes 8, which is right for
@@ -489,6 +500,12 @@ HF_CONFIG_KEYS = {
     "max_position_embeddings": "max_seq_len",
     "tie_word_embeddings": "tie_word_embeddings",
 }
+# Keys read or checked below, or that say nothing about the tensors (ids, dtypes, versions).
+HF_CONFIG_READ_ELSEWHERE = {
+    "model_type", "hidden_act", "attention_bias", "mlp_bias", "pretraining_tp", "rope_theta", "rope_scaling",
+    "rope_parameters", "head_dim", "architectures", "attention_dropout", "bos_token_id", "eos_token_id",
+    "pad_token_id", "initializer_range", "torch_dtype", "dtype", "transformers_version", "use_cache",
+}
 
 
 def args_from_hf_config(config: dict, source: str = "config.json") -> ModelArgs:
@@ -500,6 +517,15 @@ def args_from_hf_config(config: dict, source: str = "config.json") -> ModelArgs:
     """
     if config.get("model_type", "llama") != "llama":
         raise CheckpointError(f"{source}: model_type is {config['model_type']!r}, expected 'llama'")
+    # What would change what the tensors compute: refused, not run wrong.
+    for key, llama3_value in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
+                              ("pretraining_tp", 1), ("quantization_config", None)):
+        if config.get(key, llama3_value) != llama3_value:
+            raise CheckpointError(f"{source}: {key} is {config[key]!r}; Llama 3 has {llama3_value!r}, "
+                                  "the only value llama3.py runs")
+    unused = sorted(set(config) - set(HF_CONFIG_KEYS) - HF_CONFIG_READ_ELSEWHERE)
+    if unused:
+        _note(f"{source}: ignoring keys not used by llama3.py: {', '.join(unused)}")
     kw = {field: config[key] for key, field in HF_CONFIG_KEYS.items() if config.get(key) is not None}
     rope = dict(config.get("rope_scaling") or {})
     rope.update(config.get("rope_parameters") or {})
@@ -807,14 +833,14 @@ class SkipInit(torch.overrides.TorchFunctionMode):
 
 def load_model(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
                max_seq_len: int | None = None, rope_scaling_factor: float | None = None,
-               use_sdpa: bool | None = None, tensor_parallel: bool = False) -> Transformer:
+               use_sdpa: bool = True, tensor_parallel: bool = False) -> Transformer:
     """Load a checkpoint directory in any of the three layouts above.
 
     device: where the weights go (default cpu); dtype: cast the weights to it
     (default: keep the checkpoint's). max_seq_len caps the positions the model
     addresses; rope_scaling_factor overrides the 3.1 factor (see
-    LLAMA32_ROPE_FACTORS); use_sdpa: attention through SDPA (None, the default:
-    yes, the faster for prompts on every device measured; False: the explicit path).
+    LLAMA32_ROPE_FACTORS); use_sdpa: attention through SDPA (ModelArgs' default, the
+    faster for prompts on every device measured) or, if False, the explicit definition.
     tensor_parallel: load only this process's part for tensor parallelism across
     the processes of torch.distributed's default group (see shard_model).
     """
@@ -825,7 +851,7 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
             raise ValueError(f"max_seq_len {max_seq_len} is outside the 1..{args.max_seq_len} positions "
                              f"{path} supports")
         args.max_seq_len = max_seq_len
-    args.use_sdpa = use_sdpa is not False
+    args.use_sdpa = use_sdpa
     device = torch.device(device or "cpu")
     # Parameters without storage or random init; load_state_dict(assign=True) fills them.
     with torch.device("meta"), SkipInit():
@@ -1063,6 +1089,20 @@ def prefill(model: Transformer, tokens: torch.Tensor, start_pos: int, cache: lis
     return logits[:, -1]
 
 
+def check_generation_args(max_new_tokens: int, temperature: float, top_p: float, top_k: int | None,
+                          repetition_penalty: float, prefill_chunk: int = 512) -> None:
+    """Raise ValueError, starting with the argument's name, for the first value out of range."""
+    rules = [("max_new_tokens", max_new_tokens, max_new_tokens >= 0, "an int >= 0"),
+             ("temperature", temperature, temperature >= 0, ">= 0 (0 is greedy)"),  # NaN fails every test
+             ("top_p", top_p, 0 < top_p <= 1, "in (0, 1]"),
+             ("top_k", top_k, top_k is None or top_k >= 1, ">= 1, or None for no limit"),
+             ("repetition_penalty", repetition_penalty, repetition_penalty > 0, "> 0 (1.0 is off)"),
+             ("prefill_chunk", prefill_chunk, prefill_chunk >= 1, ">= 1")]
+    for name, value, ok, want in rules:
+        if not ok or (name in ("max_new_tokens", "top_k", "prefill_chunk") and not isinstance(value, (int, type(None)))):
+            raise ValueError(f"{name} must be {want}, not {value!r}")
+
+
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.6,
              top_p: float = 0.9, top_k: int | None = None, stop_tokens: list[int] | tuple[int, ...] | None = None,
@@ -1082,26 +1122,30 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     cache, cached_len: reuse a cache whose first cached_len positions already hold
         prompts[0][:cached_len] (the CLI's chat keeps one across turns; batch size 1).
     compile: run the one-token decode steps compiled, with CUDA graphs on a GPU
-        (appendix C); compiled once per model and cache size. Not yet measured on a
-        GPU; on the CPU measured it was slower than eager (README.md).
+        (appendix C), through one cache the model keeps, so later calls reuse the
+        compiled step. Not yet measured on a GPU; on a CPU it decoded at about eager's
+        speed (README.md).
+    Raises ValueError naming the argument that is out of range.
     """
+    check_generation_args(max_new_tokens, temperature, top_p, top_k, repetition_penalty, prefill_chunk)
     stop_tokens = LLAMA3_STOP_TOKENS if stop_tokens is None else stop_tokens
     max_seq_len = model.args.max_seq_len
     B = len(prompts)
     if B == 0 or min(len(p) for p in prompts) == 0:
-        raise ValueError("every prompt needs at least one token (start it with <|begin_of_text|>)")
+        raise ValueError("prompts: every prompt needs at least one token (start it with <|begin_of_text|>)")
     lengths = [len(p) for p in prompts]
-    if max_new_tokens <= 0:
+    if max_new_tokens == 0:
         return [[] for _ in prompts]
     if max(lengths) >= max_seq_len:
         raise ValueError(f"prompt of {max(lengths)} tokens leaves no room in the {max_seq_len}-position context "
                          "(max_seq_len)")
     device = model.tok_embeddings.weight.device
     total_len = min(max_seq_len, max(lengths) + max_new_tokens)  # clip to the model's context
-    if cache is None:
-        cache, cached_len = model.new_cache(B, total_len), 0  # sized to this request, not to max_seq_len
-    elif B != 1 or cached_len >= lengths[0] or cache[0].k.shape[2] < total_len:
-        raise ValueError("a reused cache needs one prompt longer than cached_len and room for total_len positions")
+    if cache is None:  # sized to this request, not to max_seq_len; compiled: the model's own (appendix C)
+        cache, cached_len = static_cache(model, B, total_len) if compile else model.new_cache(B, total_len), 0
+    elif B != 1 or not 0 <= cached_len < lengths[0] or cache[0].k.shape[2] < total_len:
+        raise ValueError("cache: a reused cache needs one prompt longer than cached_len and room for total_len "
+                         "positions")
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 
     tokens = torch.zeros((B, total_len), dtype=torch.long, device=device)  # (B, total_len)
@@ -1205,6 +1249,286 @@ def explain(model: Transformer, prompt: list[int], top: int = 5) -> list[dict]:
 
 
 # -----------------------------------------------------------------------------
+# Streaming, chat and tools
+#
+# stream() prints a completion as it is generated and ends it at stop strings.
+# Chat holds a conversation with an instruct model and one KV cache across its
+# turns, and lets the model call your Python functions, as Llama 3.1+ were
+# trained to: the model writes a call, the chat runs the function and feeds its
+# result back as an `ipython` message, and the model goes on until it ends its
+# turn (tokenizer.py's ChatFormat encodes and parses the calls). Everything here
+# is callable from a program: text goes to the streams given, bad input raises,
+# and the command line below is a thin loop around it.
+# -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen (generate's arguments of the same names)."""
+    temperature: float = 0.6
+    top_p: float = 0.9
+    top_k: int | None = None
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+
+class StopText:
+    """Streams text, holding back what may be the start of a stop string, and ends at the first one.
+
+    "First" is the first to be complete, so the result is the same however the text
+    was split into pieces: with stops "abcd" and "bc", "abcd" ends after "a".
+    """
+
+    def __init__(self, stops: list[str] | tuple[str, ...]):
+        self.stops, self.pending, self.stopped = list(stops), "", False
+
+    def push(self, text: str) -> str:
+        """Take newly decoded text; return what is safe to print now."""
+        if self.stopped:
+            return ""
+        self.pending += text
+        # (end, start) of each stop string's first appearance; the earliest end completed first.
+        found = [(i + len(s), i) for s in self.stops if (i := self.pending.find(s)) >= 0]
+        if found:
+            self.stopped, out, self.pending = True, self.pending[: min(found)[1]], ""
+            return out
+        # Keep the longest end of the text that a stop string starts with: the next token may complete it.
+        keep = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        out, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
+        return out
+
+    def finish(self) -> str:
+        """The held-back text, once generation has ended without completing a stop string."""
+        out, self.pending = ("" if self.stopped else self.pending), ""
+        return out
+
+
+def stream(model: Transformer, tokenizer: Tokenizer, prompt: list[int], max_new_tokens: int = 256,
+           sampling: Sampling = Sampling(), *, stops: list[str] | tuple[str, ...] = (), compile: bool = False,
+           cache: list[KVCache] | None = None, cached_len: int = 0, out: TextIO | None = None,
+           log: TextIO | None = None) -> tuple[list[int], str, bool]:
+    """Generate for one prompt, writing the text to out as it comes and timing to log.
+
+    Ends at the tokenizer's stop tokens or the first of the stop strings (not
+    written). Returns the new tokens (with the stop token that ended them, if one
+    did), the text written, and whether Ctrl-C ended generation. Bad arguments
+    raise ValueError (generate's checks).
+    """
+    import time
+
+    from tokenizer import StreamDecoder
+
+    out, log = out or sys.stdout, log or sys.stderr
+    new: list[int] = []
+    times = [time.perf_counter()]
+    decoder, text, shown = StreamDecoder(tokenizer), StopText(stops), []
+
+    def show(piece: str) -> None:
+        shown.append(piece)
+        out.write(piece)
+        out.flush()
+
+    def on_token(_row: int, token: int) -> bool:
+        new.append(token)
+        times.append(time.perf_counter())
+        if token in tokenizer.stop_tokens:  # kept in `new`: <|eom_id|> and <|eot_id|> mean different things
+            return True
+        show(text.push(decoder.push(token)))
+        return text.stopped
+
+    interrupted = False
+    try:
+        generate(model, [prompt], max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k,
+                 stop_tokens=[], seed=sampling.seed, on_token=on_token, cache=cache, cached_len=cached_len,
+                 compile=compile, repetition_penalty=sampling.repetition_penalty)
+    except KeyboardInterrupt:
+        interrupted = True
+    show(text.push(decoder.finish()) + text.finish())
+    fed, n = len(prompt) - cached_len, len(new)  # a chat turn feeds only what the cache lacks
+    stats = f"{len(prompt)} prompt tokens ({fed} fed)"
+    if n:
+        stats += f", prefill {fed / (times[1] - times[0]):.1f} tok/s; {n} new token{'s' * (n > 1)}"
+    if n > 1:
+        stats += f", decode {(n - 1) / (times[-1] - times[1]):.1f} tok/s"
+    print(f"\n[{stats}{', interrupted' * interrupted}]", file=log)
+    return new, "".join(shown), interrupted
+
+
+class ContextFullError(ValueError):
+    """The conversation no longer fits the model's context (max_seq_len)."""
+
+
+def describe_function(fn: Callable) -> dict:
+    """A Python function as a tool definition for tokenizer.tool_prompt: its name, the
+    first paragraph of its docstring, and each parameter's type, default and the
+    description on a "name: text" line of the docstring (Google style; ":param name:" too)."""
+    import inspect
+    import typing
+
+    doc, hints, params = inspect.getdoc(fn) or "", typing.get_type_hints(fn), {}
+    for p in inspect.signature(fn).parameters.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        hint = hints.get(p.name, str)
+        said = re.search(rf"^\s*(?::param\s+)?{p.name}\s*(?:\([^)]*\))?:\s*(.+)$", doc, re.MULTILINE)
+        params[p.name] = {"param_type": getattr(hint, "__name__", str(hint)),
+                          "description": said.group(1).strip() if said else "", "required": p.default is p.empty}
+        if p.default is not p.empty:
+            params[p.name]["default"] = p.default
+    return {"name": fn.__name__, "description": " ".join(doc.split("\n\n")[0].split()), "parameters": params}
+
+
+def load_tools(path: str | Path) -> list[Callable]:
+    """The public functions defined in the Python file at path (--tools FILE.py)."""
+    import importlib.util
+    import inspect
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such tools file")
+    spec = importlib.util.spec_from_file_location(f"llama3_tools_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 (whatever the user's file raises at import)
+        raise ValueError(f"{path}: cannot import ({type(e).__name__}: {e})") from None
+    tools = [f for name, f in inspect.getmembers(module, inspect.isfunction)
+             if not name.startswith("_") and f.__module__ == module.__name__]
+    if not tools:
+        raise ValueError(f"{path}: defines no public function to offer as a tool")
+    return tools
+
+
+class Chat:
+    """A conversation with an instruct model that keeps one KV cache across turns.
+
+    send(text) answers one user message and returns the assistant's last message.
+    Each answer encodes the whole dialog with ChatFormat and feeds the model only
+    the tokens after the longest prefix already in the cache, so a turn costs its
+    new tokens, not the history; where the model's own tokens differ from
+    re-encoding its answer, feeding restarts at the first difference.
+
+    tools: Python functions the model may call. A call is run with the parsed
+    arguments (model text is never run as code) and its result, or a short error
+    text for an unknown name, bad arguments or an exception, goes back as an
+    `ipython` message; the model goes on until it answers without a call (at most
+    max_tool_rounds calls a turn). builtin_tools: offers Meta's built-in tools
+    (brave_search, wolfram_alpha, code_interpreter); they need the network or run
+    model-written code, so each call goes to this function, which returns the
+    tool's output or None to decline. tool_format: how custom calls are written
+    (tokenizer.TOOL_FORMATS); default: python_list for the 3.2 1B and 3B shapes,
+    json for the rest, as Meta's prompt-format documents give them.
+    """
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, system: str | None = None, *,
+                 tools: list[Callable] | tuple[Callable, ...] = (),
+                 builtin_tools: Callable[[dict], str | None] | None = None, tool_format: str | None = None,
+                 max_new_tokens: int = 256, sampling: Sampling = Sampling(), stops: list[str] | tuple[str, ...] = (),
+                 compile: bool = False, max_tool_rounds: int = 8, today: str | None = None,
+                 out: TextIO | None = None, log: TextIO | None = None):
+        import time
+
+        from tokenizer import ChatFormat, tool_prompt
+
+        self.model, self.tokenizer, self.format = model, tokenizer, ChatFormat(tokenizer)
+        self.functions = {f.__name__: f for f in tools}
+        self.builtin_tools, self.max_tool_rounds = builtin_tools, max_tool_rounds
+        llama32_small = (model.args.dim, model.args.n_layers) in LLAMA32_ROPE_FACTORS
+        self.tool_format = tool_format or ("python_list" if llama32_small else "json")
+        self.max_new_tokens, self.sampling, self.stops, self.compile = max_new_tokens, sampling, stops, compile
+        self.out, self.log = out, log
+        if tools or builtin_tools:
+            self.opening = tool_prompt([describe_function(f) for f in tools], self.tool_format,
+                                       builtin_tools is not None, system, today or time.strftime("%d %B %Y"))
+        else:
+            self.opening = [{"role": "system", "content": system}] if system else []
+        self.dialog = list(self.opening)
+        # The cache starts at 8192 positions and doubles when a turn needs more, up to the
+        # context: 128K positions of 8B's cache would take 16 GiB before the first word.
+        self.cache = model.new_cache(1, min(model.args.max_seq_len, 8192))
+        self.cached: list[int] = []  # the tokens whose K/V the cache holds
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt and tools stay)."""
+        self.dialog, self.cached = list(self.opening), []
+
+    def send(self, text: str) -> dict:
+        """Answer one user message; returns the assistant's message (role, content, tool_calls, stop).
+
+        Raises ContextFullError (the dialog as it was) when the conversation no longer
+        fits, and KeyboardInterrupt after keeping the answer so far when Ctrl-C stopped it.
+        """
+        start = len(self.dialog)
+        self.dialog.append({"role": "user", "content": text})
+        for _ in range(self.max_tool_rounds + 1):
+            try:
+                reply = self.answer()
+            except ContextFullError:
+                del self.dialog[start:]
+                raise
+            self.dialog.append(reply)
+            if not reply["tool_calls"] or not (self.functions or self.builtin_tools):
+                return reply
+            for call in reply["tool_calls"]:
+                result = self.call(call)
+                print(f"[{call['name']}({json.dumps(call['arguments'])}) -> {result}]", file=self.out or sys.stdout)
+                self.dialog.append({"role": "ipython", "content": result})
+        return reply
+
+    def answer(self) -> dict:
+        """Generate the assistant's next message for the dialog as it stands."""
+        prompt = self.format.encode_dialog_prompt(self.dialog, self.tool_format)
+        limit = self.model.args.max_seq_len
+        if len(prompt) >= limit:
+            raise ContextFullError(f"the conversation ({len(prompt)} tokens) fills the {limit}-token context")
+        reuse = 0
+        while reuse < min(len(self.cached), len(prompt) - 1) and self.cached[reuse] == prompt[reuse]:
+            reuse += 1
+        need = min(limit, len(prompt) + self.max_new_tokens)
+        if self.cache[0].k.shape[2] < need:
+            bigger = self.model.new_cache(1, min(limit, max(need, 2 * self.cache[0].k.shape[2])))
+            for old, new in zip(self.cache, bigger):
+                new.k[:, :, :reuse], new.v[:, :, :reuse] = old.k[:, :, :reuse], old.v[:, :, :reuse]
+            self.cache = bigger
+        tokens, shown, interrupted = stream(self.model, self.tokenizer, prompt, self.max_new_tokens, self.sampling,
+                                            stops=self.stops, compile=self.compile, cache=self.cache,
+                                            cached_len=reuse, out=self.out, log=self.log)
+        # The last token chosen was never fed to the model, so it is not in the cache;
+        # with no reply at all the prompt may not have been fed completely (Ctrl-C).
+        self.cached = (prompt + tokens)[:-1] if tokens else prompt[:reuse]
+        reply = self.format.decode_assistant_message(tokens)
+        if not reply["tool_calls"]:
+            reply["content"] = shown  # as shown: cut at a stop string
+        if interrupted:
+            self.dialog.append(reply)
+            raise KeyboardInterrupt
+        return reply
+
+    def call(self, call: dict) -> str:
+        """Run one tool call; its output, or a short error text for the model to read."""
+        name, args = call["name"], call["arguments"]
+        if name in ("brave_search", "wolfram_alpha", "photogen", "code_interpreter") and self.builtin_tools:
+            output = self.builtin_tools(call)
+            return "the user declined to run this tool" if output is None else output
+        if name not in self.functions:
+            return f"error: no function named {name!r}; the functions are: {', '.join(self.functions) or 'none'}"
+        import inspect
+
+        fn = self.functions[name]
+        try:
+            bound = inspect.signature(fn).bind(**args) if isinstance(args, dict) else None
+        except TypeError as e:
+            bound, args = None, f"{args} ({e})"
+        if bound is None:
+            return f"error: bad arguments for {name}: {args}"
+        try:
+            result = fn(*bound.args, **bound.kwargs)
+        except Exception as e:  # noqa: BLE001 (the function's own failure goes back to the model)
+            return f"error: {name} raised {type(e).__name__}: {e}"
+        return result if isinstance(result, str) else json.dumps(result, default=str)
+
+
+# -----------------------------------------------------------------------------
 # Command line
 #
 #   python llama3.py --ckpt DIR --prompt "The capital of France is"     (base model)
@@ -1222,7 +1546,16 @@ def _fail(msg: str) -> None:
 
 def _pick_device(name: str) -> torch.device:
     if name != "auto":
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            _fail(f"--device {name!r}: expected cpu, cuda, cuda:N or mps")
+        have = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+        if not have.get(device.type, False):
+            _fail(f"--device {name}: this machine has no such device (torch {torch.__version__} sees none)")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            _fail(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -1283,6 +1616,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="interactive chat in the Llama 3 chat format "
                    "(instruct models); /reset clears the history, Ctrl-D quits")
     p.add_argument("--system", default=None, help="system message for --chat")
+    p.add_argument("--tools", metavar="FILE.py", help="with --chat: offer the public functions of FILE.py to the "
+                   "model as tools (Llama 3.1+ Instruct); their docstrings and typed parameters describe them")
+    p.add_argument("--builtin-tools", action="store_true", help="with --chat: offer Meta's built-in tools "
+                   "(brave_search, wolfram_alpha, code_interpreter); you type each call's output")
+    p.add_argument("--tool-format", default=None, help="how the model writes custom calls: json (3.1, 3.3), "
+                   "function_tag or python_list (3.2 1B/3B); default: by the model's shape")
     p.error = _fail  # one line, exit code 2, instead of argparse's usage block
     return p
 
@@ -1290,21 +1629,27 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     import time
 
-    from tokenizer import ChatFormat, StreamDecoder, Tokenizer, TokenizerError
+    from tokenizer import TOOL_FORMATS, ChatFormat, Tokenizer, TokenizerError
 
     opts = _parser().parse_args(argv)
     if opts.prompt is None and not opts.chat:
         _fail("--prompt is required (or --chat for an interactive chat)")
-    if opts.system is not None and not opts.chat:
-        _fail("--system needs --chat")
-    if opts.max_new_tokens < 0 or (opts.top_k is not None and opts.top_k < 1) or not 0 < opts.top_p <= 1:
-        _fail("--max-new-tokens must be >= 0, --top-k >= 1 and --top-p in (0, 1]")
+    for flag, value in (("--system", opts.system), ("--tools", opts.tools), ("--builtin-tools", opts.builtin_tools)):
+        if value and not opts.chat:
+            _fail(f"{flag} needs --chat")
+    if opts.tool_format is not None and opts.tool_format not in TOOL_FORMATS:
+        _fail(f"--tool-format must be one of {', '.join(TOOL_FORMATS)}, not {opts.tool_format!r}")
     if opts.sdpa and opts.explicit_attention:
         _fail("--sdpa and --explicit-attention exclude each other")
-    if not opts.repetition_penalty > 0:
-        _fail(f"--repetition-penalty must be > 0 (1.0 is off), not {opts.repetition_penalty}")
     if "" in opts.stop:
         _fail("--stop needs a non-empty TEXT")
+    sampling = Sampling(opts.temperature, opts.top_p, opts.top_k, opts.repetition_penalty, opts.seed)
+    try:
+        check_generation_args(opts.max_new_tokens, opts.temperature, opts.top_p, opts.top_k, opts.repetition_penalty)
+        tools = load_tools(opts.tools) if opts.tools else []
+    except (ValueError, OSError) as e:  # generate's messages start with the argument: name its flag
+        name, _, rest = str(e).partition(" ")
+        _fail(f"--{name.replace('_', '-')} {rest}" if hasattr(Sampling, name) or name == "max_new_tokens" else str(e))
     try:
         ckpt = resolve_checkpoint(opts.ckpt)
     except CheckpointError as e:
@@ -1339,14 +1684,12 @@ def main(argv: list[str] | None = None) -> None:
           f"parameters, {str(dtype).removeprefix('torch.')} on {device}", file=sys.stderr)
 
     if opts.compile and device.type == "cpu":
-        _note("--compile ran 5x slower than eager on CPU (README.md, Performance): running eager")
-        opts.compile = False
-    sampling = {"temperature": opts.temperature, "top_p": opts.top_p, "top_k": opts.top_k, "seed": opts.seed,
-                "compile": opts.compile, "repetition_penalty": opts.repetition_penalty}
+        _note("--compile on a CPU: the compiled step decoded at 1.02-1.06x eager's speed once compiled, after "
+              "8-50 s of compiling (README.md, Performance); it pays only for long generations")
     read = input
     if tensor_parallel:
         # Every rank holds the same full logits, so the same seed draws the same token everywhere.
-        sampling["seed"], read = _shared_seed(opts.seed, device), _read_on_rank_0
+        sampling, read = replace(sampling, seed=_shared_seed(opts.seed, device)), _read_on_rank_0
     if opts.explain:
         if opts.prompt is None:
             _fail("--explain needs --prompt")
@@ -1358,7 +1701,24 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as e:
             _fail(str(e))
     elif opts.chat:
-        run_chat(model, tokenizer, ChatFormat(tokenizer), opts, sampling, read=read)
+        def typed_tool_output(call: dict) -> str | None:
+            print(f"[built-in tool call: {call['name']} {json.dumps(call['arguments'])}; type its output, "
+                  "or an empty line to decline]", file=sys.stderr)
+            return read("tool> ") or None
+
+        chat = Chat(model, tokenizer, opts.system, tools=tools, tool_format=opts.tool_format,
+                    builtin_tools=typed_tool_output if opts.builtin_tools else None,
+                    max_new_tokens=opts.max_new_tokens, sampling=sampling, stops=opts.stop, compile=opts.compile)
+        if opts.prompt is None:
+            run_chat(chat, read)
+        else:
+            try:
+                chat.send(opts.prompt)
+            except ContextFullError as e:
+                _fail(f"{e}{'; raise --max-seq-len' * (opts.max_seq_len is not None)}")
+            except KeyboardInterrupt:
+                raise SystemExit(130) from None
+            print()
     else:
         if opts.prompt != opts.prompt.rstrip():
             print("llama3.py: warning: the prompt ends in whitespace; Llama 3 usually puts spaces at the start of "
@@ -1367,8 +1727,8 @@ def main(argv: list[str] | None = None) -> None:
         if len(prompt) >= model.args.max_seq_len:
             _fail(f"--prompt is {len(prompt)} tokens, too long for the {model.args.max_seq_len}-position context "
                   "(--max-seq-len)")
-        _, _, interrupted = stream(model, StreamDecoder(tokenizer), prompt, opts.max_new_tokens, sampling,
-                                   stops=opts.stop)
+        _, _, interrupted = stream(model, tokenizer, prompt, opts.max_new_tokens, sampling, stops=opts.stop,
+                                   compile=opts.compile)
         print()
         if interrupted:
             raise SystemExit(130)
@@ -1389,144 +1749,45 @@ def print_explanation(model: Transformer, tokenizer: Tokenizer, prompt: list[int
         print(f"layer {i:2d}  next: {top}  | attends to: {attends}")
 
 
-class StopText:
-    """Streams text, holding back what may be the start of a stop string, and ends at the first one.
-
-    "First" is the first to be complete: a stop string that contains another ends
-    where the inner one completes.
-    """
-
-    def __init__(self, stops: list[str]):
-        self.stops, self.pending, self.stopped = stops, "", False
-
-    def push(self, text: str) -> str:
-        """Take newly decoded text; return what is safe to print now."""
-        if self.stopped:
-            return ""
-        self.pending += text
-        found = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if found:  # everything before the earliest stop string, nothing after it
-            self.stopped, out, self.pending = True, self.pending[: min(found)], ""
-            return out
-        # Keep the longest end of the text that a stop string starts with: the next token may complete it.
-        keep = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
-        out, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
-        return out
-
-    def finish(self) -> str:
-        """The held-back text, once generation has ended without completing a stop string."""
-        out, self.pending = ("" if self.stopped else self.pending), ""
-        return out
+def read_message(read: Callable[[str], str]) -> str:
+    """One chat message: a line, or the lines between two lines of three double quotes (as ollama reads them)."""
+    first = read("> ")
+    if first.strip() != '"""':
+        return first
+    lines = []
+    while (line := read(". ")).strip() != '"""':
+        lines.append(line)
+    return "\n".join(lines)
 
 
-def stream(model: Transformer, decoder: StreamDecoder, prompt: list[int], max_new_tokens: int, sampling: dict,
-           stops: list[str] = (), **cache_kw) -> tuple[list[int], str, bool]:
-    """Generate for one prompt, printing text as it comes and timing to stderr.
-
-    Generation ends at the first of the stop strings, which is not printed.
-    Returns the new tokens, the text printed and whether Ctrl-C stopped the generation.
-    """
-    import time
-
-    new: list[int] = []
-    times = [time.perf_counter()]
-    text = StopText(list(stops))
-    shown: list[str] = []
-
-    def show(piece: str) -> None:
-        shown.append(piece)
-        print(piece, end="", flush=True)
-
-    def on_token(_row: int, token: int) -> bool:
-        new.append(token)
-        times.append(time.perf_counter())
-        show(text.push(decoder.push(token)))
-        return text.stopped
-
+def run_chat(chat: Chat, read: Callable[[str], str] = input, log: TextIO | None = None) -> None:
+    """The interactive loop around chat: /reset clears the history, Ctrl-D quits, Ctrl-C ends an answer."""
     try:
-        generate(model, [prompt], max_new_tokens, on_token=on_token, **sampling, **cache_kw)
-    except ValueError as e:
-        _fail(str(e))
-    except KeyboardInterrupt:
-        show(text.push(decoder.finish()) + text.finish())
-        print(flush=True)
-        print("llama3.py: interrupted", file=sys.stderr)
-        return new, "".join(shown), True
-    show(text.push(decoder.finish()) + text.finish())
-    fed = len(prompt) - cache_kw.get("cached_len", 0)  # a chat turn feeds only what the cache lacks
-    prefill = times[1] - times[0] if len(times) > 1 else float("nan")
-    decode = (len(times) - 2) / (times[-1] - times[1]) if len(times) > 2 else float("nan")
-    print(f"\n[{len(prompt)} prompt tokens ({fed} fed), prefill {fed / prefill:.1f} tok/s; "
-          f"{len(new)} new tokens, decode {decode:.1f} tok/s]", file=sys.stderr)
-    return new, "".join(shown), False
-
-
-def run_chat(model: Transformer, tokenizer: Tokenizer, chat: ChatFormat, opts: argparse.Namespace, sampling: dict,
-             read: Callable[[str], str] = input) -> list[dict]:
-    """Interactive multi-turn chat that keeps one KV cache across turns; returns the dialog.
-
-    Each turn encodes the whole dialog with ChatFormat and feeds the model only
-    the tokens after the longest prefix already in the cache, so a turn costs
-    its new tokens, not the history. The cache holds the history exactly as
-    encode_dialog_prompt lays it out; where the model's own tokens differ from
-    re-encoding its answer, feeding restarts at the first difference.
-    """
-    from tokenizer import StreamDecoder
-
-    system = [{"role": "system", "content": opts.system}] if opts.system else []
-    dialog = list(system)
-    limit = model.args.max_seq_len  # the model's context, or --max-seq-len
-    # The cache starts at 8192 positions and doubles when a turn needs more, up to limit:
-    # 128K positions of 8B's cache would take 16 GiB before the first word.
-    cache, cached = model.new_cache(1, min(limit, 8192)), []  # cached: the tokens whose K/V the cache holds
-    interactive = opts.prompt is None
-    if interactive:
-        print("chat: /reset clears the history, Ctrl-D quits", file=sys.stderr)
+        import readline  # noqa: F401 (input() then edits lines and keeps a history, where the platform has it)
+    except ImportError:
+        pass
+    log = log or sys.stderr
+    print('chat: /reset clears the history, """ starts and ends a message of several lines, Ctrl-D quits',
+          file=log)
     while True:
-        if interactive:
-            try:
-                text = read("> ")
-            except (EOFError, KeyboardInterrupt):
-                print(file=sys.stderr)
-                return dialog
-        else:
-            text = opts.prompt
+        try:
+            text = read_message(read)
+        except (EOFError, KeyboardInterrupt):
+            print(file=log)
+            return
         if text.strip() == "/reset":
-            dialog, cached = list(system), []
-            print("(history cleared)", file=sys.stderr)
+            chat.reset()
+            print("(history cleared)", file=log)
             continue
         if not text.strip():
             continue
-        dialog.append({"role": "user", "content": text})
-        prompt = chat.encode_dialog_prompt(dialog)
-        if len(prompt) >= limit:
-            dialog.pop()
-            msg = f"the conversation ({len(prompt)} tokens) fills the {limit}-token context"
-            if not interactive:
-                _fail(f"{msg}; raise --max-seq-len")
-            print(f"{msg}: /reset, or restart with a larger --max-seq-len", file=sys.stderr)
-            continue
-        reuse = 0
-        while reuse < min(len(cached), len(prompt) - 1) and cached[reuse] == prompt[reuse]:
-            reuse += 1
-        need = min(limit, len(prompt) + opts.max_new_tokens)
-        if cache[0].k.shape[2] < need:
-            bigger = model.new_cache(1, min(limit, max(need, 2 * cache[0].k.shape[2])))
-            for old, new in zip(cache, bigger):
-                new.k[:, :, :reuse], new.v[:, :, :reuse] = old.k[:, :, :reuse], old.v[:, :, :reuse]
-            cache = bigger
-        reply, answer, interrupted = stream(model, StreamDecoder(tokenizer), prompt, opts.max_new_tokens,
-                                            sampling, stops=getattr(opts, "stop", None) or [], cache=cache,
-                                            cached_len=reuse)
-        # The last token chosen was never fed to the model, so it is not in the cache;
-        # with no reply at all the prompt may not have been fed completely (Ctrl-C).
-        cached = (prompt + reply)[:-1] if reply else prompt[:reuse]
-        dialog.append({"role": "assistant", "content": answer})  # as shown: cut at a stop string
-        print()
-        if not interactive:  # Ctrl-C in a chat ends the answer, not the chat
-            if interrupted:
-                raise SystemExit(130)
-            return dialog
+        try:
+            chat.send(text)
+        except ContextFullError as e:
+            print(f"{e}: /reset to start a new conversation", file=log)
+        except KeyboardInterrupt:
+            pass  # Ctrl-C ends the answer, not the chat
+        print(file=chat.out or sys.stdout)
 
 
 # =============================================================================
@@ -1612,26 +1873,29 @@ class CPULinear(nn.Linear):
 
 class CPUAttention(Attention):
     """Attention whose SDPA setting takes the fastest CPU route: the explicit product for one
-    decoded token, and for a prefill chunk two unmasked kernel calls merged by their softmax sums."""
+    decoded token, and for a causal prefill chunk two unmasked kernel calls merged by their
+    softmax sums. Any other mask, device or torch takes part 1's own sdpa()."""
 
     def sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         B, _, T, head_dim = q.shape
         past = k.shape[2] - T  # cached positions before this chunk
+        if q.device.type != "cpu":  # a model moved with .to() after loading
+            return super().sdpa(q, k, v, mask)
         # One query has only S scores to store, so fusing saves nothing, and on CPU SDPA's
         # kernel ran a decode step's attention 1.6x (fp32) to 10x (bf16) slower than the
-        # explicit product (README.md, Performance).
+        # explicit product on AMD EPYC (README.md, Performance). explicit() is the definition,
+        # so it is exact for any mask.
         if T == 1:
             return self.explicit(q, k, v, mask)
         # The CPU kernel behind SDPA, which also returns each query's log-sum-exp of scores.
         flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-        if flash is None or mask is None or q.device.type != "cpu":
+        if flash is None or not is_causal_mask(mask, past):
             return super().sdpa(q, k, v, mask)
-        # Transformer.forward's mask is always causal over the cache: every query sees the
-        # `past` cached keys, and its own chunk's keys up to itself. Given a mask, the kernel
-        # reads it for every block of every head: 512-token chunks of a 16K prompt took 1.2x
-        # one causal call. So each part goes unmasked: the chunk's own keys with is_causal
-        # (its top-left triangle is right when queries and keys are the same T positions),
-        # the past with no mask; 1.03-1.05x one causal call (README.md, long prompts).
+        # Under the causal mask every query sees the `past` cached keys, and its own chunk's
+        # keys up to itself. Given a mask, the kernel reads it for every block of every head:
+        # 512-token chunks of a 16K prompt took 1.2x one causal call. So each part goes
+        # unmasked: the chunk's own keys with is_causal (its top-left triangle is right when
+        # queries and keys are the same T positions), the past with no mask; 1.03-1.05x one causal call (README.md, long prompts).
         # The chunk's own K/V heads are copied n_rep times (T positions, little to copy): stacking
         # query heads as rows, as below, would misplace the causal triangle.
         own_k, own_v = (x[:, :, past:].repeat_interleave(self.n_rep, 1) for x in (k, v))  # (B, n_heads, T, hd)
@@ -1649,6 +1913,16 @@ class CPUAttention(Attention):
         share = torch.sigmoid(lse_past.reshape(B, self.n_heads, T) - lse).unsqueeze(-1)  # (B, n_heads, T, 1)
         out_past = out_past.reshape(B, self.n_heads, T, head_dim)
         return torch.lerp(out.float(), out_past.float(), share).to(q.dtype)  # (B, n_heads, T, head_dim)
+
+
+def is_causal_mask(mask: torch.Tensor | None, past: int) -> bool:
+    """Whether mask is Transformer.forward's causal (T, S) mask: zeros over the `past` cached
+    columns, -inf above the diagonal of the rest. Costs one read of the mask."""
+    if mask is None or mask.dim() != 2 or mask.shape[1] != mask.shape[0] + past or not mask.is_floating_point():
+        return False
+    T = mask.shape[0]
+    own = torch.full((T, T), float("-inf"), device=mask.device, dtype=mask.dtype).triu(1)
+    return not mask[:, :past].any() and torch.equal(mask[:, past:], own)
 
 
 def use_cpu_speed_paths(model: nn.Module, bf16_via_fp32: bool | None = None) -> nn.Module:
@@ -1833,8 +2107,9 @@ def _read_on_rank_0(prompt: str) -> str:
 # position per token. So this step, like gpt-fast's, attends over the whole
 # preallocated cache, with a mask of the positions written so far, takes its
 # position as a tensor and writes K/V in place. torch.compile with mode
-# "reduce-overhead" records it as a CUDA graph; it is compiled once per model
-# (kept as model.compiled_decode) and replayed by every later generate call.
+# "reduce-overhead" records it as a CUDA graph. It is compiled once per model
+# (kept as model.compiled_decode) over one cache the model keeps
+# (static_cache), and replayed by every later generate call.
 # =============================================================================
 
 
@@ -1858,6 +2133,21 @@ def decode_step_static(model: Transformer, token: torch.Tensor, pos: torch.Tenso
         h = h + a.wo(out.transpose(1, 2).reshape(B, 1, -1))
         h = h + layer.feed_forward(layer.ffn_norm(h))
     return model.output(model.norm(h)).float()[:, -1]  # (B, vocab_size)
+
+
+def static_cache(model: Transformer, batch_size: int, length: int) -> list[KVCache]:
+    """The one decode cache a model keeps for compiled generation (gpt-fast's setup_caches).
+
+    A new cache means new shapes and addresses, so a recompile or a new CUDA-graph
+    recording. This one is replaced only when a request outgrows it: at least 4096
+    positions, doubling, up to max_seq_len. Positions past the current one are masked,
+    so what an earlier request left there is never read.
+    """
+    cache = getattr(model, "decode_cache", None)
+    if cache is None or cache[0].k.shape[0] != batch_size or cache[0].k.shape[2] < length:
+        grown = 2 * cache[0].k.shape[2] if cache is not None else 0
+        model.decode_cache = cache = model.new_cache(batch_size, max(length, 4096, grown))  # new_cache caps it
+    return cache
 
 
 def compiled_decode(model: Transformer, cache: list[KVCache]) -> Callable:

@@ -10,6 +10,7 @@ LLAMA3_REQUIRE_REFERENCES=1 (set by CI), where a missing reference fails.
 
 import ast
 import copy
+import io
 import hashlib
 import json
 import os
@@ -43,9 +44,23 @@ def run_python(code: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code, *args], check=False, cwd=HERE, capture_output=True, text=True)
 
 
+def scripted_input(lines: list[str]):
+    """A stand-in for input(): returns the lines in turn, then raises EOFError as Ctrl-D does."""
+    it = iter(lines)
+
+    def read(_prompt: str) -> str:
+        try:
+            return next(it)
+        except StopIteration:
+            raise EOFError from None
+
+    return read
+
+
 def tiny_args(**kw) -> ModelArgs:
     base = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 256, "multiple_of": 32,
-            "ffn_dim_multiplier": None, "max_seq_len": 64, "use_scaled_rope": True, "original_max_seq_len": 16}
+            "ffn_dim_multiplier": None, "max_seq_len": 64, "use_scaled_rope": True, "original_max_seq_len": 16,
+            "use_sdpa": False}  # the definition, unless a test asks for SDPA
     return ModelArgs(**{**base, **kw})
 
 
@@ -1379,8 +1394,6 @@ def test_cli_warns_about_a_prompt_ending_in_whitespace(cli_ckpt):
 def test_chat_feeds_exactly_the_dialog_prompt_and_reuses_the_cache(cli_ckpt, tok):
     # Two turns: what the model has seen must be ChatFormat's layout of the whole
     # history, and the second turn must start after the cached first turn.
-    import argparse
-
     from tokenizer import ChatFormat
 
     folder, _ = cli_ckpt
@@ -1394,18 +1407,13 @@ def test_chat_feeds_exactly_the_dialog_prompt_and_reuses_the_cache(cli_ckpt, tok
             fed[start_pos + j] = t
 
     model.register_forward_pre_hook(record)
-    opts = argparse.Namespace(system="Be brief.", max_seq_len=None, max_new_tokens=6, prompt=None)
-    lines = iter(["Hello there", "And then?"])
-
-    def read(_prompt):
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError from None
-
-    dialog = llama3.run_chat(model, tok, ChatFormat(tok), opts, {"temperature": 0, "top_p": 0.9, "top_k": None,
-                                                               "seed": None}, read=read)
+    out = io.StringIO()
+    chat = llama3.Chat(model, tok, "Be brief.", max_new_tokens=6, sampling=llama3.Sampling(temperature=0),
+                       out=out, log=io.StringIO())
+    llama3.run_chat(chat, scripted_input(["Hello there", "And then?"]), log=io.StringIO())
+    dialog = chat.dialog
     assert [m["role"] for m in dialog] == ["system", "user", "assistant", "user", "assistant"]
+    assert out.getvalue() == f"{dialog[2]['content']}\n{dialog[4]['content']}\n"  # the answers went to `out`
     second = ChatFormat(tok).encode_dialog_prompt(dialog[:4])
     assert [fed[i] for i in range(len(second))] == second
     first_turn_len = len(ChatFormat(tok).encode_dialog_prompt(dialog[:2]))
@@ -1413,50 +1421,30 @@ def test_chat_feeds_exactly_the_dialog_prompt_and_reuses_the_cache(cli_ckpt, tok
     assert turn2_start >= first_turn_len  # the history was not fed again
 
 
-def test_chat_cache_grows_past_8192_positions_and_keeps_the_history(tok):
+def test_chat_cache_grows_past_8192_positions_and_keeps_the_history(tok, monkeypatch):
     # Chat keeps one cache up to the model's context: its first 8,192 positions are
     # allocated up front and it grows when a turn needs more, keeping what it holds.
-    import argparse
-
     from tokenizer import ChatFormat
 
     model = random_model(tiny_args(vocab_size=128256, dim=32, n_heads=2, n_kv_heads=1, max_seq_len=12000), seed=6)
-    opts = argparse.Namespace(system=None, max_new_tokens=4, prompt=None, stop=[])
-    sizes, lines = [], iter(["one " * 5000, "two " * 3500])
+    sizes, seen, original = [], [], llama3.generate
 
-    def read(_prompt):
-        return next(lines)  # StopIteration after two turns: end the chat as Ctrl-D would
-
-    original = llama3.generate
-
-    def spy(model, prompts, *a, cache=None, **kw):
+    def spy(model, prompts, *a, cache=None, on_token=None, **kw):
         sizes.append(cache[0].k.shape[2])
-        return original(model, prompts, *a, cache=cache, **kw)
+        return original(model, prompts, *a, cache=cache, on_token=lambda r, t: seen.append(t) or on_token(r, t), **kw)
 
-    llama3.generate = spy
-    try:
-        with pytest.raises(StopIteration):
-            llama3.run_chat(model, tok, ChatFormat(tok), opts, {"temperature": 0}, read=read)
-    finally:
-        llama3.generate = original
+    monkeypatch.setattr(llama3, "generate", spy)
+    chat = llama3.Chat(model, tok, max_new_tokens=4, sampling=llama3.Sampling(temperature=0), out=io.StringIO(),
+                       log=io.StringIO())
+    first = chat.send("one " * 5000)
+    n_first = len(seen)
+    chat.send("two " * 3500)
     assert sizes[0] == 8192 and sizes[1] > 8192  # grew for the second turn
     # The second turn's answer equals a fresh run on the whole dialog: the copied history is intact.
-    dialog = [{"role": "user", "content": "one " * 5000}]
-    first = llama3.generate(model, [ChatFormat(tok).encode_dialog_prompt(dialog)], 4, temperature=0)[0]
-    dialog += [{"role": "assistant", "content": tok.decode(first)}, {"role": "user", "content": "two " * 3500}]
-    prompt = ChatFormat(tok).encode_dialog_prompt(dialog)
-    assert len(prompt) > 8192
-    fresh = llama3.generate(model, [prompt], 4, temperature=0)[0]
-    seen = []
-    llama3.generate = lambda *a, on_token=None, **kw: original(
-        *a, on_token=lambda r, t: seen.append(t) or (on_token and on_token(r, t)), **kw)
-    try:
-        lines = iter(["one " * 5000, "two " * 3500])
-        with pytest.raises(StopIteration):
-            llama3.run_chat(model, tok, ChatFormat(tok), opts, {"temperature": 0}, read=read)
-    finally:
-        llama3.generate = original
-    assert seen[len(first):] == fresh
+    prompt = ChatFormat(tok).encode_dialog_prompt(chat.dialog[:-1])
+    assert len(prompt) > 8192 and chat.dialog[1] == first
+    fresh = original(model, [prompt], 4, temperature=0, stop_tokens=[])[0]
+    assert seen[n_first:] == fresh[: len(seen) - n_first]
 
 
 def greedy_pieces(folder: Path, tok, prompt_ids: list[int], n: int) -> list[str]:

@@ -15,6 +15,7 @@ Imports only tiktoken and the standard library.
 
 from __future__ import annotations
 
+import ast
 import base64
 import codecs
 import hashlib
@@ -313,7 +314,190 @@ class StreamDecoder:
 #   <|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n
 #   You are terse.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n
 #   Hi!<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n
+#
+# Tool calls (Llama 3.1+): an assistant message may call tools and end with
+# <|eom_id|> ("run it, then let me go on") instead of <|eot_id|>; the tool's
+# output comes back as a message of the role ipython. Built-in tools are
+# written as brave_search.call(query="..."), or, for code_interpreter, as the
+# code after <|python_tag|>. Custom functions are written in one of three ways
+# (TOOL_FORMATS). Messages are dicts:
+#
+#   {"role": "user" | "system" | "ipython" ("tool" too) | "assistant", "content": "..."}
+#   {"role": "assistant", "content": "", "stop": "eom" (or "eot", the default),
+#    "tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}
+#
+# Token ids equal Meta's llama-models ChatFormat (chat_format.py, tool_utils.py)
+# except where its tool_utils is plainly wrong, marked "llama-models" below. One
+# difference in layout: text content is stripped of surrounding whitespace, as
+# Meta's llama3 repo and Hugging Face's chat template do; llama-models keeps it.
 # -----------------------------------------------------------------------------
+
+BUILTIN_TOOLS = ("brave_search", "wolfram_alpha", "photogen", "code_interpreter")
+# json: {"type": "function", "name": ..., "parameters": {...}} (3.1, 3.3); function_tag:
+# <function=name>{...}</function> (3.1's alternative); python_list: [f(a=1), g(b="x")] (3.2 1B/3B).
+TOOL_FORMATS = ("json", "function_tag", "python_list")
+
+
+def python_literal(value) -> str:
+    """value written as a Python literal, for the python_list format.
+
+    llama-models writes strings as "{value}" unescaped (a quote inside breaks the
+    call) and dicts as {k=v}, which is not Python; JSON's string escapes are valid
+    Python, so strings and dicts are written as JSON writes them, the rest as Python.
+    """
+    if isinstance(value, (str, dict)):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return f"[{', '.join(python_literal(v) for v in value)}]"
+    if value is None or isinstance(value, (bool, int, float)):
+        return str(value)
+    raise ValueError(f"tool call argument {value!r}: not a JSON value")
+
+
+def encode_tool_calls(calls: list[dict], tool_format: str) -> str:
+    """The text of an assistant message's tool calls (after <|python_tag|> for code_interpreter)."""
+    if tool_format not in TOOL_FORMATS:
+        raise ValueError(f"tool_format {tool_format!r}: expected one of {', '.join(TOOL_FORMATS)}")
+    text, custom = "", []
+    for call in calls:
+        name, args = call["name"], call.get("arguments", {})
+        if name == "code_interpreter":
+            text += args["code"]
+        elif name in BUILTIN_TOOLS:
+            text += f'{name}.call(query="{args["query"]}")'
+        elif tool_format == "python_list":
+            custom.append(f"{name}({', '.join(f'{k}={python_literal(v)}' for k, v in args.items())})")
+        elif tool_format == "json":
+            text += json.dumps({"type": "function", "name": name, "parameters": args})
+        else:
+            text += f"<function={name}>{json.dumps(args)}</function>"
+    # llama-models writes each call as a list of its own ([f(a=1)][g(b=2)]); one list holds all.
+    return text + (f"[{', '.join(custom)}]" if custom else "")
+
+
+def parse_python_list(text: str) -> list[dict] | None:
+    """[f(a=1), g(b="x")] -> calls, or None if text is not such a list of literal keyword calls.
+
+    Read with ast, never run: a call's arguments must be literals (ast.literal_eval).
+    llama-models returns only the first call; the 3.2 format has several natively.
+    """
+    try:
+        tree = ast.parse(text.strip(), mode="eval").body
+        if not isinstance(tree, ast.List) or not tree.elts:
+            return None
+        calls = []
+        for node in tree.elts:
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.args):
+                return None
+            calls.append({"name": node.func.id, "arguments": {k.arg: ast.literal_eval(k.value) for k in node.keywords}})
+        return calls if all(k.arg is not None for n in tree.elts for k in n.keywords) else None
+    except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
+        return None
+
+
+def parse_tool_calls(text: str, python_tag: bool) -> list[dict]:
+    """The tool calls in an assistant message's text, in llama-models' order of tries; [] for none."""
+    calls = []
+    decoder = json.JSONDecoder()
+    for m in re.finditer(r"<function=([^>]+)>", text):
+        # llama-models matches the arguments with {.*?}, which ends at the first "}" (nested
+        # arguments fail), and swaps ' for " first (an apostrophe in a value breaks it);
+        # reading one JSON value from the "{" has neither problem.
+        try:
+            args, _ = decoder.raw_decode(text, m.end())
+        except ValueError:
+            continue
+        if isinstance(args, dict):
+            calls.append({"name": m.group(1), "arguments": args})
+    if not calls:
+        try:
+            body = json.loads(text)
+        except ValueError:
+            body = None
+        # llama-models also takes {"type": "function"} without a name, and fails on it.
+        if isinstance(body, dict) and isinstance(body.get("name"), str):
+            calls = [{"name": body["name"], "arguments": body.get("parameters", {})}]
+    calls = calls or parse_python_list(text) or []
+    for call in calls:  # a built-in tool written as a custom call: its first value is the query (or code)
+        if call["name"] in BUILTIN_TOOLS:
+            key = "code" if call["name"] == "code_interpreter" else "query"
+            call["arguments"] = {key: next(iter(call["arguments"].values()), "")}
+    if calls:
+        return calls
+    m = re.search(r'\b(\w+)\.call\(query="([^"]*)"\)', text)
+    if m:
+        return [{"name": m.group(1), "arguments": {"query": m.group(2)}}]
+    return [{"name": "code_interpreter", "arguments": {"code": text}}] if python_tag else []
+
+
+# The prompts that offer tools, laid out as Meta's prompt-format documents show them
+# (llama-models' llama3_1/prompt_format.md and llama3_2/text_prompt_format.md).
+# A function is {"name", "description", "parameters": {name: {"param_type": "int",
+# "description", "required", "default"}}}, llama-models' ToolParamDefinition.
+JSON_TYPES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean", "list": "array",
+              "dict": "object"}
+FUNCTION_TAG_RULES = """Think very carefully before calling functions.
+If you choose to call a function ONLY reply in the following format with no prefix or suffix:
+
+<function=example_function_name>{"example_name": "example_value"}</function>
+
+Reminder:
+- If looking for real time information use relevant functions before falling back to brave_search
+- Function calls MUST follow the specified format, start with <function= and end with </function>
+- Required parameters MUST be specified
+- Only call one function at a time
+- Put the entire function call reply on one line"""
+PYTHON_LIST_RULES = """You are an expert in composing functions. You are given a question and a set of possible functions.
+Based on the question, you will need to make one or more function/tool calls to achieve the purpose.
+If none of the function can be used, point it out. If the given question lacks the parameters required by the function,
+also point it out. You should only return the function call in tools call sections.
+If you decide to invoke any of the function(s), you MUST put it in the format of [func_name1(params_name1=params_value1, params_name2=params_value2...), func_name2(params)]
+You SHOULD NOT include any other text in the response.
+Here is a list of functions in JSON format that you can invoke.
+"""
+
+
+def tool_prompt(functions: list[dict], tool_format: str, builtin_tools: bool = False, system: str | None = None,
+                today: str = "") -> list[dict]:
+    """The messages that open a conversation offering these functions (and the built-in tools).
+
+    json and function_tag (3.1, 3.3): a system message "Environment: ipython", the
+    dates and your system text, then a user message that lists the functions.
+    python_list (3.2 1B/3B): one system message with the rules and the list. today:
+    "21 September 2024" as the documents write it.
+    """
+    if tool_format not in TOOL_FORMATS:
+        raise ValueError(f"tool_format {tool_format!r}: expected one of {', '.join(TOOL_FORMATS)}")
+    env = "Environment: ipython\nTools: brave_search, wolfram_alpha" if builtin_tools else "Environment: ipython\n"
+    head = f"{env}\nCutting Knowledge Date: December 2023\nToday Date: {today}"
+    if tool_format == "python_list":
+        defs = [{"name": f["name"], "description": f["description"], "parameters": {
+            "type": "dict", "required": [n for n, p in f["parameters"].items() if p.get("required", True)],
+            "properties": {n: {"type": JSON_TYPES.get(p["param_type"], p["param_type"]), "description":
+                               p.get("description", ""), **({"default": p["default"]} if "default" in p else {})}
+                           for n, p in f["parameters"].items()}}} for f in functions]
+        parts = [head] * builtin_tools + [PYTHON_LIST_RULES + json.dumps(defs, indent=4)] * bool(functions)
+        return [{"role": "system", "content": "\n\n".join(parts + [system] * bool(system))}]
+    messages = [{"role": "system", "content": head + (f"\n\n{system}" if system else "")}]
+    if not functions:
+        return messages
+    if tool_format == "function_tag":
+        listed = "".join(f"Use the function '{f['name']}' to '{f['description']}':\n" + json.dumps(
+            {"name": f["name"], "description": f["description"], "parameters": f["parameters"]}) + "\n\n"
+            for f in functions)
+        text = f"You have access to the following functions:\n\n{listed}{FUNCTION_TAG_RULES}"
+    else:
+        listed = "\n".join(json.dumps({"type": "function", "function": {
+            "name": f["name"], "description": f["description"], "parameters": {
+                "type": "object", "properties": [{n: {"type": JSON_TYPES.get(p["param_type"], p["param_type"]),
+                                                      "description": p.get("description", "")}}
+                                                 for n, p in f["parameters"].items()],
+                "required": [n for n, p in f["parameters"].items() if p.get("required", True)]}}}, indent=4)
+            for f in functions)
+        text = ("Answer the user's question by making use of the following functions if needed.\n"
+                "If none of the function can be used, please say so.\nHere is a list of functions in JSON "
+                f"format:\n{listed}\n\nReturn function calls in JSON format.")
+    return [*messages, {"role": "user", "content": text}]
 
 
 class ChatFormat:
@@ -321,17 +505,38 @@ class ChatFormat:
         self.tokenizer = tokenizer
 
     def encode_header(self, message: dict) -> list[int]:
-        tok = self.tokenizer
-        return ([tok.special_tokens["<|start_header_id|>"]] + tok.encode(message["role"], bos=False, eos=False)
+        tok, role = self.tokenizer, "ipython" if message["role"] == "tool" else message["role"]
+        return ([tok.special_tokens["<|start_header_id|>"]] + tok.encode(role, bos=False, eos=False)
                 + [tok.special_tokens["<|end_header_id|>"]] + tok.encode("\n\n", bos=False, eos=False))
 
-    def encode_message(self, message: dict) -> list[int]:
-        content = self.tokenizer.encode(message["content"].strip(), bos=False, eos=False)
-        return self.encode_header(message) + content + [self.tokenizer.eot_id]
+    def encode_message(self, message: dict, tool_format: str = "json") -> list[int]:
+        tok, calls = self.tokenizer, message.get("tool_calls") or []
+        ids = self.encode_header(message)
+        if calls and calls[0]["name"] == "code_interpreter":
+            ids.append(tok.special_tokens["<|python_tag|>"])
+        ids += tok.encode(message.get("content", "").strip(), bos=False, eos=False)
+        if calls:
+            ids += tok.encode(encode_tool_calls(calls, tool_format), bos=False, eos=False)
+        return ids + [tok.eom_id if message.get("stop") == "eom" else tok.eot_id]
 
-    def encode_dialog_prompt(self, dialog: list[dict]) -> list[int]:
+    def encode_dialog_prompt(self, dialog: list[dict], tool_format: str = "json") -> list[int]:
         """A whole conversation, ready for the assistant's next answer."""
         ids = [self.tokenizer.bos_id]
         for message in dialog:
-            ids += self.encode_message(message)
+            ids += self.encode_message(message, tool_format)
         return ids + self.encode_header({"role": "assistant", "content": ""})
+
+    def decode_assistant_message(self, tokens: list[int]) -> dict:
+        """An answer's tokens -> {"role": "assistant", "content", "tool_calls", "stop"}.
+
+        stop is "eom" or "eot" by the last token, None when generation ended without
+        either. With tool calls, content is "" (as llama-models does: text around a call is
+        the call's wrapping, not an answer).
+        """
+        tok, stop = self.tokenizer, None
+        if tokens and tokens[-1] in (tok.eom_id, tok.eot_id):
+            stop, tokens = ("eom" if tokens[-1] == tok.eom_id else "eot"), tokens[:-1]
+        python_tag = bool(tokens) and tokens[0] == tok.special_tokens["<|python_tag|>"]
+        text = tok.decode(tokens[python_tag:]).strip(" ")
+        calls = parse_tool_calls(text, python_tag)
+        return {"role": "assistant", "content": "" if calls else text, "tool_calls": calls, "stop": stop}
