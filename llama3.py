@@ -1162,7 +1162,10 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     prev_pos = cached_len
     for cur_pos in range(min(lengths), total_len):
         if cur_pos - prev_pos == 1 and step is not None:
-            logits = step(model, tokens[:, prev_pos:cur_pos], torch.tensor(prev_pos, device=device), cache)
+            # A fresh (B, 1) tensor: a view of `tokens` has its row length as stride, and a new
+            # stride would make the compiled step recompile.
+            token = tokens[:, prev_pos:cur_pos].clone(memory_format=torch.contiguous_format)
+            logits = step(model, token, torch.tensor(prev_pos, device=device), cache)
         elif cur_pos - prev_pos == 1:
             logits = model(tokens[:, prev_pos:cur_pos], prev_pos, cache, last_only=True)[:, -1]  # (B, vocab_size)
         else:

@@ -10,8 +10,8 @@ LLAMA3_REQUIRE_REFERENCES=1 (set by CI), where a missing reference fails.
 
 import ast
 import copy
-import io
 import hashlib
+import io
 import json
 import os
 import re
@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,10 @@ import torch
 
 import llama3
 from llama3 import KVCache, ModelArgs, Transformer, load_model
+
+# `pytest -m "not slow"` runs the core in under a minute; CI runs everything. The project
+# keeps no pytest config file beside the code, so the mark is used unregistered.
+warnings.filterwarnings("ignore", "Unknown pytest.mark.slow", pytest.PytestUnknownMarkWarning)
 
 HERE = Path(__file__).parent
 GOLDEN = HERE / "testdata" / "golden"
@@ -2042,3 +2047,487 @@ def test_on_device_compiled_decode_matches_eager(device):
     eager = llama3.generate(model, prompts, 8, temperature=0, stop_tokens=[])
     assert llama3.generate(model, prompts, 8, temperature=0, stop_tokens=[], compile=True) == eager
 
+
+
+# -----------------------------------------------------------------------------
+# What a copy-user calls behaves as part 1 teaches
+# -----------------------------------------------------------------------------
+
+
+def reference_attention(q, k, v, mask) -> torch.Tensor:
+    """Attention computed from scratch in float64, K/V heads repeated as Meta's repeat_kv does."""
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = (x.double().repeat_interleave(n_rep, dim=1) for x in (k, v))
+    scores = q.double() @ k.transpose(2, 3) / q.shape[-1] ** 0.5 + mask.double()
+    return torch.softmax(scores, dim=-1) @ v
+
+
+@pytest.mark.parametrize("loaded", [False, True])
+def test_cached_forward_builds_no_autograd_graph_and_uncached_forward_trains(tmp_path, loaded):
+    # A copy-user's own decode loop runs with grad enabled: the cache must not chain one
+    # step's graph onto the next (memory per token). Without a cache the model still trains.
+    model = random_model(tiny_args())
+    if loaded:  # load_model's CPU paths too
+        save_meta_shards(model, tmp_path, 1)
+        model = load_model(tmp_path)
+    tokens = torch.randint(0, 256, (2, 9))
+    cache = model.new_cache(2, 16)
+    assert torch.is_grad_enabled()
+    logits = model(tokens[:, :8], 0, cache)
+    step = model(tokens[:, 8:], 8, cache)
+    assert not logits.requires_grad and not step.requires_grad
+    assert all(c.k.grad_fn is None and c.v.grad_fn is None and not c.k.requires_grad for c in cache)
+    logits = model(tokens[:, :8])
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+    loss.backward()
+    grad = model.layers[0].attention.wq.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("T, past", [(5, 0), (4, 6), (1, 9)])
+def test_every_attention_path_gives_the_definition_for_any_mask(T, past):
+    # A caller's own mask (padding, a window, one per row) must give the definition's
+    # result on every path: explicit(), SDPA, and the CPU routes that load_model swaps in.
+    torch.manual_seed(1)
+    args = tiny_args()
+    S = past + T
+    q = torch.randn(2, args.n_heads, T, args.head_dim)
+    k, v = torch.randn(2, args.n_kv_heads, S, args.head_dim), torch.randn(2, args.n_kv_heads, S, args.head_dim)
+    causal = torch.hstack([torch.zeros(T, past), torch.full((T, T), float("-inf")).triu(1)])
+    padding = causal.clone()
+    padding[1:, 0] = float("-inf")  # every query but the first ignores position 0
+    pos, key = past + torch.arange(T)[:, None], torch.arange(S)  # (T, 1) query positions, (S,) key positions
+    window = torch.zeros(T, S).masked_fill((key > pos) | (key < pos - 2), float("-inf"))  # the last 3 positions
+    per_row = torch.stack([causal, padding])[:, None]  # (B, 1, T, S): another mask for each sequence
+    for mask in (causal, padding, window, per_row):
+        assert not mask.isinf().all(-1).any()  # no query without a key: its softmax would be NaN
+        want = reference_attention(q, k, v, mask)
+        for name, attention in (("explicit", llama3.Attention(args)), ("cpu", llama3.CPUAttention(args))):
+            paths = {"explicit": attention.explicit, "sdpa": attention.sdpa}
+            for path, fn in paths.items():
+                got = fn(q, k, v, mask)
+                torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5,
+                                           msg=lambda m, n=name, p=path: f"{n}.{p}: {m}")
+
+
+def test_cpu_attention_picks_its_route_by_the_tensors_device_at_call_time(monkeypatch):
+    # A CPU-loaded model moved with .to(): the CPU routes must not run on the other device.
+    # The meta device stands in for a GPU: it routes like one, with no numbers to compare.
+    attention = llama3.CPUAttention(tiny_args())
+    used = []
+    monkeypatch.setattr(llama3.Attention, "explicit", lambda self, *a: used.append("explicit"))
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **kw: used.append("sdpa"))
+    for T, S in ((1, 7), (4, 4), (3, 9)):
+        q = torch.empty(1, 4, T, 16, device="meta")
+        k = v = torch.empty(1, 2, S, 16, device="meta")
+        mask = torch.zeros(T, S, device="meta") if T > 1 else None
+        attention.sdpa(q, k, v, mask)
+    assert used == ["sdpa"] * 3
+    used.clear()
+    attention.sdpa(torch.randn(1, 4, 1, 16), torch.randn(1, 2, 7, 16), torch.randn(1, 2, 7, 16), None)
+    assert used == ["explicit"]  # on the CPU, a decoded token takes the explicit product
+
+
+def test_sdpa_default_is_the_same_for_model_args_and_load_model(tmp_path):
+    save_meta_shards(random_model(tiny_args()), tmp_path, 1)
+    assert ModelArgs().use_sdpa is True
+    assert load_model(tmp_path).layers[0].attention.use_sdpa is True
+    assert load_model(tmp_path, use_sdpa=False).layers[0].attention.use_sdpa is False
+
+
+@pytest.mark.parametrize("argument, value", [
+    ("max_new_tokens", -1), ("temperature", -0.5), ("temperature", float("nan")), ("top_p", 0.0), ("top_p", 1.5),
+    ("top_k", 0), ("repetition_penalty", 0.0), ("prefill_chunk", 0), ("cached_len", -1)])
+def test_generate_raises_value_error_naming_each_bad_argument(argument, value):
+    model = random_model(tiny_args())
+    extra = {"cache": model.new_cache(1, 16)} if argument == "cached_len" else {}
+    with pytest.raises(ValueError, match=rf"^{argument}|^cache"):
+        llama3.generate(model, [[1, 2, 3]], **{"max_new_tokens": 4, argument: value, **extra})
+
+
+def test_stream_reports_bad_arguments_as_exceptions_not_exits(tok):
+    model = random_model(tiny_args(vocab_size=128256, dim=32, n_heads=2, n_kv_heads=1))
+    with pytest.raises(ValueError, match="^top_k"):
+        llama3.stream(model, tok, [1, 2], 4, llama3.Sampling(top_k=0), out=io.StringIO(), log=io.StringIO())
+
+
+@pytest.mark.parametrize("text, stops", [("xxabcdyy", ["abcd", "bc"]), ("abcdef", ["cdef", "bcd", "de"]),
+                                         ("aaab", ["aab", "aaab"]), ("say STOP now", ["STOP", "OP n", "x"])])
+def test_stop_text_ends_at_the_first_stop_to_complete_whatever_the_pieces(text, stops):
+    # The output must not depend on how the tokens cut the text: every split of it into
+    # pieces gives what the first stop string to complete leaves before it.
+    end = min(i + len(s) for s in stops if (i := text.find(s)) >= 0)
+    want = text[: min(text.find(s) for s in stops if 0 <= text.find(s) and text.find(s) + len(s) == end)]
+    for cuts in range(2 ** (len(text) - 1)):
+        pieces, start = [], 0
+        for i in range(1, len(text)):
+            if cuts >> (i - 1) & 1:
+                pieces.append(text[start:i])
+                start = i
+        pieces.append(text[start:])
+        st = llama3.StopText(stops)
+        assert "".join(st.push(p) for p in pieces) + st.finish() == want, pieces
+
+
+@pytest.mark.slow
+def test_compiled_generate_compiles_once_for_calls_of_other_lengths(monkeypatch, tmp_path):
+    # --compile must pay for compiling once per model: later generate calls of other
+    # prompt and output lengths reuse the compiled step (gpt-fast's one growing cache).
+    import torch._dynamo
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # leave nothing in /tmp
+    torch._dynamo.reset()
+    model = random_model(tiny_args())
+    eager = [llama3.generate(model, [p], n, temperature=0, stop_tokens=[]) for p, n in (([1, 2, 3], 8),
+                                                                                        ([5] * 11, 5), ([7, 8], 20))]
+    compiled = [llama3.generate(model, [[1, 2, 3]], 8, temperature=0, stop_tokens=[], compile=True)]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled += [llama3.generate(model, [p], n, temperature=0, stop_tokens=[], compile=True)
+                     for p, n in (([5] * 11, 5), ([7, 8], 20))]
+    assert compiled == eager
+
+
+@pytest.mark.parametrize("key, value", [("hidden_act", "gelu"), ("attention_bias", True), ("mlp_bias", True),
+                                        ("quantization_config", {"quant_method": "bitsandbytes"})])
+def test_hf_config_refuses_what_it_cannot_run(key, value):
+    config = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 256, key: value}
+    with pytest.raises(llama3.CheckpointError, match=f"config.json: {key} is"):
+        llama3.args_from_hf_config(config)
+
+
+def test_hf_config_notes_the_keys_it_ignores(capsys):
+    config = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 256,
+              "hidden_act": "silu", "transformers_version": "4.45", "sliding_window": 4096}
+    llama3.args_from_hf_config(config)
+    assert capsys.readouterr().err == "llama3: config.json: ignoring keys not used by llama3.py: sliding_window\n"
+
+
+# -----------------------------------------------------------------------------
+# Tool calling (Llama 3.1+): encoded and parsed as Meta's llama-models does
+# -----------------------------------------------------------------------------
+
+PROMPT_FORMAT_DOCS = ("llama3_1/prompt_format.md", "llama3_2/text_prompt_format.md")
+
+
+@pytest.fixture(scope="session")
+def meta_chat(meta_tok):
+    """llama-models' ChatFormat and its message types (it needs pydantic and Pillow)."""
+    require("PIL")
+    from llama_models import datatypes
+    from llama_models.llama3.chat_format import ChatFormat as MetaChatFormat
+
+    return MetaChatFormat(meta_tok), datatypes
+
+
+def to_meta_message(message: dict, datatypes):
+    """One of our message dicts as llama-models' RawMessage."""
+    d = datatypes
+    builtin = {t.value: t for t in d.BuiltinTool}
+    calls = [d.ToolCall(call_id=str(i), tool_name=builtin.get(c["name"], c["name"]), arguments=c["arguments"])
+             for i, c in enumerate(message.get("tool_calls", []))]
+    stop = d.StopReason.end_of_message if message.get("stop") == "eom" else d.StopReason.end_of_turn
+    role = "tool" if message["role"] in ("ipython", "tool") else message["role"]
+    return d.RawMessage(role=role, content=message["content"], tool_calls=calls, stop_reason=stop)
+
+
+def call(name: str, **arguments) -> dict:
+    return {"name": name, "arguments": arguments}
+
+
+# Every message kind: each role, ipython under both names, each built-in tool, custom
+# calls with strings, numbers, booleans and None, and both stop tokens.
+TOOL_DIALOG = [
+    {"role": "system", "content": "Environment: ipython\nTools: brave_search, wolfram_alpha"},
+    {"role": "user", "content": "What is the weather in Paris, and 2+2?"},
+    {"role": "assistant", "content": "", "tool_calls": [call("get_weather", city="Paris", days=3, metric=True,
+                                                            unit=None)], "stop": "eom"},
+    {"role": "ipython", "content": '{"temperature": 18, "sky": "clear"}'},
+    {"role": "assistant", "content": "", "tool_calls": [call("brave_search", query="Paris news")], "stop": "eom"},
+    {"role": "tool", "content": "Nothing new."},
+    {"role": "assistant", "content": "", "tool_calls": [call("wolfram_alpha", query="2+2")], "stop": "eom"},
+    {"role": "ipython", "content": "4"},
+    {"role": "assistant", "content": "", "tool_calls": [call("photogen", query="a llama")], "stop": "eom"},
+    {"role": "ipython", "content": "(image)"},
+    {"role": "assistant", "content": "", "tool_calls": [call("code_interpreter", code="print(2 + 2)")],
+     "stop": "eom"},
+    {"role": "ipython", "content": "4"},
+    {"role": "assistant", "content": "It is 18 C and clear; 2+2 is 4."},
+    {"role": "assistant", "content": "A second answer that ended on eot.", "stop": "eot"},
+]
+
+
+@pytest.mark.parametrize("tool_format", ["json", "function_tag", "python_list"])
+def test_tool_dialog_tokens_equal_llama_models(tok, meta_chat, tool_format):
+    from tokenizer import ChatFormat
+
+    meta, datatypes = meta_chat
+    ours = ChatFormat(tok)
+    for end in range(1, len(TOOL_DIALOG) + 1):  # every prefix: each message kind at the end, turn by turn
+        dialog = TOOL_DIALOG[:end]
+        theirs = meta.encode_dialog_prompt([to_meta_message(m, datatypes) for m in dialog],
+                                           datatypes.ToolPromptFormat(tool_format)).tokens
+        assert ours.encode_dialog_prompt(dialog, tool_format) == theirs, dialog[-1]
+
+
+# The model outputs of both prompt-format documents, as text with special tokens.
+DOCUMENT_OUTPUTS = [
+    '<|python_tag|>brave_search.call(query="latest price of 1oz gold")<|eom_id|>',
+    ("<|python_tag|>def is_prime(n):\n    if n <= 1\n        return False\n    return True\n\nprint(is_prime(7))"
+    "  # Output: True<|eom_id|>"),
+    '<|python_tag|>wolfram_alpha.call(query="100th decimal of pi")<|eom_id|>',
+    "The 100th decimal of pi is 7.<|eot_id|>",
+    ('<|python_tag|>{\n    "type": "function",\n    "name": "trending_songs",\n    "parameters": {\n        "n": "10",'
+    '\n        "genre": "all"\n    }\n}<|eom_id|>'),
+    '<function=trending_songs>{"n": 10}</function><|eot_id|>',
+    "[get_user_info(user_id=7890, special='black')]<|eot_id|>",
+    '<|python_tag|>[get_weather(city="San Francisco", metric="celsius")]<|eot_id|>',
+    "The weather in San Francisco is 25 C.<|eot_id|>",
+    "Here's my response\n\n\"What is a helpful assistant?\"<|eot_id|>",
+    "Cut short without a stop token",
+]
+
+
+def meta_decoded(meta_chat, meta_tok, tokens: list[int]) -> dict:
+    """llama-models' parse of an answer's tokens, as one of our message dicts."""
+    meta, datatypes = meta_chat
+    m = meta.decode_assistant_message(tokens, datatypes.StopReason.out_of_tokens)
+    stops = {datatypes.StopReason.end_of_message: "eom", datatypes.StopReason.end_of_turn: "eot"}
+    calls = [{"name": getattr(c.tool_name, "value", c.tool_name), "arguments": c.arguments} for c in m.tool_calls]
+    return {"role": "assistant", "content": m.content, "tool_calls": calls, "stop": stops.get(m.stop_reason)}
+
+
+@pytest.mark.parametrize("index", range(len(DOCUMENT_OUTPUTS)))
+def test_document_examples_parse_as_llama_models_parses_them(tok, meta_tok, meta_chat, index):
+    from tokenizer import ChatFormat
+
+    tokens = tok.encode(DOCUMENT_OUTPUTS[index], bos=False, eos=False, allowed_special="all")
+    assert ChatFormat(tok).decode_assistant_message(tokens) == meta_decoded(meta_chat, meta_tok, tokens)
+
+
+def test_several_python_list_calls_are_all_kept(tok, meta_tok, meta_chat):
+    # 3.2's format calls several functions at once; llama-models keeps only the first ("FIXME").
+    from tokenizer import ChatFormat
+
+    text = "[get_weather(city='San Francisco', metric='celsius'), get_weather(city='Seattle', metric='celsius')]"
+    tokens = tok.encode(text + "<|eot_id|>", bos=False, eos=False, allowed_special="all")
+    ours = ChatFormat(tok).decode_assistant_message(tokens)
+    assert ours["tool_calls"] == [call("get_weather", city="San Francisco", metric="celsius"),
+                                  call("get_weather", city="Seattle", metric="celsius")]
+    assert meta_decoded(meta_chat, meta_tok, tokens)["tool_calls"] == ours["tool_calls"][:1]
+
+
+@pytest.mark.parametrize("text, calls", [
+    # llama-models' {.*?} ends at the first "}": nested arguments are lost there.
+    ('<function=book>{"trip": {"from": "Paris", "to": "Rome"}, "seats": 2}</function>',
+     [call("book", trip={"from": "Paris", "to": "Rome"}, seats=2)]),
+    # llama-models swaps ' for " before parsing: an apostrophe breaks the call there.
+    ('<function=search>{"q": "Paris\'s weather"}</function>', [call("search", q="Paris's weather")]),
+    ('Sure. <function=f>{"a": 1}</function> Anything else?', [call("f", a=1)]),  # text around a tag call
+    ('Here it is: {"name": "f", "parameters": {"a": 1}}', []),  # JSON inside text is an answer, not a call
+    ('{"name": "f", "parameters": {"q": "say \\"hi\\""}}', [call("f", q='say "hi"')]),  # escaped quotes
+    ('[f(code="import os; os.remove(\'x\')")]', [call("f", code="import os; os.remove('x')")]),  # text, not run
+    ("[f(a=__import__('os').getcwd())]", []),  # not a literal: never evaluated (llama-models raises here)
+    ("[f(1, 2)]", []),  # positional arguments: not the documented format
+    ('{"type": "function"}', []),  # no name (llama-models raises KeyError)
+])
+def test_hard_tool_calls_parse_safely_and_completely(tok, text, calls):
+    from tokenizer import ChatFormat
+
+    tokens = tok.encode(text + "<|eot_id|>", bos=False, eos=False, allowed_special="all")
+    got = ChatFormat(tok).decode_assistant_message(tokens)
+    assert got["tool_calls"] == calls and got["stop"] == "eot"
+    assert got["content"] == ("" if calls else text)
+
+
+@pytest.mark.parametrize("tool_format", ["json", "function_tag", "python_list"])
+def test_every_format_reads_back_the_calls_it_writes(tok, tool_format):
+    # What the chat writes into the history must parse back to the same calls, quotes,
+    # newlines, non-ASCII text and nesting included (llama-models' python_list writes
+    # strings unescaped and dicts as {k=v}, which do not parse).
+    from tokenizer import ChatFormat
+
+    chat = ChatFormat(tok)
+    args = {"q": 'she said "hi"\nand left', "city": "São Paulo", "n": 3, "x": 1.5, "ok": False, "none": None,
+            "tags": ["a", "b"], "where": {"lat": 48.9, "lon": 2.35}}
+    calls = [call("lookup", **args)] + ([call("other", n=1)] if tool_format != "json" else [])
+    message = {"role": "assistant", "content": "", "tool_calls": calls, "stop": "eom"}
+    tokens = chat.encode_message(message, tool_format)[4:]  # without the 4 header tokens
+    assert chat.decode_assistant_message(tokens) == {**message, "content": ""}
+
+
+def get_weather(city: str, metric: str = "celsius") -> str:
+    """Get weather info for places
+
+    Args:
+        city: The name of the city to get the weather for
+        metric: The metric for weather. Options are: celsius, fahrenheit
+    """
+    return f"25 C in {city}" if metric == "celsius" else f"77 F in {city}"
+
+
+def test_a_python_function_is_offered_exactly_as_the_32_document_shows(tok):
+    # 3.2's zero-shot function calling: the system prompt of text_prompt_format.md, made
+    # from a Python function's signature and docstring.
+    from tokenizer import tool_prompt
+
+    llama_models = require("llama_models")
+    doc = (Path(llama_models.__file__).parent / PROMPT_FORMAT_DOCS[1]).read_text()
+    system = re.search(r"<\|start_header_id\|>system<\|end_header_id\|>\n\n(You are an expert.*?)<\|eot_id\|>", doc,
+                       re.DOTALL).group(1)
+    messages = tool_prompt([llama3.describe_function(get_weather)], "python_list")
+    assert messages == [{"role": "system", "content": system}]
+
+
+def test_json_tool_prompt_follows_the_31_document_layout():
+    from tokenizer import tool_prompt
+
+    system, user = tool_prompt([llama3.describe_function(get_weather)], "json", system="You are a helpful assistant.",
+                               today="21 September 2024")
+    assert system["content"] == ("Environment: ipython\n\nCutting Knowledge Date: December 2023\n"
+                                 "Today Date: 21 September 2024\n\nYou are a helpful assistant.")
+    assert user["content"].startswith("Answer the user's question by making use of the following functions")
+    listed = json.loads(user["content"].split("JSON format:\n")[1].split("\n\nReturn")[0])
+    assert listed["function"]["name"] == "get_weather" and listed["function"]["parameters"]["required"] == ["city"]
+    builtin = tool_prompt([], "json", builtin_tools=True, today="21 September 2024")
+    assert builtin == [{"role": "system", "content": "Environment: ipython\nTools: brave_search, wolfram_alpha\n"
+                        "Cutting Knowledge Date: December 2023\nToday Date: 21 September 2024"}]
+
+
+class ScriptedModel:
+    """A stand-in for generate: answers each call with the next scripted text, token by token,
+    and records the prompts and cached lengths it was given."""
+
+    def __init__(self, tok, answers: list[str]):
+        self.tok, self.answers, self.prompts, self.cached = tok, list(answers), [], []
+
+    def __call__(self, model, prompts, max_new_tokens, *a, on_token=None, cached_len=0, **kw):
+        self.prompts.append(prompts[0])
+        self.cached.append(cached_len)
+        for t in self.tok.encode(self.answers.pop(0), bos=False, eos=False, allowed_special="all"):
+            if on_token(0, t):
+                break
+        return [[]]
+
+
+def tool_chat(tok, monkeypatch, answers, **kw):
+    script = ScriptedModel(tok, answers)
+    monkeypatch.setattr(llama3, "generate", script)
+    model = random_model(tiny_args(vocab_size=128256, dim=32, n_heads=2, n_kv_heads=1, max_seq_len=4096))
+    out = io.StringIO()
+    chat = llama3.Chat(model, tok, "Be brief.", out=out, log=io.StringIO(), today="21 September 2024", **kw)
+    return chat, script, out
+
+
+def test_chat_calls_a_python_function_and_feeds_exactly_llama_models_tokens(tok, meta_chat, monkeypatch):
+    # The model calls get_weather and ends with <|eom_id|>; the chat runs it, feeds the result
+    # as an ipython message, and the model answers. Every prompt fed equals llama-models'
+    # encoding of the dialog so far, and the second reuses the cache up to the <|eom_id|> pause.
+    meta, datatypes = meta_chat
+    calls = []
+
+    def get_weather(city: str, metric: str = "celsius") -> dict:
+        """Get weather info for places"""
+        calls.append((city, metric))
+        return {"temperature": 18, "metric": metric}
+
+    call_text = json.dumps({"type": "function", "name": "get_weather", "parameters": {"city": "Paris"}})
+    chat, script, out = tool_chat(tok, monkeypatch, [call_text + "<|eom_id|>", "It is 18 C.<|eot_id|>"],
+                                  tools=[get_weather])
+    reply = chat.send("Weather in Paris?")
+    assert calls == [("Paris", "celsius")]
+    assert reply == {"role": "assistant", "content": "It is 18 C.", "tool_calls": [], "stop": "eot"}
+    roles = [m["role"] for m in chat.dialog]
+    assert roles == ["system", "user", "user", "assistant", "ipython", "assistant"]
+    assert chat.dialog[4]["content"] == '{"temperature": 18, "metric": "celsius"}'
+    for prompt, end in zip(script.prompts, (3, 5)):  # each turn's prompt: the dialog up to that answer
+        theirs = meta.encode_dialog_prompt([to_meta_message(m, datatypes) for m in chat.dialog[:end]],
+                                           datatypes.ToolPromptFormat.json).tokens
+        assert prompt == theirs
+    call_tokens = tok.encode(call_text, bos=False, eos=False)
+    assert script.cached == [0, len(script.prompts[0]) + len(call_tokens)]  # fed again: only after the pause
+    assert "get_weather" in out.getvalue() and "It is 18 C." in out.getvalue()
+
+
+@pytest.mark.parametrize("answer, error", [
+    ('<function=get_time>{"zone": "UTC"}</function>', "error: no function named 'get_time'"),
+    ('<function=divide>{"a": 1}</function>', "error: bad arguments for divide"),
+    ('<function=divide>{"a": 1, "b": 0}</function>', "error: divide raised ZeroDivisionError"),
+    ('<function=divide>{"a": 1, "b": 2, "c": 3}</function>', "error: bad arguments for divide"),
+    ('<function=divide>["a"]</function>', None),  # not an argument object: no call at all, an answer
+])
+def test_a_bad_call_goes_back_to_the_model_as_an_error_and_the_chat_goes_on(tok, monkeypatch, answer, error):
+    def divide(a: float, b: float) -> float:
+        """Divide a by b."""
+        return a / b
+
+    chat, _, _ = tool_chat(tok, monkeypatch, [answer + "<|eot_id|>", "Sorry.<|eot_id|>", "Bye.<|eot_id|>"],
+                           tools=[divide],
+                           tool_format="function_tag")
+    reply = chat.send("Divide, please.")
+    if error is None:
+        assert reply["content"] == answer and chat.dialog[-1] == reply
+        return
+    assert chat.dialog[-2]["role"] == "ipython" and chat.dialog[-2]["content"].startswith(error)
+    assert reply["content"] == "Sorry."
+    assert chat.send("Thanks")["content"] == "Bye."  # the chat goes on
+
+
+def test_builtin_tools_are_never_run_by_the_chat_itself(tok, monkeypatch):
+    # A built-in call goes to the caller's function; None (an empty line in the CLI) declines.
+    asked = []
+    chat, _script, _ = tool_chat(tok, monkeypatch, ['<|python_tag|>brave_search.call(query="llama")<|eom_id|>',
+                                                   "<|python_tag|>print(1)<|eom_id|>", "Done.<|eot_id|>"],
+                                builtin_tools=lambda c: asked.append(c) or ("3 results" if len(asked) == 1 else None))
+    assert chat.dialog[0]["content"].startswith("Environment: ipython\nTools: brave_search, wolfram_alpha\n")
+    chat.send("Search for llamas")
+    assert asked == [call("brave_search", query="llama"), call("code_interpreter", code="print(1)")]
+    assert [m["content"] for m in chat.dialog if m["role"] == "ipython"] == ["3 results",
+                                                                           "the user declined to run this tool"]
+
+
+def test_tool_format_defaults_by_the_models_shape(tok):
+    # Meta's documents: 3.2 1B and 3B call in the Python-list format, 3.1 and 3.3 in JSON.
+    for dim, n_layers, fmt in ((2048, 16, "python_list"), (3072, 28, "python_list"), (4096, 32, "json")):
+        with torch.device("meta"):
+            model = Transformer(ModelArgs(dim=dim, n_layers=n_layers, n_heads=dim // 128, n_kv_heads=8,
+                                          max_seq_len=16))
+        assert llama3.Chat(model, tok, tools=[get_weather]).tool_format == fmt
+        assert llama3.Chat(model, tok, tools=[get_weather], tool_format="function_tag").tool_format == "function_tag"
+
+
+def test_tools_file_offers_its_public_functions_only(tmp_path):
+    (tmp_path / "tools.py").write_text(
+        "import os\nfrom math import sqrt\n\ndef add(a: int, b: int = 2) -> int:\n    '''Add two numbers.\n\n"
+        "    a: the first\n    b: the second\n    '''\n    return a + b\n\ndef _helper():\n    pass\n")
+    tools = llama3.load_tools(tmp_path / "tools.py")
+    assert [f.__name__ for f in tools] == ["add"]
+    assert llama3.describe_function(tools[0]) == {"name": "add", "description": "Add two numbers.", "parameters": {
+        "a": {"param_type": "int", "description": "the first", "required": True},
+        "b": {"param_type": "int", "description": "the second", "required": False, "default": 2}}}
+
+
+@pytest.mark.parametrize("case", ["missing", "syntax", "empty", "no_chat", "format"])
+def test_cli_tools_errors_are_one_line_with_exit_2(cli_ckpt, tmp_path, case):
+    folder, _ = cli_ckpt
+    tools = tmp_path / "tools.py"
+    tools.write_text({"syntax": "def f(:\n", "empty": "x = 1\n"}.get(case, "def f(a: int) -> int:\n    return a\n"))
+    args = {"missing": ["--chat", "--tools", str(tmp_path / "nope.py")], "syntax": ["--chat", "--tools", str(tools)],
+            "empty": ["--chat", "--tools", str(tools)], "no_chat": ["--tools", str(tools)],
+            "format": ["--chat", "--tools", str(tools), "--tool-format", "xml"]}[case]
+    r = run_cli("--ckpt", str(folder), "--prompt", "hi", *args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert {"missing": "nope.py", "syntax": "tools.py", "empty": "no public function", "no_chat": "--tools",
+            "format": "--tool-format"}[case] in r.stderr
+
+
+def test_cli_chat_whose_tools_fill_the_context_says_so_in_one_line(cli_ckpt, tmp_path):
+    # The tool definitions alone overflow the test model's 128 positions: one line, exit 2,
+    # and no advice to raise --max-seq-len, which this model does not allow.
+    folder, _ = cli_ckpt
+    (tmp_path / "tools.py").write_text('def add(a: int, b: int) -> int:\n    """Add two numbers."""\n    return a + b\n')
+    r = run_cli("--ckpt", str(folder), "--chat", "--tools", str(tmp_path / "tools.py"), "--prompt", "2+3?",
+                "--temperature", "0", "--max-new-tokens", "4")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.splitlines()[-1].endswith("fills the 128-token context") and "max-seq-len" not in r.stderr
