@@ -944,18 +944,25 @@ def hf_snapshot(repo_id: str) -> Path | None:
 
 
 def downloaded_models() -> list[tuple[str, Path]]:
-    """(name, folder) of every Llama checkpoint in the Hugging Face cache and Meta's folder."""
+    """(name, folder) of every Llama 3 text model in the Hugging Face cache and Meta's folder.
+
+    A cache holds other models too. Llama 3's are told by their 128,256-token vocabulary
+    (Llama 2 and TinyLlama are model_type llama with 32,000), and Meta's vision models by
+    their vision keys (Hugging Face's are model_type mllama).
+    """
+    configs = [(repo.name.removeprefix("models--").replace("--", "/", 1), "config.json")
+               for repo in sorted(hf_hub_cache().glob("models--*--*"))]
+    configs += [(d.name, "params.json") for d in sorted(meta_checkpoints().glob("*"))]
     found = []
-    for repo in sorted(hf_hub_cache().glob("models--*--*")):
-        repo_id = repo.name.removeprefix("models--").replace("--", "/", 1)
-        snapshot = hf_snapshot(repo_id)
-        if snapshot is not None:
-            try:
-                if json.loads((snapshot / "config.json").read_text()).get("model_type") == "llama":
-                    found.append((repo_id, snapshot))
-            except (OSError, ValueError):
-                pass  # not a model we can run: leave it out of the list
-    found += [(d.name, d) for d in sorted(meta_checkpoints().glob("*")) if (d / "params.json").is_file()]
+    for name, kind in configs:
+        folder = hf_snapshot(name) if kind == "config.json" else meta_checkpoints() / name
+        try:
+            config = json.loads((folder / kind).read_text()) if folder is not None else {}
+        except (OSError, ValueError):
+            continue  # not a model we can run: leave it out of the list
+        if (isinstance(config, dict) and config.get("vocab_size") == 128256 and "vision_chunk_size" not in config
+                and config.get("model_type", "llama") == "llama"):
+            found.append((name, folder))
     return found
 
 

@@ -18,7 +18,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -35,6 +34,29 @@ warnings.filterwarnings("ignore", "Unknown pytest.mark.slow", pytest.PytestUnkno
 
 HERE = Path(__file__).parent
 GOLDEN = HERE / "testdata" / "golden"
+
+
+# -----------------------------------------------------------------------------
+# Helpers and fixtures, shared by the sections below
+# -----------------------------------------------------------------------------
+
+EMPTY_HOME = Path("/nonexistent/llama3-test-home")  # a HOME with no downloaded models (and nothing written)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temporary_files_stay_in_pytests_folder(tmp_path_factory):
+    """What torch's compiler, torchrun and tiktoken would leave in /tmp goes under pytest's
+    own temporary folder instead, which pytest prunes: a run leaves nothing behind."""
+    tmp = tmp_path_factory.mktemp("tmp")
+    keys = {"TMPDIR": tmp, "TORCHINDUCTOR_CACHE_DIR": tmp / "inductor", "TIKTOKEN_CACHE_DIR": tmp / "tiktoken"}
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update({k: str(v) for k, v in keys.items()})
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def require(module: str):
@@ -101,6 +123,317 @@ def save_meta_shards(model: Transformer, folder: Path, n_shards: int) -> None:
             shard[name] = piece.clone()
     for i, shard in enumerate(shards):
         torch.save(shard, folder / f"consolidated.{i:02d}.pth")
+
+
+def cpu_linear(in_features: int, out_features: int, bf16_via_fp32: bool) -> llama3.CPULinear:
+    """A CPULinear with random weights, swapped in the way load_model does it."""
+    parent = torch.nn.Sequential(torch.nn.Linear(in_features, out_features, bias=False))
+    return llama3.use_cpu_speed_paths(parent, bf16_via_fp32=bf16_via_fp32)[0]
+
+
+def hf_model(args: ModelArgs, seed: int = 0):
+    """A random transformers LlamaForCausalLM with the shape args describes."""
+    transformers = require("transformers")
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_hidden_dim,
+        num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads,
+        rms_norm_eps=args.norm_eps, max_position_embeddings=args.max_seq_len,
+        tie_word_embeddings=args.tie_word_embeddings,
+        rope_parameters={"rope_type": "llama3", "rope_theta": args.rope_theta, "factor": args.rope_scaling_factor,
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": args.original_max_seq_len},
+        attn_implementation="eager")
+    model = transformers.LlamaForCausalLM(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif p.dim() == 2:
+                p.normal_(0, 0.2 if "embed" not in name else 1.0)
+    return model
+
+
+class RunsCodeWhenUnpickled:
+    """A pickle payload: unpickling it creates `marker`, as a malicious .pth could run anything."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_model_path() -> Path:
+    """Meta's real Llama 3 tokenizer.model, shipped inside the llama-models package."""
+    llama_models = require("llama_models")
+    path = Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
+    assert path.is_file(), path
+    return path
+
+
+@pytest.fixture(scope="session")
+def tok(tokenizer_model_path):
+    from tokenizer import Tokenizer
+
+    return Tokenizer(tokenizer_model_path)
+
+
+@pytest.fixture(scope="session")
+def meta_tok(tokenizer_model_path):
+    from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
+
+    return MetaTokenizer(tokenizer_model_path)
+
+
+def random_unicode_strings(n: int, seed: int):
+    """Random strings drawn from every Unicode plane's assigned-looking ranges (no lone surrogates)."""
+    import random
+
+    rng = random.Random(seed)
+    ranges = [(0x0, 0x7F), (0x80, 0x7FF), (0x800, 0xD7FF), (0xE000, 0xFFFF), (0x10000, 0x1FFFF),
+              (0x20000, 0x3FFFF), (0xE0000, 0x10FFFF)]
+    for _ in range(n):
+        length = rng.choice([1, 2, 5, 20, 100])
+        chars = []
+        for _ in range(length):
+            lo, hi = rng.choice(ranges)
+            chars.append(chr(rng.randint(lo, hi)) if rng.random() < 0.7 else rng.choice(" \n\t'sA1.!é日😀"))
+        yield "".join(chars)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_json_path(tmp_path_factory, tokenizer_model_path) -> Path:
+    """tokenizer.json made from Meta's tokenizer.model by transformers' own tiktoken converter, as the hub's were."""
+    require("transformers")
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from tokenizer import PAT_STR, SPECIAL_TOKENS
+
+    path = tmp_path_factory.mktemp("hf_tokenizer") / "tokenizer.json"
+    TikTokenConverter(vocab_file=str(tokenizer_model_path), pattern=PAT_STR,
+                      extra_special_tokens=SPECIAL_TOKENS).converted().save(str(path))
+    return path
+
+
+def to_hf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """transformers' conversion permutation (Meta's interleaved pairs -> rotate-half), written from its docs."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def hf_from_meta(model: Transformer):
+    """transformers' LlamaForCausalLM holding the same weights as our model."""
+    transformers = require("transformers")
+    a = model.args
+    ref = hf_model(a)
+    sd = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight,
+          "lm_head.weight": model.output.weight}
+    names = {"attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj",
+             "feed_forward.w2": "mlp.down_proj", "feed_forward.w3": "mlp.up_proj",
+             "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+    for i, layer in enumerate(model.layers):
+        sd[f"model.layers.{i}.self_attn.q_proj.weight"] = to_hf_rows(layer.attention.wq.weight, a.n_heads)
+        sd[f"model.layers.{i}.self_attn.k_proj.weight"] = to_hf_rows(layer.attention.wk.weight, a.n_kv_heads)
+        for ours, theirs in names.items():
+            sd[f"model.layers.{i}.{theirs}.weight"] = layer.get_submodule(ours).weight
+    ref.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=True)
+    assert isinstance(ref, transformers.LlamaForCausalLM)
+    return ref
+
+
+@pytest.fixture(scope="session")
+def cli_ckpt(tmp_path_factory, tokenizer_model_path):
+    """A tiny random Meta-layout checkpoint with Llama 3's real 128,256-token vocabulary and tokenizer."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("cli_ckpt")
+    model = random_model(tiny_args(vocab_size=128256, dim=64, n_heads=4, n_kv_heads=2, max_seq_len=128), seed=3)
+    save_meta_shards(model, folder, 2)
+    shutil.copy(tokenizer_model_path, folder / "tokenizer.model")
+    return folder, model
+
+
+def user_env(home: Path, **extra: str) -> dict:
+    """The environment with HOME at home and no Hugging Face or Meta folder settings of the real user."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "LLAMA_STACK_"))}
+    return {**env, "HOME": str(home), "HF_HUB_OFFLINE": "1", **extra}
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(HERE / "llama3.py"), *args], check=False, capture_output=True,
+                          text=True, timeout=300, stdin=subprocess.DEVNULL, env=env or user_env(EMPTY_HOME))
+
+
+def greedy_pieces(folder: Path, tok, prompt_ids: list[int], n: int) -> list[str]:
+    """The text of each greedy token the CLI's model (float32) continues prompt_ids with."""
+    new = llama3.generate(load_model(folder, dtype=torch.float32), [prompt_ids], n, temperature=0)[0]
+    return [tok.decode([t]) for t in new]
+
+
+def hub_cache_repo(cache: Path, repo_id: str, files: dict[str, Path]) -> Path:
+    """Lay files out as huggingface_hub does: blobs/<hash>, refs/main naming a commit, and
+    snapshots/<commit>/<name> as relative links to the blobs. Returns the snapshot folder."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)  # no newline, as the hub writes it
+    for name, src in files.items():
+        data = src.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(exist_ok=True)
+        blob.write_bytes(data)
+        link = repo / "snapshots" / commit / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    return repo / "snapshots" / commit
+
+
+@pytest.fixture(scope="session")
+def downloads(tmp_path_factory, cli_ckpt, tokenizer_json_path):
+    """The CLI test model as each tool downloads it: a Hugging Face repo (config.json, safetensors,
+    tokenizer.json, no tokenizer.model) and a folder of Meta's `llama model download`."""
+    folder, model = cli_ckpt
+    hf_files = tmp_path_factory.mktemp("hf_files")
+    hf_from_meta(model).save_pretrained(hf_files)
+    files = {"config.json": hf_files / "config.json", "model.safetensors": hf_files / "model.safetensors",
+             "tokenizer.json": tokenizer_json_path}
+    return {"hf_files": files, "meta": folder}
+
+
+def make_home(tmp_path: Path, downloads: dict, hf: bool, meta: bool, hub: Path | None = None) -> Path:
+    home = tmp_path / "home"
+    if hf:
+        hub_cache_repo(hub or home / ".cache" / "huggingface" / "hub", "test-org/Tiny-Llama-3", downloads["hf_files"])
+    if meta:
+        shutil.copytree(downloads["meta"], home / ".llama" / "checkpoints" / "Tiny-Llama3-Meta")
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+def convert_quietly(src, dst, **kw):
+    import convert
+
+    return convert.convert(src, dst, log=lambda *_: None, **kw)
+
+
+def run_convert(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(HERE / "convert.py"), *args], check=False, capture_output=True,
+                          text=True, timeout=300)
+
+
+def tree_digest(folder: Path) -> dict:
+    import hashlib
+
+    return {p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def _tensor_parallel_worker(rank: int, world: int, ckpt: str, tokens: torch.Tensor, out: str) -> None:
+    import torch.distributed as dist
+
+    # Rendezvous through a file, not a port that another process could take meanwhile.
+    dist.init_process_group("gloo", init_method=f"file://{out}.rendezvous", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        model = load_model(ckpt, tensor_parallel=True)
+        with torch.no_grad():
+            logits = model(tokens)
+        greedy = llama3.generate(model, tokens.tolist(), 6, temperature=0, stop_tokens=[])
+        sampled = llama3.generate(model, tokens.tolist(), 6, temperature=1.0, top_p=0.95, seed=3, stop_tokens=[])
+        wq_rows = model.layers[0].attention.wq.weight.shape[0]
+        torch.save({"logits": logits, "greedy": greedy, "sampled": sampled, "wq_rows": wq_rows}, f"{out}.{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    # Skip interpreter teardown: gloo's threads occasionally abort a normal exit ("terminate
+    # called without an active exception", seen 2 times in about 20 runs), after the results are saved.
+    os._exit(0)
+
+
+def on(device: str):
+    """Skip a device case on a machine without that device."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device here")
+    return torch.device(device)
+
+
+def reference_attention(q, k, v, mask) -> torch.Tensor:
+    """Attention computed from scratch in float64, K/V heads repeated as Meta's repeat_kv does."""
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = (x.double().repeat_interleave(n_rep, dim=1) for x in (k, v))
+    scores = q.double() @ k.transpose(2, 3) / q.shape[-1] ** 0.5 + mask.double()
+    return torch.softmax(scores, dim=-1) @ v
+
+
+@pytest.fixture(scope="session")
+def meta_chat(meta_tok):
+    """llama-models' ChatFormat and its message types (it needs pydantic and Pillow)."""
+    require("PIL")
+    from llama_models import datatypes
+    from llama_models.llama3.chat_format import ChatFormat as MetaChatFormat
+
+    return MetaChatFormat(meta_tok), datatypes
+
+
+def to_meta_message(message: dict, datatypes):
+    """One of our message dicts as llama-models' RawMessage."""
+    d = datatypes
+    builtin = {t.value: t for t in d.BuiltinTool}
+    calls = [d.ToolCall(call_id=str(i), tool_name=builtin.get(c["name"], c["name"]), arguments=c["arguments"])
+             for i, c in enumerate(message.get("tool_calls", []))]
+    stop = d.StopReason.end_of_message if message.get("stop") == "eom" else d.StopReason.end_of_turn
+    role = "tool" if message["role"] in ("ipython", "tool") else message["role"]
+    return d.RawMessage(role=role, content=message["content"], tool_calls=calls, stop_reason=stop)
+
+
+def call(name: str, **arguments) -> dict:
+    return {"name": name, "arguments": arguments}
+
+
+def meta_decoded(meta_chat, meta_tok, tokens: list[int]) -> dict:
+    """llama-models' parse of an answer's tokens, as one of our message dicts."""
+    meta, datatypes = meta_chat
+    m = meta.decode_assistant_message(tokens, datatypes.StopReason.out_of_tokens)
+    stops = {datatypes.StopReason.end_of_message: "eom", datatypes.StopReason.end_of_turn: "eot"}
+    calls = [{"name": getattr(c.tool_name, "value", c.tool_name), "arguments": c.arguments} for c in m.tool_calls]
+    return {"role": "assistant", "content": m.content, "tool_calls": calls, "stop": stops.get(m.stop_reason)}
+
+
+def get_weather(city: str, metric: str = "celsius") -> str:
+    """Get weather info for places
+
+    Args:
+        city: The name of the city to get the weather for
+        metric: The metric for weather. Options are: celsius, fahrenheit
+    """
+    return f"25 C in {city}" if metric == "celsius" else f"77 F in {city}"
+
+
+class ScriptedModel:
+    """A stand-in for generate: answers each call with the next scripted text, token by token,
+    and records the prompts and cached lengths it was given."""
+
+    def __init__(self, tok, answers: list[str]):
+        self.tok, self.answers, self.prompts, self.cached = tok, list(answers), [], []
+
+    def __call__(self, model, prompts, max_new_tokens, *a, on_token=None, cached_len=0, **kw):
+        self.prompts.append(prompts[0])
+        self.cached.append(cached_len)
+        for t in self.tok.encode(self.answers.pop(0), bos=False, eos=False, allowed_special="all"):
+            if on_token(0, t):
+                break
+        return [[]]
+
+
+def tool_chat(tok, monkeypatch, answers, **kw):
+    script = ScriptedModel(tok, answers)
+    monkeypatch.setattr(llama3, "generate", script)
+    model = random_model(tiny_args(vocab_size=128256, dim=32, n_heads=2, n_kv_heads=1, max_seq_len=4096))
+    out = io.StringIO()
+    chat = llama3.Chat(model, tok, "Be brief.", out=out, log=io.StringIO(), today="21 September 2024", **kw)
+    return chat, script, out
 
 
 # -----------------------------------------------------------------------------
@@ -252,6 +585,7 @@ def test_new_model_embeddings_are_initialised_like_nn_embedding():
         assert Transformer(tiny_args()).tok_embeddings.weight.is_meta
 
 
+@pytest.mark.slow
 def test_loading_skips_random_init_and_the_compiler_stack(tmp_path):
     # load_model builds on the meta device without random init: nn.Embedding's normal_
     # there would import torch._dynamo (~0.8 s and 77 MB before the first token).
@@ -456,12 +790,6 @@ def test_cache_takes_the_weights_dtype_and_the_requested_size():
     assert cache[0].k.dtype == torch.bfloat16
 
 
-def cpu_linear(in_features: int, out_features: int, bf16_via_fp32: bool) -> llama3.CPULinear:
-    """A CPULinear with random weights, swapped in the way load_model does it."""
-    parent = torch.nn.Sequential(torch.nn.Linear(in_features, out_features, bias=False))
-    return llama3.use_cpu_speed_paths(parent, bf16_via_fp32=bf16_via_fp32)[0]
-
-
 def test_bf16_prefill_in_fp32_matches_the_bf16_kernel(monkeypatch):
     # The CPU prefill path copies bf16 weights to fp32 block by block; only summation
     # order may differ from the bf16 kernel, which also accumulates in fp32: results
@@ -566,6 +894,7 @@ def test_positions_past_max_seq_len_are_an_error():
         model(torch.zeros(1, 9, dtype=torch.long))
 
 
+@pytest.mark.slow
 def test_model_imports_with_only_torch_installed(tmp_path):
     # Copyable: `import llama3`, building, running and loading a Meta checkpoint
     # must work where tiktoken and safetensors are absent.
@@ -622,29 +951,6 @@ def test_casting_a_built_model_keeps_rope_in_float32(tmp_path):
             assert torch.equal(cast(tokens), loaded(tokens)), dtype
 
 
-def hf_model(args: ModelArgs, seed: int = 0):
-    """A random transformers LlamaForCausalLM with the shape args describes."""
-    transformers = require("transformers")
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_hidden_dim,
-        num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads,
-        rms_norm_eps=args.norm_eps, max_position_embeddings=args.max_seq_len,
-        tie_word_embeddings=args.tie_word_embeddings,
-        rope_parameters={"rope_type": "llama3", "rope_theta": args.rope_theta, "factor": args.rope_scaling_factor,
-                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": args.original_max_seq_len},
-        attn_implementation="eager")
-    model = transformers.LlamaForCausalLM(config).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            elif p.dim() == 2:
-                p.normal_(0, 0.2 if "embed" not in name else 1.0)
-    return model
-
-
 @pytest.mark.parametrize("n_heads, n_kv_heads, tied, factor, shard", [
     (4, 4, False, 8.0, False),  # GQA ratio 1 (plain multi-head)
     (4, 2, True, 32.0, True),  # ratio 2, tied like 3.2 1B/3B, factor 32, index + several files
@@ -693,6 +999,7 @@ def test_hf_checkpoint_with_old_rope_scaling_config(tmp_path):
         torch.testing.assert_close(load_model(tmp_path)(tokens), ref(tokens).logits.float(), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_long_prompt_gives_transformers_greedy_tokens(tmp_path):
     # A 4,000-token prompt through the default running path (SDPA, 512-token chunks, CPU
     # paths) must continue exactly as transformers does.
@@ -724,6 +1031,7 @@ print(json.dumps(peak() - before))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads peak memory from Linux's /proc")
 def test_prefill_memory_grows_linearly_with_the_prompt():
     # No (prompt x prompt) tensor may exist: doubling the prompt may about double what its
@@ -815,16 +1123,6 @@ def test_truncated_safetensors_error_names_the_file(tmp_path):
         load_model(tmp_path)
 
 
-class RunsCodeWhenUnpickled:
-    """A pickle payload: unpickling it creates `marker`, as a malicious .pth could run anything."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
 def test_torch_load_is_only_called_with_weights_only(tmp_path):
     # A .pth is a pickle; unpickling with weights_only=False runs arbitrary code from the file.
     src = "".join((HERE / f).read_text() for f in ("llama3.py", "convert.py") if (HERE / f).exists())
@@ -854,29 +1152,6 @@ def test_rope_scaling_factor_can_be_overridden(tmp_path):
 # -----------------------------------------------------------------------------
 # tokenizer.py, against Meta's real tokenizer.model and Meta's own tokenizer
 # -----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def tokenizer_model_path() -> Path:
-    """Meta's real Llama 3 tokenizer.model, shipped inside the llama-models package."""
-    llama_models = require("llama_models")
-    path = Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
-    assert path.is_file(), path
-    return path
-
-
-@pytest.fixture(scope="session")
-def tok(tokenizer_model_path):
-    from tokenizer import Tokenizer
-
-    return Tokenizer(tokenizer_model_path)
-
-
-@pytest.fixture(scope="session")
-def meta_tok(tokenizer_model_path):
-    from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
-
-    return MetaTokenizer(tokenizer_model_path)
 
 
 # Strings where tokenizers tend to differ: the regex's edge cases, scripts,
@@ -937,22 +1212,6 @@ def test_decode_is_exact(tok):
     # No clean-up of spaces before punctuation (Hugging Face's old default changed "! ! !").
     for s in ("! ! !", " hello ,world .", "a  \n \n  b"):
         assert tok.decode(tok.encode(s, bos=False, eos=False)) == s
-
-
-def random_unicode_strings(n: int, seed: int):
-    """Random strings drawn from every Unicode plane's assigned-looking ranges (no lone surrogates)."""
-    import random
-
-    rng = random.Random(seed)
-    ranges = [(0x0, 0x7F), (0x80, 0x7FF), (0x800, 0xD7FF), (0xE000, 0xFFFF), (0x10000, 0x1FFFF),
-              (0x20000, 0x3FFFF), (0xE0000, 0x10FFFF)]
-    for _ in range(n):
-        length = rng.choice([1, 2, 5, 20, 100])
-        chars = []
-        for _ in range(length):
-            lo, hi = rng.choice(ranges)
-            chars.append(chr(rng.randint(lo, hi)) if rng.random() < 0.7 else rng.choice(" \n\t'sA1.!é日😀"))
-        yield "".join(chars)
 
 
 def test_decode_inverts_encode_on_arbitrary_unicode(tok):
@@ -1025,20 +1284,6 @@ def test_missing_tokenizer_model_is_a_clear_error(tmp_path):
 
     with pytest.raises(TokenizerError, match="tokenizer file not found"):
         Tokenizer(tmp_path / "tokenizer.model")
-
-
-@pytest.fixture(scope="session")
-def tokenizer_json_path(tmp_path_factory, tokenizer_model_path) -> Path:
-    """tokenizer.json made from Meta's tokenizer.model by transformers' own tiktoken converter, as the hub's were."""
-    require("transformers")
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    from tokenizer import PAT_STR, SPECIAL_TOKENS
-
-    path = tmp_path_factory.mktemp("hf_tokenizer") / "tokenizer.json"
-    TikTokenConverter(vocab_file=str(tokenizer_model_path), pattern=PAT_STR,
-                      extra_special_tokens=SPECIAL_TOKENS).converted().save(str(path))
-    return path
 
 
 def test_tokenizer_json_equals_tokenizer_model(tok, tokenizer_json_path):
@@ -1123,6 +1368,7 @@ def test_top_k_samples_only_the_k_most_likely():
     assert set(drawn.tolist()) == {1, 3}
 
 
+@pytest.mark.slow
 def test_temperature_flattens_the_distribution():
     logits = torch.tensor([[2.0, 0.0]]).repeat(4000, 1)
     gen = torch.Generator().manual_seed(0)
@@ -1194,6 +1440,7 @@ def test_cache_is_sized_to_the_batch_and_request(monkeypatch):
     assert sizes == [(2, 8)]  # 2 rows, longest prompt 3 + 5 new tokens
 
 
+@pytest.mark.slow
 def test_compiled_decode_matches_eager():
     # --compile must only change speed. (Compiling takes 10-40 s on a CPU: the slowest test here.)
     model = random_model(tiny_args())
@@ -1290,58 +1537,7 @@ def test_on_token_streams_every_new_token_in_order():
 # -----------------------------------------------------------------------------
 
 
-def to_hf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """transformers' conversion permutation (Meta's interleaved pairs -> rotate-half), written from its docs."""
-    rows, cols = w.shape
-    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def hf_from_meta(model: Transformer):
-    """transformers' LlamaForCausalLM holding the same weights as our model."""
-    transformers = require("transformers")
-    a = model.args
-    ref = hf_model(a)
-    sd = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight,
-          "lm_head.weight": model.output.weight}
-    names = {"attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj",
-             "feed_forward.w2": "mlp.down_proj", "feed_forward.w3": "mlp.up_proj",
-             "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
-    for i, layer in enumerate(model.layers):
-        sd[f"model.layers.{i}.self_attn.q_proj.weight"] = to_hf_rows(layer.attention.wq.weight, a.n_heads)
-        sd[f"model.layers.{i}.self_attn.k_proj.weight"] = to_hf_rows(layer.attention.wk.weight, a.n_kv_heads)
-        for ours, theirs in names.items():
-            sd[f"model.layers.{i}.{theirs}.weight"] = layer.get_submodule(ours).weight
-    ref.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=True)
-    assert isinstance(ref, transformers.LlamaForCausalLM)
-    return ref
-
-
-@pytest.fixture(scope="session")
-def cli_ckpt(tmp_path_factory, tokenizer_model_path):
-    """A tiny random Meta-layout checkpoint with Llama 3's real 128,256-token vocabulary and tokenizer."""
-    import shutil
-
-    folder = tmp_path_factory.mktemp("cli_ckpt")
-    model = random_model(tiny_args(vocab_size=128256, dim=64, n_heads=4, n_kv_heads=2, max_seq_len=128), seed=3)
-    save_meta_shards(model, folder, 2)
-    shutil.copy(tokenizer_model_path, folder / "tokenizer.model")
-    return folder, model
-
-
-def user_env(home: Path, **extra: str) -> dict:
-    """The environment with HOME at home and no Hugging Face or Meta folder settings of the real user."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "LLAMA_STACK_"))}
-    return {**env, "HOME": str(home), "HF_HUB_OFFLINE": "1", **extra}
-
-
-EMPTY_HOME = Path(tempfile.mkdtemp(prefix="llama3-test-home-"))  # no downloaded models in it
-
-
-def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(HERE / "llama3.py"), *args], check=False, capture_output=True,
-                          text=True, timeout=300, stdin=subprocess.DEVNULL, env=env or user_env(EMPTY_HOME))
-
-
+@pytest.mark.slow
 def test_cli_greedy_output_equals_transformers_continuation(cli_ckpt, tok):
     # End to end: tokenizer, Meta shard loading, prefill, cached decode, streaming print.
     folder, model = cli_ckpt
@@ -1364,6 +1560,7 @@ def test_cli_greedy_output_equals_transformers_continuation(cli_ckpt, tok):
     assert "prefill" in r.stderr and "decode" in r.stderr and "tok/s" in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_sdpa_gives_the_same_greedy_text(cli_ckpt):
     folder, _ = cli_ckpt
     common = ["--ckpt", str(folder), "--prompt", "Once upon a time", "--temperature", "0", "--max-new-tokens", "8"]
@@ -1371,6 +1568,7 @@ def test_cli_sdpa_gives_the_same_greedy_text(cli_ckpt):
     assert a.returncode == b.returncode == 0 and a.stdout == b.stdout
 
 
+@pytest.mark.slow
 def test_cli_compile_on_cpu_says_it_runs_eager(cli_ckpt):
     folder, _ = cli_ckpt
     base = ("--ckpt", str(folder), "--prompt", "Hello", "--temperature", "0", "--max-new-tokens", "5")
@@ -1390,6 +1588,7 @@ def test_dtype_auto_picks_float16_on_gpus_without_bf16(monkeypatch):
     assert llama3._pick_dtype("auto", torch.device("mps")) == torch.float16
 
 
+@pytest.mark.slow
 def test_cli_warns_about_a_prompt_ending_in_whitespace(cli_ckpt):
     folder, _ = cli_ckpt
     r = run_cli("--ckpt", str(folder), "--prompt", "Hello ", "--max-new-tokens", "2", "--seed", "1")
@@ -1426,6 +1625,7 @@ def test_chat_feeds_exactly_the_dialog_prompt_and_reuses_the_cache(cli_ckpt, tok
     assert turn2_start >= first_turn_len  # the history was not fed again
 
 
+@pytest.mark.slow
 def test_chat_cache_grows_past_8192_positions_and_keeps_the_history(tok, monkeypatch):
     # Chat keeps one cache up to the model's context: its first 8,192 positions are
     # allocated up front and it grows when a turn needs more, keeping what it holds.
@@ -1452,12 +1652,7 @@ def test_chat_cache_grows_past_8192_positions_and_keeps_the_history(tok, monkeyp
     assert seen[n_first:] == fresh[: len(seen) - n_first]
 
 
-def greedy_pieces(folder: Path, tok, prompt_ids: list[int], n: int) -> list[str]:
-    """The text of each greedy token the CLI's model (float32) continues prompt_ids with."""
-    new = llama3.generate(load_model(folder, dtype=torch.float32), [prompt_ids], n, temperature=0)[0]
-    return [tok.decode([t]) for t in new]
-
-
+@pytest.mark.slow
 def test_cli_stop_strings_cut_the_text_before_the_first_appearance(cli_ckpt, tok):
     # The text with --stop X equals the text without it, cut before X's first appearance,
     # when X spans two tokens and with several stop strings; nothing before X is lost.
@@ -1514,6 +1709,7 @@ def test_stop_text_holds_back_a_possible_stop_and_cuts_at_the_first(tok):
     assert st.stopped and shown + st.finish() == "Hello "
 
 
+@pytest.mark.slow
 def test_cli_explain_prints_one_line_per_layer_ending_in_the_models_prediction(cli_ckpt, tok):
     # The logit lens after the last block is the model's own prediction: its top token
     # must be the greedy next token.
@@ -1553,46 +1749,6 @@ def test_explained_attention_reproduces_the_attention_output():
         assert rows[-1]["top"][0][0] == int(model(tokens)[0, -1].argmax())
 
 
-def hub_cache_repo(cache: Path, repo_id: str, files: dict[str, Path]) -> Path:
-    """Lay files out as huggingface_hub does: blobs/<hash>, refs/main naming a commit, and
-    snapshots/<commit>/<name> as relative links to the blobs. Returns the snapshot folder."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    commit = hashlib.sha1(repo_id.encode()).hexdigest()
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)  # no newline, as the hub writes it
-    for name, src in files.items():
-        data = src.read_bytes()
-        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.parent.mkdir(exist_ok=True)
-        blob.write_bytes(data)
-        link = repo / "snapshots" / commit / name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    return repo / "snapshots" / commit
-
-
-@pytest.fixture(scope="session")
-def downloads(tmp_path_factory, cli_ckpt, tokenizer_json_path):
-    """The CLI test model as each tool downloads it: a Hugging Face repo (config.json, safetensors,
-    tokenizer.json, no tokenizer.model) and a folder of Meta's `llama model download`."""
-    folder, model = cli_ckpt
-    hf_files = tmp_path_factory.mktemp("hf_files")
-    hf_from_meta(model).save_pretrained(hf_files)
-    files = {"config.json": hf_files / "config.json", "model.safetensors": hf_files / "model.safetensors",
-             "tokenizer.json": tokenizer_json_path}
-    return {"hf_files": files, "meta": folder}
-
-
-def make_home(tmp_path: Path, downloads: dict, hf: bool, meta: bool, hub: Path | None = None) -> Path:
-    home = tmp_path / "home"
-    if hf:
-        hub_cache_repo(hub or home / ".cache" / "huggingface" / "hub", "test-org/Tiny-Llama-3", downloads["hf_files"])
-    if meta:
-        shutil.copytree(downloads["meta"], home / ".llama" / "checkpoints" / "Tiny-Llama3-Meta")
-    home.mkdir(parents=True, exist_ok=True)
-    return home
-
-
 def test_hub_cache_layout_is_what_huggingface_hub_reads(tmp_path, downloads):
     # Our fake cache must be the real layout, or the lookups below prove nothing.
     hub = require("huggingface_hub")
@@ -1605,6 +1761,7 @@ def test_hub_cache_layout_is_what_huggingface_hub_reads(tmp_path, downloads):
     assert Path(hub.try_to_load_from_cache("test-org/Tiny-Llama-3", "config.json", cache_dir=cache)).is_file()
 
 
+@pytest.mark.slow
 def test_every_way_of_naming_a_model_gives_the_same_text(tmp_path, downloads):
     # A download from either tool runs by its folder, its name, or with no --ckpt at all.
     gen = ("--prompt", "The capital of France is", "--temperature", "0", "--max-new-tokens", "8", "--dtype", "float32")
@@ -1634,6 +1791,7 @@ def test_every_way_of_naming_a_model_gives_the_same_text(tmp_path, downloads):
         assert ("test-org/Tiny-Llama-3" if hf else "Tiny-Llama3-Meta") in r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["several", "none", "offline_repo", "unknown_name", "quantized", "no_tokenizer"])
 def test_model_lookup_failures_are_one_line_with_exit_2(tmp_path, downloads, case):
     home, args, culprit = make_home(tmp_path, downloads, hf=True, meta=True), ["--prompt", "hi"], None
@@ -1659,6 +1817,7 @@ def test_model_lookup_failures_are_one_line_with_exit_2(tmp_path, downloads, cas
     assert len(lines) == 1 and culprit in lines[0], r.stderr
 
 
+@pytest.mark.slow
 def test_chat_with_prompt_answers_once_and_exits(cli_ckpt):
     folder, _ = cli_ckpt
     r = run_cli("--ckpt", str(folder), "--chat", "--prompt", "Hi", "--max-new-tokens", "3", "--temperature", "0")
@@ -1666,6 +1825,7 @@ def test_chat_with_prompt_answers_once_and_exits(cli_ckpt):
     assert r.stdout.strip()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["no_ckpt", "missing_dir", "no_config", "truncated", "mismatch", "no_tokenizer",
                                   "long_prompt"])
 def test_cli_bad_input_exits_2_with_one_line_naming_the_culprit(cli_ckpt, tmp_path, case):
@@ -1708,24 +1868,6 @@ def test_cli_bad_input_exits_2_with_one_line_naming_the_culprit(cli_ckpt, tmp_pa
 # -----------------------------------------------------------------------------
 # convert.py
 # -----------------------------------------------------------------------------
-
-
-def convert_quietly(src, dst, **kw):
-    import convert
-
-    return convert.convert(src, dst, log=lambda *_: None, **kw)
-
-
-def run_convert(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(HERE / "convert.py"), *args], check=False, capture_output=True,
-                          text=True, timeout=300)
-
-
-def tree_digest(folder: Path) -> dict:
-    import hashlib
-
-    return {p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
-            if p.is_file()}
 
 
 @pytest.mark.parametrize("n_shards", [1, 2, 4, 8])
@@ -1773,6 +1915,7 @@ def test_convert_hf_checkpoint_matches_transformers(tmp_path, tied, shard):
         torch.testing.assert_close(ours(tokens), ref(tokens).logits.float(), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_convert_never_modifies_src_and_copies_the_tokenizer(tmp_path):
     save_meta_shards(random_model(tiny_args()), tmp_path / "src", 2)
     (tmp_path / "src" / "tokenizer.model").write_text("stand-in")
@@ -1784,6 +1927,7 @@ def test_convert_never_modifies_src_and_copies_the_tokenizer(tmp_path):
     assert "peak RSS" in r.stdout and "layers.1.feed_forward.w2.weight" in r.stdout
 
 
+@pytest.mark.slow
 def test_convert_refuses_to_overwrite_without_force(tmp_path):
     save_meta_shards(random_model(tiny_args()), tmp_path / "src", 1)
     assert run_convert(str(tmp_path / "src"), str(tmp_path / "dst")).returncode == 0
@@ -1835,6 +1979,7 @@ def test_convert_checks_what_it_wrote_before_moving_it_into_place(tmp_path, monk
     assert list((tmp_path / "dst").iterdir()) == []
 
 
+@pytest.mark.slow
 def test_convert_runs_without_the_resource_module_and_reads_macos_bytes(tmp_path, monkeypatch):
     # resource is POSIX-only (no Windows), and ru_maxrss is KiB on Linux but bytes on macOS.
     save_meta_shards(random_model(tiny_args()), tmp_path / "src", 1)
@@ -1852,6 +1997,7 @@ def test_convert_runs_without_the_resource_module_and_reads_macos_bytes(tmp_path
     assert convert.peak_rss_bytes() < kib * 1024
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["truncated", "missing_shard", "shape", "unknown", "dtype", "no_config"])
 def test_convert_bad_input_exits_2_and_leaves_no_output(tmp_path, case):
     src, dst = tmp_path / "src", tmp_path / "dst"
@@ -1896,6 +2042,7 @@ def test_convert_bad_input_exits_2_and_leaves_no_output(tmp_path, case):
     assert not dst.exists() or list(dst.iterdir()) == []  # no model.safetensors, no partial file
 
 
+@pytest.mark.slow
 def test_convert_notes_replicated_norms_that_disagree(tmp_path):
     save_meta_shards(random_model(tiny_args()), tmp_path / "src", 2)
     s = torch.load(tmp_path / "src" / "consolidated.01.pth", weights_only=True)
@@ -1910,28 +2057,7 @@ def test_convert_notes_replicated_norms_that_disagree(tmp_path):
 # -----------------------------------------------------------------------------
 
 
-def _tensor_parallel_worker(rank: int, world: int, ckpt: str, tokens: torch.Tensor, out: str) -> None:
-    import torch.distributed as dist
-
-    # Rendezvous through a file, not a port that another process could take meanwhile.
-    dist.init_process_group("gloo", init_method=f"file://{out}.rendezvous", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
-        model = load_model(ckpt, tensor_parallel=True)
-        with torch.no_grad():
-            logits = model(tokens)
-        greedy = llama3.generate(model, tokens.tolist(), 6, temperature=0, stop_tokens=[])
-        sampled = llama3.generate(model, tokens.tolist(), 6, temperature=1.0, top_p=0.95, seed=3, stop_tokens=[])
-        wq_rows = model.layers[0].attention.wq.weight.shape[0]
-        torch.save({"logits": logits, "greedy": greedy, "sampled": sampled, "wq_rows": wq_rows}, f"{out}.{rank}")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    # Skip interpreter teardown: gloo's threads occasionally abort a normal exit ("terminate
-    # called without an active exception", seen 2 times in about 20 runs), after the results are saved.
-    os._exit(0)
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("world, layout", [(2, "meta"), (4, "meta"), (2, "merged"), (4, "merged"), (2, "hf")])
 def test_tensor_parallel_matches_one_process(tmp_path, world, layout):
     # N processes, each holding 1/N of the weights, must compute what one process computes.
@@ -1978,6 +2104,7 @@ def test_tensor_parallel_rejects_a_world_size_that_does_not_divide_the_heads():
     assert slices["layers.0.attention.wk.weight"] == (0, 16, 32)  # rank 5 of 8 reads K/V head 5 // 4 = 1
 
 
+@pytest.mark.slow
 def test_torchrun_command_line_prints_the_same_greedy_text(cli_ckpt):
     # `torchrun --nproc-per-node 2 llama3.py ...`: rank 0 alone prints, and the text equals one process's.
     folder, _ = cli_ckpt
@@ -1995,13 +2122,6 @@ def test_torchrun_command_line_prints_the_same_greedy_text(cli_ckpt):
 # -----------------------------------------------------------------------------
 # On a device: the same checks on cuda where one is present (benchmarks/gpu_check.sh runs these)
 # -----------------------------------------------------------------------------
-
-
-def on(device: str):
-    """Skip a device case on a machine without that device."""
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device here")
-    return torch.device(device)
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
@@ -2039,6 +2159,7 @@ def test_on_device_sdpa_equals_explicit_and_half_precision_stays_close(device):
             assert (half - reference).abs().max() < 0.15, dtype
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_on_device_compiled_decode_matches_eager(device):
     dev = on(device)
@@ -2048,18 +2169,9 @@ def test_on_device_compiled_decode_matches_eager(device):
     assert llama3.generate(model, prompts, 8, temperature=0, stop_tokens=[], compile=True) == eager
 
 
-
 # -----------------------------------------------------------------------------
 # What a copy-user calls behaves as part 1 teaches
 # -----------------------------------------------------------------------------
-
-
-def reference_attention(q, k, v, mask) -> torch.Tensor:
-    """Attention computed from scratch in float64, K/V heads repeated as Meta's repeat_kv does."""
-    n_rep = q.shape[1] // k.shape[1]
-    k, v = (x.double().repeat_interleave(n_rep, dim=1) for x in (k, v))
-    scores = q.double() @ k.transpose(2, 3) / q.shape[-1] ** 0.5 + mask.double()
-    return torch.softmax(scores, dim=-1) @ v
 
 
 @pytest.mark.parametrize("loaded", [False, True])
@@ -2171,12 +2283,11 @@ def test_stop_text_ends_at_the_first_stop_to_complete_whatever_the_pieces(text, 
 
 
 @pytest.mark.slow
-def test_compiled_generate_compiles_once_for_calls_of_other_lengths(monkeypatch, tmp_path):
+def test_compiled_generate_compiles_once_for_calls_of_other_lengths():
     # --compile must pay for compiling once per model: later generate calls of other
     # prompt and output lengths reuse the compiled step (gpt-fast's one growing cache).
     import torch._dynamo
 
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # leave nothing in /tmp
     torch._dynamo.reset()
     model = random_model(tiny_args())
     eager = [llama3.generate(model, [p], n, temperature=0, stop_tokens=[]) for p, n in (([1, 2, 3], 8),
@@ -2208,31 +2319,6 @@ def test_hf_config_notes_the_keys_it_ignores(capsys):
 # -----------------------------------------------------------------------------
 
 PROMPT_FORMAT_DOCS = ("llama3_1/prompt_format.md", "llama3_2/text_prompt_format.md")
-
-
-@pytest.fixture(scope="session")
-def meta_chat(meta_tok):
-    """llama-models' ChatFormat and its message types (it needs pydantic and Pillow)."""
-    require("PIL")
-    from llama_models import datatypes
-    from llama_models.llama3.chat_format import ChatFormat as MetaChatFormat
-
-    return MetaChatFormat(meta_tok), datatypes
-
-
-def to_meta_message(message: dict, datatypes):
-    """One of our message dicts as llama-models' RawMessage."""
-    d = datatypes
-    builtin = {t.value: t for t in d.BuiltinTool}
-    calls = [d.ToolCall(call_id=str(i), tool_name=builtin.get(c["name"], c["name"]), arguments=c["arguments"])
-             for i, c in enumerate(message.get("tool_calls", []))]
-    stop = d.StopReason.end_of_message if message.get("stop") == "eom" else d.StopReason.end_of_turn
-    role = "tool" if message["role"] in ("ipython", "tool") else message["role"]
-    return d.RawMessage(role=role, content=message["content"], tool_calls=calls, stop_reason=stop)
-
-
-def call(name: str, **arguments) -> dict:
-    return {"name": name, "arguments": arguments}
 
 
 # Every message kind: each role, ipython under both names, each built-in tool, custom
@@ -2286,15 +2372,6 @@ DOCUMENT_OUTPUTS = [
     "Here's my response\n\n\"What is a helpful assistant?\"<|eot_id|>",
     "Cut short without a stop token",
 ]
-
-
-def meta_decoded(meta_chat, meta_tok, tokens: list[int]) -> dict:
-    """llama-models' parse of an answer's tokens, as one of our message dicts."""
-    meta, datatypes = meta_chat
-    m = meta.decode_assistant_message(tokens, datatypes.StopReason.out_of_tokens)
-    stops = {datatypes.StopReason.end_of_message: "eom", datatypes.StopReason.end_of_turn: "eot"}
-    calls = [{"name": getattr(c.tool_name, "value", c.tool_name), "arguments": c.arguments} for c in m.tool_calls]
-    return {"role": "assistant", "content": m.content, "tool_calls": calls, "stop": stops.get(m.stop_reason)}
 
 
 @pytest.mark.parametrize("index", range(len(DOCUMENT_OUTPUTS)))
@@ -2356,16 +2433,6 @@ def test_every_format_reads_back_the_calls_it_writes(tok, tool_format):
     assert chat.decode_assistant_message(tokens) == {**message, "content": ""}
 
 
-def get_weather(city: str, metric: str = "celsius") -> str:
-    """Get weather info for places
-
-    Args:
-        city: The name of the city to get the weather for
-        metric: The metric for weather. Options are: celsius, fahrenheit
-    """
-    return f"25 C in {city}" if metric == "celsius" else f"77 F in {city}"
-
-
 def test_a_python_function_is_offered_exactly_as_the_32_document_shows(tok):
     # 3.2's zero-shot function calling: the system prompt of text_prompt_format.md, made
     # from a Python function's signature and docstring.
@@ -2392,31 +2459,6 @@ def test_json_tool_prompt_follows_the_31_document_layout():
     builtin = tool_prompt([], "json", builtin_tools=True, today="21 September 2024")
     assert builtin == [{"role": "system", "content": "Environment: ipython\nTools: brave_search, wolfram_alpha\n"
                         "Cutting Knowledge Date: December 2023\nToday Date: 21 September 2024"}]
-
-
-class ScriptedModel:
-    """A stand-in for generate: answers each call with the next scripted text, token by token,
-    and records the prompts and cached lengths it was given."""
-
-    def __init__(self, tok, answers: list[str]):
-        self.tok, self.answers, self.prompts, self.cached = tok, list(answers), [], []
-
-    def __call__(self, model, prompts, max_new_tokens, *a, on_token=None, cached_len=0, **kw):
-        self.prompts.append(prompts[0])
-        self.cached.append(cached_len)
-        for t in self.tok.encode(self.answers.pop(0), bos=False, eos=False, allowed_special="all"):
-            if on_token(0, t):
-                break
-        return [[]]
-
-
-def tool_chat(tok, monkeypatch, answers, **kw):
-    script = ScriptedModel(tok, answers)
-    monkeypatch.setattr(llama3, "generate", script)
-    model = random_model(tiny_args(vocab_size=128256, dim=32, n_heads=2, n_kv_heads=1, max_seq_len=4096))
-    out = io.StringIO()
-    chat = llama3.Chat(model, tok, "Be brief.", out=out, log=io.StringIO(), today="21 September 2024", **kw)
-    return chat, script, out
 
 
 def test_chat_calls_a_python_function_and_feeds_exactly_llama_models_tokens(tok, meta_chat, monkeypatch):
@@ -2507,6 +2549,7 @@ def test_tools_file_offers_its_public_functions_only(tmp_path):
         "b": {"param_type": "int", "description": "the second", "required": False, "default": 2}}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing", "syntax", "empty", "no_chat", "format"])
 def test_cli_tools_errors_are_one_line_with_exit_2(cli_ckpt, tmp_path, case):
     folder, _ = cli_ckpt
@@ -2522,6 +2565,7 @@ def test_cli_tools_errors_are_one_line_with_exit_2(cli_ckpt, tmp_path, case):
             "format": "--tool-format"}[case] in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_chat_whose_tools_fill_the_context_says_so_in_one_line(cli_ckpt, tmp_path):
     # The tool definitions alone overflow the test model's 128 positions: one line, exit 2,
     # and no advice to raise --max-seq-len, which this model does not allow.
@@ -2531,3 +2575,29 @@ def test_cli_chat_whose_tools_fill_the_context_says_so_in_one_line(cli_ckpt, tmp
                 "--temperature", "0", "--max-new-tokens", "4")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.splitlines()[-1].endswith("fills the 128-token context") and "max-seq-len" not in r.stderr
+
+
+@pytest.mark.slow
+def test_discovery_lists_only_llama3_text_models_among_a_caches_neighbours(tmp_path, downloads, monkeypatch):
+    # A real cache holds GPT-2, Mistral, embedding and vision models, and Llama 2 (also
+    # model_type llama): with no --ckpt, only the one Llama 3 text model may be found.
+    home = make_home(tmp_path, downloads, hf=True, meta=False)
+    hub, meta = home / ".cache" / "huggingface" / "hub", home / ".llama" / "checkpoints"
+    neighbours = {"openai-community/gpt2": {"model_type": "gpt2", "vocab_size": 50257},
+                  "mistralai/Mistral-7B-v0.3": {"model_type": "mistral", "vocab_size": 32768},
+                  "BAAI/bge-small-en-v1.5": {"model_type": "bert", "vocab_size": 30522},
+                  "meta-llama/Llama-2-7b-hf": {"model_type": "llama", "vocab_size": 32000},
+                  "meta-llama/Llama-3.2-11B-Vision": {"model_type": "mllama"}}
+    for repo_id, config in neighbours.items():
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        hub_cache_repo(hub, repo_id, {"config.json": tmp_path / "config.json"})
+    for name, params in {"Llama3.2-11B-Vision": {"vocab_size": 128256, "vision_chunk_size": 560},
+                         "Llama-2-7b": {"vocab_size": -1}}.items():
+        (meta / name).mkdir(parents=True)
+        (meta / name / "params.json").write_text(json.dumps(params))
+    for key in [k for k in os.environ if k.startswith(("HF_", "LLAMA_STACK_"))]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("HOME", str(home))
+    assert [name for name, _ in llama3.downloaded_models()] == ["test-org/Tiny-Llama-3"]
+    r = run_cli("--prompt", "Hi", "--max-new-tokens", "2", env=user_env(home))
+    assert r.returncode == 0 and "using test-org/Tiny-Llama-3" in r.stderr, r.stderr
