@@ -1300,26 +1300,48 @@ def test_tokenizer_json_equals_tokenizer_model(tok, tokenizer_json_path):
     assert ChatFormat(hf).encode_dialog_prompt(dialog) == ChatFormat(tok).encode_dialog_prompt(dialog)
 
 
-@pytest.mark.parametrize("change", ["pattern", "vocabulary", "special", "not_bpe"])
-def test_tokenizer_json_of_another_model_is_a_one_line_error(tmp_path, tokenizer_json_path, change):
+@pytest.mark.parametrize("change, reason", [
+    ("pattern", "split pattern is not Llama 3's"), ("vocabulary", "vocabulary is not Llama 3's"),
+    ("special", "special token 128009 is '<|im_end|>'"), ("not_bpe", "not a BPE tokenizer.json"),
+    ("core_reserved", "special token 128009 is '<|reserved_special_token_250|>'"),
+    ("count", "257 added tokens"), ("byte", "not in the byte-level alphabet")])
+def test_tokenizer_json_of_another_model_is_a_one_line_error(tmp_path, tokenizer_json_path, change, reason):
+    # Each check must refuse what it exists for, with its own reason.
     from tokenizer import Tokenizer, TokenizerError
 
     spec = json.loads(tokenizer_json_path.read_text())
+    vocab, added = spec["model"]["vocab"], spec["added_tokens"]
     if change == "pattern":  # GPT-2's split pattern
         spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"'s|'t| ?\p{L}+| ?\p{N}+"
     elif change == "vocabulary":  # two ranks swapped: another merge order
-        vocab = spec["model"]["vocab"]
         a, b = list(vocab)[1000:1002]
         vocab[a], vocab[b] = vocab[b], vocab[a]
     elif change == "special":
-        next(t for t in spec["added_tokens"] if t["id"] == 128009)["content"] = "<|im_end|>"
+        next(t for t in added if t["id"] == 128009)["content"] = "<|im_end|>"
+    elif change == "core_reserved":  # reserved names may stand for 3.1's new tokens, never for <|eot_id|>
+        next(t for t in added if t["id"] == 128009)["content"] = "<|reserved_special_token_250|>"
+    elif change == "count":  # one more than Llama 3's 256
+        added.append({**added[-1], "id": 128256, "content": "<|extra|>"})
+    elif change == "byte":  # a character outside GPT-2's byte alphabet
+        vocab["\u4e00"] = vocab.pop(list(vocab)[5000])
     else:
         spec["model"]["type"] = "Unigram"
     bad = tmp_path / "tokenizer.json"
     bad.write_text(json.dumps(spec))
     with pytest.raises(TokenizerError) as e:
         Tokenizer(bad)
-    assert str(bad) in str(e.value) and "\n" not in str(e.value)
+    assert str(bad) in str(e.value) and "\n" not in str(e.value) and reason in str(e.value)
+
+
+def test_tokenizer_json_of_llama_30_with_reserved_names_is_accepted(tmp_path, tokenizer_json_path, tok):
+    # Llama 3.0's tokenizer.json names 128008 (3.1's <|eom_id|>) reserved_special_token_4: the same ids.
+    from tokenizer import Tokenizer
+
+    spec = json.loads(tokenizer_json_path.read_text())
+    next(t for t in spec["added_tokens"] if t["id"] == 128008)["content"] = "<|reserved_special_token_4|>"
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    assert Tokenizer(tmp_path / "tokenizer.json").encode("Hello world", bos=True, eos=False) == tok.encode(
+        "Hello world", bos=True, eos=False)
 
 
 def test_huge_inputs_encode_quickly_and_match_meta(tok, meta_tok):
@@ -2601,3 +2623,64 @@ def test_discovery_lists_only_llama3_text_models_among_a_caches_neighbours(tmp_p
     assert [name for name, _ in llama3.downloaded_models()] == ["test-org/Tiny-Llama-3"]
     r = run_cli("--prompt", "Hi", "--max-new-tokens", "2", env=user_env(home))
     assert r.returncode == 0 and "using test-org/Tiny-Llama-3" in r.stderr, r.stderr
+
+
+def test_logit_lens_rows_equal_each_layers_residual_read_through_the_final_norm_and_output():
+    # explain()'s row i must be the prediction read off after block i, computed here by
+    # running the blocks one at a time, and its attention the mean over heads of the last
+    # position's softmax, with positions in prompt order.
+    model = random_model(tiny_args())
+    prompt = torch.randint(0, 256, (12,)).tolist()
+    rows = llama3.explain(model, prompt, top=4)
+    tokens = torch.tensor([prompt])
+    with torch.no_grad():
+        h = model.tok_embeddings(tokens)
+        cos, sin = llama3.rope_cos_sin(llama3.rope_frequencies(model.args), 0, 12)
+        mask = torch.full((12, 12), float("-inf")).triu(1)
+        for layer, row in zip(model.layers, rows):
+            x = layer.attention_norm(h)
+            probs = llama3.last_position_attention(layer.attention, x, cos, sin).mean(1)[0]  # (T,)
+            h = layer(h, 0, cos, sin, mask)
+            lens = torch.softmax(model.output(model.norm(h[:, -1])).float()[0], dim=-1)  # (vocab_size,)
+            want_p, want_ids = lens.topk(4)
+            assert [t for t, _ in row["top"]] == want_ids.tolist()
+            torch.testing.assert_close(torch.tensor([p for _, p in row["top"]]), want_p, atol=1e-6, rtol=1e-5)
+            want_w, want_pos = probs.topk(4)
+            assert [j for j, _ in row["attends"]] == want_pos.tolist()
+            torch.testing.assert_close(torch.tensor([w for _, w in row["attends"]]), want_w, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_cli_explain_prints_explains_numbers(cli_ckpt, tok):
+    # Each printed percentage is 100x explain()'s probability, to 3 significant digits, and
+    # each attended token is the prompt's token at the printed position.
+    folder, _ = cli_ckpt
+    prompt = "The capital of France is"
+    ids = tok.encode(prompt, bos=True, eos=False)
+    r = run_cli("--ckpt", str(folder), "--prompt", prompt, "--explain", "--dtype", "float32")
+    rows = llama3.explain(load_model(folder, dtype=torch.float32), ids)
+    for line, row in zip(r.stdout.splitlines(), rows, strict=True):
+        top, attends = line.split("next: ")[1].split("  | attends to: ")
+        assert re.findall(r" ([\d.e+-]+)%", top) == [f"{100 * p:.3g}" for _, p in row["top"]]
+        shown = re.findall(r"@(\d+) ([\d.]+)", attends)
+        assert shown == [(str(j), f"{w:.2f}") for j, w in row["attends"][:3]]
+        for j, _ in row["attends"][:3]:
+            assert f"{tok.decode([ids[j]])!r}@{j} " in attends
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_attention_is_computed_in_float32_and_rounded_once(dtype):
+    # explicit() and SDPA on bf16/fp16 tensors must give the float64 definition on the same
+    # rounded inputs to within one rounding of the output: the softmax in at least float32.
+    args = tiny_args(dim=128, n_heads=4, n_kv_heads=2)
+    torch.manual_seed(3)
+    q = (torch.randn(2, 4, 9, 32) * 3).to(dtype)  # scale 3: peaked softmaxes, where bf16 exp() loses mass
+    k, v = (torch.randn(2, 2, 9, 32) * 3).to(dtype), torch.randn(2, 2, 9, 32).to(dtype)
+    mask = torch.full((9, 9), float("-inf")).triu(1)
+    want = reference_attention(q, k, v, mask)
+    for attention in (llama3.Attention(args), llama3.CPUAttention(args)):
+        for path in (attention.explicit, attention.sdpa):
+            got = path(q, k, v, mask.to(dtype))
+            assert got.dtype == dtype
+            # One rounding of outputs of magnitude up to ~2.5: half an ulp at 2-4 is eps.
+            torch.testing.assert_close(got.double(), want, atol=2 * torch.finfo(dtype).eps, rtol=0)
