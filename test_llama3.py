@@ -2315,9 +2315,11 @@ def test_compiled_generate_compiles_once_for_calls_of_other_lengths():
     eager = [llama3.generate(model, [p], n, temperature=0, stop_tokens=[]) for p, n in (([1, 2, 3], 8),
                                                                                         ([5] * 11, 5), ([7, 8], 20))]
     compiled = [llama3.generate(model, [[1, 2, 3]], 8, temperature=0, stop_tokens=[], compile=True)]
+    cache = model.decode_cache  # one cache the model keeps: on a GPU, new addresses mean a new CUDA graph
     with torch._dynamo.config.patch(error_on_recompile=True):
-        compiled += [llama3.generate(model, [p], n, temperature=0, stop_tokens=[], compile=True)
-                     for p, n in (([5] * 11, 5), ([7, 8], 20))]
+        for p, n in (([5] * 11, 5), ([7, 8], 20)):
+            compiled.append(llama3.generate(model, [p], n, temperature=0, stop_tokens=[], compile=True))
+            assert model.decode_cache is cache
     assert compiled == eager
 
 
@@ -2428,6 +2430,8 @@ def test_several_python_list_calls_are_all_kept(tok, meta_tok, meta_chat):
     ('[f(code="import os; os.remove(\'x\')")]', [call("f", code="import os; os.remove('x')")]),  # text, not run
     ("[f(a=__import__('os').getcwd())]", []),  # not a literal: never evaluated (llama-models raises here)
     ("[f(1, 2)]", []),  # positional arguments: not the documented format
+    ('[code_interpreter(code="print(1)")]', [call("code_interpreter", code="print(1)")]),  # a built-in, custom-style
+    ('[brave_search(q="llamas")]', [call("brave_search", query="llamas")]),
     ('{"type": "function"}', []),  # no name (llama-models raises KeyError)
 ])
 def test_hard_tool_calls_parse_safely_and_completely(tok, text, calls):
@@ -2496,7 +2500,8 @@ def test_chat_calls_a_python_function_and_feeds_exactly_llama_models_tokens(tok,
         return {"temperature": 18, "metric": metric}
 
     call_text = json.dumps({"type": "function", "name": "get_weather", "parameters": {"city": "Paris"}})
-    chat, script, out = tool_chat(tok, monkeypatch, [call_text + "<|eom_id|>", "It is 18 C.<|eot_id|>"],
+    # Text after each stop token: generation must end at the stop, as a real model's would not.
+    chat, script, out = tool_chat(tok, monkeypatch, [call_text + "<|eom_id|>NOT SEEN", "It is 18 C.<|eot_id|>NOT SEEN"],
                                   tools=[get_weather])
     reply = chat.send("Weather in Paris?")
     assert calls == [("Paris", "celsius")]
@@ -2510,7 +2515,7 @@ def test_chat_calls_a_python_function_and_feeds_exactly_llama_models_tokens(tok,
         assert prompt == theirs
     call_tokens = tok.encode(call_text, bos=False, eos=False)
     assert script.cached == [0, len(script.prompts[0]) + len(call_tokens)]  # fed again: only after the pause
-    assert "get_weather" in out.getvalue() and "It is 18 C." in out.getvalue()
+    assert "get_weather" in out.getvalue() and "It is 18 C." in out.getvalue() and "NOT SEEN" not in out.getvalue()
 
 
 @pytest.mark.parametrize("answer, error", [
@@ -2684,3 +2689,12 @@ def test_half_precision_attention_is_computed_in_float32_and_rounded_once(dtype)
             assert got.dtype == dtype
             # One rounding of outputs of magnitude up to ~2.5: half an ulp at 2-4 is eps.
             torch.testing.assert_close(got.double(), want, atol=2 * torch.finfo(dtype).eps, rtol=0)
+
+
+def test_a_chat_without_tools_shows_a_call_shaped_answer_and_runs_nothing(tok, monkeypatch):
+    # With no tools offered, an answer that parses as a call is the answer: nothing is run and
+    # the model is not asked again.
+    chat, script, _ = tool_chat(tok, monkeypatch, ['<function=rm>{"path": "/"}</function><|eot_id|>'])
+    reply = chat.send("Hi")
+    assert reply["tool_calls"] == [call("rm", path="/")] and len(script.prompts) == 1
+    assert [m["role"] for m in chat.dialog] == ["system", "user", "assistant"]
