@@ -1479,6 +1479,7 @@ class Chat:
             self.dialog.append(reply)
             if not reply["tool_calls"] or not (self.functions or self.builtin_tools):
                 return reply
+            print(file=self.out or sys.stdout)  # the call was streamed as text: the report goes below it
             for call in reply["tool_calls"]:
                 result = self.call(call)
                 print(f"[{call['name']}({json.dumps(call['arguments'])}) -> {result}]", file=self.out or sys.stdout)
