@@ -6,7 +6,10 @@ SRC is Meta's download (params.json + consolidated.00.pth ... NN.pth) or a
 Hugging Face folder (config.json + *.safetensors). DST receives
 model.safetensors, a params.json that states every number llama3.py needs
 (the rope scaling factor included, so nothing is guessed at load time) and
-SRC's tokenizer.model. llama3.load_model(DST) loads the result.
+SRC's tokenizer: tokenizer.model, else original/tokenizer.model, else
+tokenizer.json, the file llama3.py would use. SRC may also be a Hugging Face
+repo id or a Meta model id, found as llama3.py --ckpt finds them.
+llama3.load_model(DST) loads the result.
 
 It streams: shards are memory-mapped, each tensor is merged, cast and written
 on its own, so peak memory is set by the largest tensor, not the model. A
@@ -92,6 +95,9 @@ def write_safetensors(reader: llama3.CheckpointReader, entries: list, file: Path
             if tuple(t.shape) != shape:
                 raise llama3.CheckpointError(f"{reader.source(name)}: {name} has shape {tuple(t.shape)}, the config "
                                              f"says {shape}: {llama3.config_hint(name, reader.args)}")
+            if not bool(torch.isfinite(t).all()):  # a corrupt download: refuse, don't copy it on
+                raise llama3.CheckpointError(f"{reader.source(name)}: {name} holds NaN or inf values; the file is "
+                                             "corrupt (download it again)")
             t = t.to(dtype).contiguous()
             f.write(tensor_bytes(t))
             size = t.numel() * t.element_size()
@@ -169,7 +175,7 @@ def convert(src: str | Path, dst: str | Path, dtype: str = "keep", force: bool =
             log: Callable[[str], None] = print) -> dict:
     """Convert SRC into DST (see the module docstring). Returns a summary dict."""
     t0 = time.perf_counter()
-    src, dst = Path(src), Path(dst)
+    src, dst = llama3.resolve_checkpoint(str(src)), Path(dst)  # a folder, a repo id or a Meta model id
     out_dtype = {"keep": None, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     reader = llama3.CheckpointReader(src)
     if dst.resolve() == src.resolve():
@@ -178,16 +184,15 @@ def convert(src: str | Path, dst: str | Path, dtype: str = "keep", force: bool =
     if not force and any(p.exists() for p in targets):
         raise FileExistsError(f"{dst} already holds a converted checkpoint; pass --force to overwrite it")
     entries = plan(reader, out_dtype)
-    tokenizer = next((p for p in (src / "tokenizer.model", src / "original" / "tokenizer.model") if p.is_file()), None)
-
+    tokenizer = llama3.find_tokenizer(src)  # what llama3.py would use, under its own file name in DST
     dst.mkdir(parents=True, exist_ok=True)
-    tmp = {p: p.with_name(f".{p.name}.partial") for p in [*targets, dst / "tokenizer.model"]}
+    tmp = {p: p.with_name(f".{p.name}.partial") for p in [*targets, dst / "tokenizer.model", dst / "tokenizer.json"]}
     try:
         nbytes = write_safetensors(reader, entries, tmp[dst / "model.safetensors"], log)
         verify(tmp[dst / "model.safetensors"], entries)
         tmp[dst / "params.json"].write_text(json.dumps(params_json(reader.args), indent=2) + "\n")
         if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp[dst / "tokenizer.model"])
+            shutil.copyfile(tokenizer, tmp[dst / tokenizer.name])
         # Only once everything is written and checked, and as one set.
         replace_together({final: partial if partial.exists() else None for final, partial in tmp.items()}, log)
     finally:
@@ -198,14 +203,16 @@ def convert(src: str | Path, dst: str | Path, dtype: str = "keep", force: bool =
     peak = summary["peak_rss_bytes"]
     log(f"wrote {dst / 'model.safetensors'}: {summary['tensors']} tensors, {nbytes / 1e9:.2f} GB in "
         f"{summary['seconds']:.1f}s" + (f", peak RSS {peak / 1e9:.2f} GB" if peak is not None else "")
-        + ("" if tokenizer else "; no tokenizer.model in SRC"))
+        + ("" if tokenizer else f"; no tokenizer in SRC ({', '.join(llama3.TOKENIZER_FILES)}): pass "
+           "llama3.py --tokenizer PATH"))
     return summary
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="convert.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("src", help="Meta download folder (params.json + consolidated.*.pth) or Hugging Face folder")
-    p.add_argument("dst", help="output folder: model.safetensors, params.json, tokenizer.model")
+    p.add_argument("src", help="Meta download folder (params.json + consolidated.*.pth), Hugging Face folder, or a "
+                   "name as llama3.py --ckpt takes it (Hugging Face repo id, Meta model id)")
+    p.add_argument("dst", help="output folder: model.safetensors, params.json and SRC's tokenizer")
     p.add_argument("--dtype", default="keep", choices=["keep", "bf16", "fp32"], help="output dtype (default: keep)")
     p.add_argument("--force", action="store_true", help="overwrite an existing converted checkpoint in DST")
     p.error = fail

@@ -834,7 +834,8 @@ class SkipInit(torch.overrides.TorchFunctionMode):
 def load_model(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
                max_seq_len: int | None = None, rope_scaling_factor: float | None = None,
                use_sdpa: bool = True, tensor_parallel: bool = False) -> Transformer:
-    """Load a checkpoint directory in any of the three layouts above.
+    """Load a checkpoint in any of the three layouts above: a folder, or a name as
+    resolve_checkpoint takes it (a Hugging Face repo id, a Meta model id).
 
     device: where the weights go (default cpu); dtype: cast the weights to it
     (default: keep the checkpoint's). max_seq_len caps the positions the model
@@ -844,7 +845,7 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
     tensor_parallel: load only this process's part for tensor parallelism across
     the processes of torch.distributed's default group (see shard_model).
     """
-    reader = CheckpointReader(path, rope_scaling_factor)
+    reader = CheckpointReader(resolve_checkpoint(str(path)), rope_scaling_factor)
     args = reader.args
     if max_seq_len is not None:
         if not 0 < max_seq_len <= args.max_seq_len:
@@ -985,6 +986,16 @@ def download_hf(repo_id: str) -> Path:
                                       f"its license on the hub, run `hf auth login`, then {fetch}") from None
 
 
+# Where a checkpoint folder keeps its tokenizer, in the order they are looked for: Meta's
+# file, Meta's file in a Hugging Face repo's original/, Hugging Face's own (all a
+# transformers download has).
+TOKENIZER_FILES = ("tokenizer.model", "original/tokenizer.model", "tokenizer.json")
+
+
+def find_tokenizer(folder: Path) -> Path | None:
+    return next((folder / f for f in TOKENIZER_FILES if (folder / f).is_file()), None)
+
+
 def resolve_checkpoint(name: str | None) -> Path:
     """A checkpoint folder from a folder, a Hugging Face repo id, a Meta model id, or None (the only model found)."""
     if name is None:
@@ -1002,10 +1013,13 @@ def resolve_checkpoint(name: str | None) -> Path:
     path = Path(name).expanduser()
     if path.is_dir():
         return path
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", name):  # owner/name: a Hugging Face repo id
+    # owner/name is a Hugging Face repo id, unless `owner` is a local folder: then it is a mistyped path.
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not path.parent.is_dir():
         return hf_snapshot(name) or download_hf(name)
     if re.fullmatch(r"[\w.-]+", name) and (meta_checkpoints() / name).is_dir():  # a Meta model id
         return meta_checkpoints() / name
+    if path.parent.is_dir() and path.parent != Path("."):
+        raise CheckpointNotFoundError(f"{path}: no such checkpoint directory")
     raise CheckpointNotFoundError(f"{name}: no such folder, Hugging Face repo id (owner/name) or model in "
                                   f"{meta_checkpoints()}")
 
@@ -1177,6 +1191,10 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             logits = model(tokens[:, prev_pos:cur_pos], prev_pos, cache, last_only=True)[:, -1]  # (B, vocab_size)
         else:
             logits = prefill(model, tokens[:, prev_pos:cur_pos], prev_pos, cache, prefill_chunk)  # (B, vocab_size)
+        if not bool(torch.isfinite(logits).all()):  # garbage in greedy, a crash in sampling: say why instead
+            dtype = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
+            raise FloatingPointError(f"the logits at position {cur_pos} are NaN or inf: corrupt weights, or a "
+                                     f"{dtype} overflow (float16 overflows past 65504: try --dtype bfloat16)")
         if repetition_penalty != 1.0:
             logits = apply_repetition_penalty(logits, tokens[:, :cur_pos], repetition_penalty)
         next_token = sample(logits, temperature, top_p, top_k, generator)  # (B,)
@@ -1361,6 +1379,10 @@ def stream(model: Transformer, tokenizer: Tokenizer, prompt: list[int], max_new_
     if n > 1:
         stats += f", decode {(n - 1) / (times[-1] - times[1]):.1f} tok/s"
     print(f"\n[{stats}{', interrupted' * interrupted}]", file=log)
+    room = model.args.max_seq_len - len(prompt)
+    if n == room < max_new_tokens and not text.stopped and new[-1] not in tokenizer.stop_tokens:
+        print(f"llama3.py: stopped after {n} of {max_new_tokens} new tokens: the context "
+              f"(max_seq_len={model.args.max_seq_len}) is full", file=log)
     return new, "".join(shown), interrupted
 
 
@@ -1665,9 +1687,7 @@ def main(argv: list[str] | None = None) -> None:
         ckpt = resolve_checkpoint(opts.ckpt)
     except CheckpointError as e:
         _fail(str(e))
-    # Meta's file, else Meta's file in a Hugging Face repo's original/, else Hugging Face's own.
-    candidates = [ckpt / "tokenizer.model", ckpt / "original" / "tokenizer.model", ckpt / "tokenizer.json"]
-    tokenizer_path = opts.tokenizer or next((p for p in candidates if p.is_file()), None)
+    tokenizer_path = opts.tokenizer or find_tokenizer(ckpt)
     if tokenizer_path is None:
         _fail(f"{ckpt}: no tokenizer.model, original/tokenizer.model or tokenizer.json (pass --tokenizer PATH)")
     try:
@@ -1721,10 +1741,15 @@ def main(argv: list[str] | None = None) -> None:
                     builtin_tools=typed_tool_output if opts.builtin_tools else None,
                     max_new_tokens=opts.max_new_tokens, sampling=sampling, stops=opts.stop, compile=opts.compile)
         if opts.prompt is None:
-            run_chat(chat, read)
+            try:
+                run_chat(chat, read)
+            except FloatingPointError as e:
+                _fail(str(e))
         else:
             try:
                 chat.send(opts.prompt)
+            except FloatingPointError as e:
+                _fail(str(e))
             except ContextFullError as e:
                 _fail(f"{e}{'; raise --max-seq-len' * (opts.max_seq_len is not None)}")
             except KeyboardInterrupt:
@@ -1736,10 +1761,13 @@ def main(argv: list[str] | None = None) -> None:
                   "the next token, so this prompt is unlike its training text", file=sys.stderr)
         prompt = tokenizer.encode(opts.prompt, bos=True, eos=False)
         if len(prompt) >= model.args.max_seq_len:
-            _fail(f"--prompt is {len(prompt)} tokens, too long for the {model.args.max_seq_len}-position context "
-                  "(--max-seq-len)")
-        _, _, interrupted = stream(model, tokenizer, prompt, opts.max_new_tokens, sampling, stops=opts.stop,
-                                   compile=opts.compile)
+            _fail(f"--prompt is {len(prompt)} tokens, too long for the {model.args.max_seq_len}-position context"
+                  + " (raise --max-seq-len)" * (opts.max_seq_len is not None))
+        try:
+            _, _, interrupted = stream(model, tokenizer, prompt, opts.max_new_tokens, sampling, stops=opts.stop,
+                                       compile=opts.compile)
+        except FloatingPointError as e:
+            _fail(str(e))
         print()
         if interrupted:
             raise SystemExit(130)
@@ -1772,7 +1800,8 @@ def read_message(read: Callable[[str], str]) -> str:
 
 
 def run_chat(chat: Chat, read: Callable[[str], str] = input, log: TextIO | None = None) -> None:
-    """The interactive loop around chat: /reset clears the history, Ctrl-D quits, Ctrl-C ends an answer."""
+    """The interactive loop around chat: /reset clears the history, Ctrl-D quits, Ctrl-C ends an
+    answer (at the prompt, it raises KeyboardInterrupt)."""
     try:
         import readline  # noqa: F401 (input() then edits lines and keeps a history, where the platform has it)
     except ImportError:
@@ -1783,7 +1812,7 @@ def run_chat(chat: Chat, read: Callable[[str], str] = input, log: TextIO | None 
     while True:
         try:
             text = read_message(read)
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:  # Ctrl-D; Ctrl-C here ends the program (exit 130 on the command line)
             print(file=log)
             return
         if text.strip() == "/reset":
@@ -2174,4 +2203,8 @@ def compiled_decode(model: Transformer, cache: list[KVCache]) -> Callable:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C while loading or waiting: a quiet end, not a traceback
+        print("\nllama3.py: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None

@@ -318,9 +318,16 @@ def convert_quietly(src, dst, **kw):
     return convert.convert(src, dst, log=lambda *_: None, **kw)
 
 
-def run_convert(*args: str) -> subprocess.CompletedProcess:
+def run_convert(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(HERE / "convert.py"), *args], check=False, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env=env or user_env(EMPTY_HOME))
+
+
+def one_line_error(r: subprocess.CompletedProcess, *fragments: str, code: int = 2) -> None:
+    """r failed with `code` and one line on stderr holding each fragment, no traceback."""
+    assert r.returncode == code and "Traceback" not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert all(f in last for f in fragments) and r.stderr.count("error:") == 1, r.stderr
 
 
 def tree_digest(folder: Path) -> dict:
@@ -2698,3 +2705,127 @@ def test_a_chat_without_tools_shows_a_call_shaped_answer_and_runs_nothing(tok, m
     reply = chat.send("Hi")
     assert reply["tool_calls"] == [call("rm", path="/")] and len(script.prompts) == 1
     assert [m["role"] for m in chat.dialog] == ["system", "user", "assistant"]
+
+
+
+# -----------------------------------------------------------------------------
+# As a new user meets it: downloads converted, one-line errors, a chat to type in
+# -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["test-org/Tiny-Llama-3", "Tiny-Llama3-Meta"])
+def test_convert_takes_every_name_the_cli_takes_and_carries_the_tokenizer(tmp_path, downloads, name):
+    # The README's download (tokenizer.json only, no original/) converts into a folder that runs.
+    home = make_home(tmp_path, downloads, hf=True, meta=True)
+    r = run_convert(name, str(tmp_path / "out"), env=user_env(home))
+    assert r.returncode == 0, r.stderr
+    tokenizer = "tokenizer.json" if "/" in name else "tokenizer.model"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.safetensors", "params.json", tokenizer]
+    args = ("--prompt", "Hello", "--temperature", "0", "--max-new-tokens", "5")
+    converted, direct = run_cli("--ckpt", str(tmp_path / "out"), *args), run_cli("--ckpt", name, *args,
+                                                                                  env=user_env(home))
+    assert converted.returncode == 0 and converted.stdout == direct.stdout, converted.stderr
+
+
+def test_load_model_takes_a_repo_id_from_the_cache(tmp_path, downloads, monkeypatch, cli_ckpt):
+    home = make_home(tmp_path, downloads, hf=True, meta=False)
+    for key in [k for k in os.environ if k.startswith(("HF_", "LLAMA_STACK_"))]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("HOME", str(home))
+    model = load_model("test-org/Tiny-Llama-3", dtype=torch.float32)
+    torch.testing.assert_close(model.tok_embeddings.weight, cli_ckpt[1].tok_embeddings.weight)
+
+
+def test_a_path_like_name_that_is_no_folder_is_reported_as_missing(tmp_path, monkeypatch):
+    # checkpoints/Llama3.2-1B mistyped looks like owner/name; with a local checkpoints/ it is a path.
+    (tmp_path / "checkpoints").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(llama3, "download_hf", lambda repo_id: pytest.fail(f"{repo_id} sent to the hub"))
+    with pytest.raises(llama3.CheckpointNotFoundError, match="checkpoints/Llama3.2-1B: no such checkpoint directory"):
+        llama3.resolve_checkpoint("checkpoints/Llama3.2-1B")
+
+
+@pytest.mark.slow
+def test_convert_refuses_nan_weights_naming_the_tensor(tmp_path):
+    model = random_model(tiny_args())
+    with torch.no_grad():
+        model.layers[1].feed_forward.w2.weight[3, 5] = float("nan")
+    save_meta_shards(model, tmp_path / "src", 1)
+    r = run_convert(str(tmp_path / "src"), str(tmp_path / "dst"))
+    one_line_error(r, "layers.1.feed_forward.w2.weight", "NaN or inf")
+    assert not any((tmp_path / "dst").iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("temperature", ["0", "0.8"])
+def test_nan_weights_end_generation_with_one_line_naming_the_cause(cli_ckpt, tmp_path, temperature):
+    folder, model = cli_ckpt
+    bad = copy.deepcopy(model)
+    with torch.no_grad():
+        bad.norm.weight[0] = float("nan")
+    save_meta_shards(bad, tmp_path, 1)
+    shutil.copy(folder / "tokenizer.model", tmp_path / "tokenizer.model")
+    r = run_cli("--ckpt", str(tmp_path), "--prompt", "Hello", "--temperature", temperature)
+    one_line_error(r, "NaN or inf", "corrupt weights", "float16")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags, fragments", [
+    (["--device", "gpu"], ["--device 'gpu'", "cpu, cuda"]),
+    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "cuda:99"], ["--device cuda"]),
+    (["--temperature", "-1"], ["--temperature must be >= 0"]),
+    (["--top-k", "0"], ["--top-k must be >= 1"]),
+    (["--max-new-tokens", "-3"], ["--max-new-tokens must be"]),
+    (["--repetition-penalty", "0"], ["--repetition-penalty must be > 0"]),
+])
+def test_bad_values_are_one_line_naming_the_flag(cli_ckpt, flags, fragments):
+    folder, _ = cli_ckpt
+    one_line_error(run_cli("--ckpt", str(folder), "--prompt", "Hello", *flags), *fragments)
+
+
+@pytest.mark.slow
+def test_a_run_that_fills_the_context_says_so(cli_ckpt, tok):
+    folder, _ = cli_ckpt
+    prompt = "one two three four five six seven eight nine ten " * 11  # ~111 of the 128 positions
+    n = len(tok.encode(prompt.rstrip(), bos=True, eos=False))
+    r = run_cli("--ckpt", str(folder), "--prompt", prompt.rstrip(), "--temperature", "0", "--max-new-tokens", "40",
+                "--stop", "never-appears")
+    assert r.returncode == 0, r.stderr
+    assert f"stopped after {128 - n} of 40 new tokens: the context (max_seq_len=128) is full" in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_the_stats_line_is_right_for_0_1_and_2_tokens(cli_ckpt, n):
+    folder, _ = cli_ckpt
+    r = run_cli("--ckpt", str(folder), "--prompt", "Hello", "--temperature", "0", "--max-new-tokens", str(n))
+    stats = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 0 and "nan" not in stats
+    assert {0: "]", 1: "1 new token]", 2: "2 new tokens, decode"}[n] in stats, stats
+
+
+@pytest.mark.slow
+def test_ctrl_c_at_the_chat_prompt_ends_quietly_with_130(cli_ckpt):
+    import signal
+    import time
+
+    folder, _ = cli_ckpt
+    proc = subprocess.Popen([sys.executable, str(HERE / "llama3.py"), "--ckpt", str(folder), "--chat"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=user_env(EMPTY_HOME))
+    err = ""
+    while "Ctrl-D quits" not in err:  # the chat is waiting for input
+        line = proc.stderr.readline()
+        assert line, err
+        err += line
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _out, rest = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in rest, rest
+
+
+def test_a_message_of_several_lines_goes_between_triple_quotes(tok, monkeypatch):
+    chat, _, _ = tool_chat(tok, monkeypatch, ["One.<|eot_id|>", "Two.<|eot_id|>"])
+    llama3.run_chat(chat, scripted_input(['"""', "first line", "", "  third line", '"""', "next"]), log=io.StringIO())
+    assert [m["content"] for m in chat.dialog if m["role"] == "user"] == ["first line\n\n  third line", "next"]
