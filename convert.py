@@ -35,9 +35,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
+try:
+    import torch
 
-import llama3
+    import llama3
+except KeyboardInterrupt:  # Ctrl-C while torch loads: quiet, as it is later (exit 130)
+    sys.exit(130)
 
 # safetensors' names for the dtypes a Llama checkpoint holds.
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}

@@ -58,10 +58,15 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from torch import nn
+try:
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch import nn
+except KeyboardInterrupt:  # Ctrl-C while torch loads: quiet, as it is later (exit 130)
+    if __name__ != "__main__":
+        raise
+    sys.exit(130)
 
 if TYPE_CHECKING:  # type names only: the model runs without tiktoken
     from tokenizer import Tokenizer

@@ -2829,3 +2829,19 @@ def test_a_message_of_several_lines_goes_between_triple_quotes(tok, monkeypatch)
     chat, _, _ = tool_chat(tok, monkeypatch, ["One.<|eot_id|>", "Two.<|eot_id|>"])
     llama3.run_chat(chat, scripted_input(['"""', "first line", "", "  third line", '"""', "next"]), log=io.StringIO())
     assert [m["content"] for m in chat.dialog if m["role"] == "user"] == ["first line\n\n  third line", "next"]
+
+
+@pytest.mark.parametrize("script", ["llama3.py", "convert.py"])
+def test_ctrl_c_while_torch_loads_ends_quietly_with_130(script):
+    # Ctrl-C lands while `import torch` runs: a hook on the import sends SIGINT to the process itself.
+    code = ("import builtins, os, runpy, signal, sys\n"
+            "real = builtins.__import__\n"
+            "def hook(name, *a, **k):\n"
+            "    if name == 'torch':\n"
+            "        os.kill(os.getpid(), signal.SIGINT)\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = hook\n"
+            f"sys.argv = [{script!r}, '--help']\n"
+            f"runpy.run_path({str(HERE / script)!r}, run_name='__main__')\n")
+    r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=user_env(EMPTY_HOME))
+    assert r.returncode == 130 and "Traceback" not in r.stderr and r.stdout == "", (r.returncode, r.stderr)

@@ -5,7 +5,7 @@
 
 The folder gets Meta's layout: params.json, consolidated.00.pth and Meta's
 tokenizer.model, with Llama 3's real 128,256-token vocabulary and special
-tokens, 2 layers of width 256 and 8,192 positions (66M parameters, 132 MB),
+tokens, 2 layers of width 256 and 8,192 positions (67M parameters, 134 MB),
 and random weights: it runs --chat, --explain and convert.py as a real
 model does, but what it writes means nothing.
 """
