@@ -2,9 +2,9 @@
 
 Run it:    python llama3.py --ckpt DIR --prompt "The capital of France is"
 Read it:   top to bottom. Part 1 is the model and nothing else; part 2 runs it
-           (loading, sampling, generation, command line); the appendices are the
-           engine room (CPU speed paths, tensor parallelism), swapped in after
-           the model is built.
+           (loading, sampling, generation, chat, command line); the appendices
+           are the engine room (CPU speed paths, tensor parallelism, compiled
+           decoding, quantized weights), swapped in after the model is built.
 Copy it:   part 1 (ModelArgs to Transformer) imports only torch and the standard
            library; tiktoken and safetensors are imported where they are used.
 
@@ -35,7 +35,7 @@ Shape symbols used in the comments:
 
 References: Meta's github.com/meta-llama/llama3 (model.py, generation.py) and
 github.com/meta-llama/llama-models; "The Llama 3 Herd of Models" (arXiv 2407.21783).
-Left out on purpose: training, quantisation, LoRA, the vision models.
+Left out on purpose: training loops, LoRA, the vision models.
 
 Deliberate differences from Meta's model.py, each marked where it happens:
 plain nn.Linear and nn.Embedding instead of fairscale's parallel layers;
@@ -53,6 +53,7 @@ import os
 import pickle
 import re
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -390,7 +391,7 @@ class Transformer(nn.Module):
 
     def new_cache(self, batch_size: int, max_seq_len: int | None = None) -> list[KVCache]:
         """One KVCache per layer for batch_size sequences of up to max_seq_len positions."""
-        a, w = self.args, self.tok_embeddings.weight
+        a, w = self.args, self.norm.weight  # in the activations' dtype and device
         n = min(max_seq_len or a.max_seq_len, a.max_seq_len)
         n_kv_heads = self.layers[0].attention.n_kv_heads  # the heads this model's attention holds
         return [KVCache(batch_size, n, n_kv_heads, a.head_dim, w.device, w.dtype) for _ in range(a.n_layers)]
@@ -838,7 +839,7 @@ class SkipInit(torch.overrides.TorchFunctionMode):
 
 def load_model(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
                max_seq_len: int | None = None, rope_scaling_factor: float | None = None,
-               use_sdpa: bool = True, tensor_parallel: bool = False) -> Transformer:
+               use_sdpa: bool = True, tensor_parallel: bool = False, quantize: str | None = None) -> Transformer:
     """Load a checkpoint in any of the three layouts above: a folder, or a name as
     resolve_checkpoint takes it (a Hugging Face repo id, a Meta model id).
 
@@ -849,6 +850,7 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
     faster for prompts on every device measured) or, if False, the explicit definition.
     tensor_parallel: load only this process's part for tensor parallelism across
     the processes of torch.distributed's default group (see shard_model).
+    quantize: "int8" or "int4" weights (appendix D), quantized as they are read.
     """
     reader = CheckpointReader(resolve_checkpoint(str(path)), rope_scaling_factor)
     args = reader.args
@@ -859,12 +861,17 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
         args.max_seq_len = max_seq_len
     args.use_sdpa = use_sdpa
     device = torch.device(device or "cpu")
+    if quantize is not None and tensor_parallel:
+        raise ValueError("quantized weights and tensor parallelism do not go together here")
     # Parameters without storage or random init; load_state_dict(assign=True) fills them.
     with torch.device("meta"), SkipInit():
         model = Transformer(args)
         slices = shard_model(model, dist.get_rank(), dist.get_world_size()) if tensor_parallel else None  # app. B
 
     expected = reader.expected_tensors(model)
+    if quantize is not None:  # appendix D
+        check_quantize(quantize, device, dtype or reader.dtype("norm.weight"))
+    quantized = quantize_model(model, quantize) if quantize else {}  # {checkpoint name: its module}
     # Pages read through the maps count in our RSS while mapped. When the weights end
     # up as copies (cast, merged, moved), remap every 1/64 of the checkpoint (at least
     # 64 MiB) so the file is not held in memory beside them.
@@ -877,17 +884,23 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
                                   f"{tuple(want.shape)}: {config_hint(name, args)}")
         if not t.is_floating_point():
             raise CheckpointError(f"{reader.source(name)}: {name} has dtype {t.dtype}, expected a float type")
-        state[name] = t.to(device=device, dtype=dtype or t.dtype)
+        cast = t.to(device=device, dtype=dtype or t.dtype)
+        if name in quantized:
+            quantized[name].quantize_(cast)
+        else:  # a quantized model keeps no view of the files, so their pages can leave memory
+            state[name] = cast.clone() if quantized and cast is t else cast
         read_bytes += t.numel() * t.element_size()
-        del t
+        del t, cast
         if read_bytes > remap_every:
             reader.reopen()
             read_bytes = 0
-    if args.tie_word_embeddings:
+    if args.tie_word_embeddings and not quantized:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)
-    if args.tie_word_embeddings:
-        model.output.weight = model.tok_embeddings.weight  # one Parameter, not two views
+    if args.tie_word_embeddings:  # one Parameter (or int8 buffer), not two views
+        model.output.weight = model.tok_embeddings.weight
+        if quantized:
+            model.output.scales = model.tok_embeddings.scales
     if device.type == "cpu":
         use_cpu_speed_paths(model)  # appendix A
     return model
@@ -1197,7 +1210,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         else:
             logits = prefill(model, tokens[:, prev_pos:cur_pos], prev_pos, cache, prefill_chunk)  # (B, vocab_size)
         if not bool(torch.isfinite(logits).all()):  # garbage in greedy, a crash in sampling: say why instead
-            dtype = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
+            dtype = str(model.norm.weight.dtype).removeprefix("torch.")
             raise FloatingPointError(f"the logits at position {cur_pos} are NaN or inf: corrupt weights, or a "
                                      f"{dtype} overflow (float16 overflows past 65504: try --dtype bfloat16)")
         if repetition_penalty != 1.0:
@@ -1282,6 +1295,63 @@ def explain(model: Transformer, prompt: list[int], top: int = 5) -> list[dict]:
 
 
 # -----------------------------------------------------------------------------
+# Perplexity
+#
+# How well a model predicts a text: the mean negative log-likelihood (NLL) of
+# each token given the ones before it, in nats, and its exp, the perplexity (the
+# number of equally likely tokens the model is as unsure as). It measures what a
+# change such as quantized weights costs (appendix D) on text you choose. A text
+# longer than the context is read in windows of `window` tokens starting every
+# `stride`; each token is scored once, in the first window that holds it after
+# its predecessor, so beyond the first window every token has at least
+# window - stride tokens of context (transformers' documented method; with
+# stride = window, each window's first token has none and is not scored).
+# -----------------------------------------------------------------------------
+
+
+def perplexity(model: Transformer, tokens: list[int], window: int | None = None, stride: int | None = None,
+               chunk: int = 512, log: TextIO | None = None) -> tuple[float, float]:
+    """(mean NLL in nats, perplexity) of the tokens scored, each predicted from those before it.
+
+    window: tokens per window (default: the model's max_seq_len); stride: tokens
+    between window starts (default window // 2). Windows run through the KV
+    cache `chunk` tokens at a time, so only `chunk` rows of logits exist at once.
+    log: a stream for a progress line.
+    """
+    window = window or model.args.max_seq_len
+    stride = stride or max(1, window // 2)
+    if len(tokens) < 2:
+        raise ValueError(f"perplexity needs at least 2 tokens, not {len(tokens)}")
+    if not 0 < stride <= window <= model.args.max_seq_len:
+        raise ValueError(f"perplexity needs 0 < stride ({stride}) <= window ({window}) <= max_seq_len "
+                         f"({model.args.max_seq_len})")
+    device = model.tok_embeddings.weight.device
+    start_time = shown = time.monotonic()
+    total, count, scored = 0.0, 0, 1  # tokens[:scored] are done; the first has nothing to be predicted from
+    for begin in range(0, len(tokens) - 1, stride):
+        end = min(begin + window, len(tokens))
+        ids = torch.tensor([tokens[begin:end]], device=device)  # (1, end - begin)
+        cache = model.new_cache(1, end - begin)
+        for start in range(0, end - begin, chunk):
+            logits = model(ids[:, start : start + chunk], start, cache)[0]  # (chunk, vocab_size)
+            # Row i predicts token begin + start + i + 1; score those not scored before.
+            lo, hi = max(scored, begin + start + 1), min(begin + start + logits.shape[0], end - 1) + 1
+            if lo < hi:
+                rows = logits[lo - 1 - begin - start : hi - 1 - begin - start].float()
+                total += F.cross_entropy(rows, ids[0, lo - begin : hi - begin], reduction="sum").item()
+                count, scored = count + hi - lo, hi
+        if end == len(tokens):
+            break
+        if log is not None and time.monotonic() - shown > 1:  # a progress line, redrawn once a second
+            shown = time.monotonic()
+            print(f"\rperplexity: {scored:,} of {len(tokens):,} tokens, so far {math.exp(total / count):.4f}",
+                  end="", file=log, flush=True)
+    if log is not None and shown != start_time:
+        print(file=log)
+    nll = total / count
+    return nll, math.exp(nll)
+
+# -----------------------------------------------------------------------------
 # Streaming, chat and tools
 #
 # stream() prints a completion as it is generated and ends it at stop strings.
@@ -1347,8 +1417,6 @@ def stream(model: Transformer, tokenizer: Tokenizer, prompt: list[int], max_new_
     did), the text written, and whether Ctrl-C ended generation. Bad arguments
     raise ValueError (generate's checks).
     """
-    import time
-
     from tokenizer import StreamDecoder
 
     out, log = out or sys.stdout, log or sys.stderr
@@ -1463,8 +1531,6 @@ class Chat:
                  max_new_tokens: int = 256, sampling: Sampling = Sampling(), stops: list[str] | tuple[str, ...] = (),
                  compile: bool = False, max_tool_rounds: int = 8, today: str | None = None,
                  out: TextIO | None = None, log: TextIO | None = None):
-        import time
-
         from tokenizer import ChatFormat, tool_prompt
 
         self.model, self.tokenizer, self.format = model, tokenizer, ChatFormat(tokenizer)
@@ -1658,6 +1724,10 @@ def _parser() -> argparse.ArgumentParser:
                    "model as tools (Llama 3.1+ Instruct); their docstrings and typed parameters describe them")
     p.add_argument("--builtin-tools", action="store_true", help="with --chat: offer Meta's built-in tools "
                    "(brave_search, wolfram_alpha, code_interpreter); you type each call's output")
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, default=None, help="int8 or int4 weights, quantized while "
+                   "loading: about 1/2 or 1/3 of bf16's memory, and decoding faster on CPU (appendix D)")
+    p.add_argument("--perplexity", metavar="FILE", help="instead of generating, print the model's perplexity on "
+                   "the text of FILE, in windows of --max-seq-len tokens (default 2048) every half window")
     p.add_argument("--tool-format", default=None, help="how the model writes custom calls: json (3.1, 3.3), "
                    "function_tag or python_list (3.2 1B/3B); default: by the model's shape")
     p.error = _fail  # one line, exit code 2, instead of argparse's usage block
@@ -1665,13 +1735,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import time
-
     from tokenizer import TOOL_FORMATS, ChatFormat, Tokenizer, TokenizerError
 
     opts = _parser().parse_args(argv)
-    if opts.prompt is None and not opts.chat:
+    if opts.prompt is None and not opts.chat and not opts.perplexity:
         _fail("--prompt is required (or --chat for an interactive chat)")
+    text = None
+    if opts.perplexity:
+        try:
+            text = Path(opts.perplexity).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            _fail(f"--perplexity {opts.perplexity}: {getattr(e, 'strerror', None) or e}")
     for flag, value in (("--system", opts.system), ("--tools", opts.tools), ("--builtin-tools", opts.builtin_tools)):
         if value and not opts.chat:
             _fail(f"{flag} needs --chat")
@@ -1708,16 +1782,18 @@ def main(argv: list[str] | None = None) -> None:
     try:
         model = load_model(ckpt, device, _pick_dtype(opts.dtype, device), max_seq_len=opts.max_seq_len,
                            rope_scaling_factor=opts.rope_scaling_factor, use_sdpa=not opts.explicit_attention,
-                           tensor_parallel=tensor_parallel)
+                           tensor_parallel=tensor_parallel, quantize=opts.quantize)
     except (CheckpointError, ValueError, OSError) as e:
         _fail(str(e))
     except RuntimeError as e:  # e.g. CUDA out of memory
         _fail(f"loading {ckpt} on {device}: {str(e).splitlines()[0]}")
     if model.args.vocab_size < tokenizer.n_words:
         _fail(f"{ckpt} has vocab_size={model.args.vocab_size}, fewer than the tokenizer's {tokenizer.n_words} ids")
-    dtype = model.tok_embeddings.weight.dtype
-    print(f"loaded {ckpt} in {time.perf_counter() - t0:.1f}s: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B "
-          f"parameters, {str(dtype).removeprefix('torch.')} on {device}", file=sys.stderr)
+    n = sum(p.numel() for p in model.parameters()) + sum(m.in_features * m.out_features for m in model.modules()
+                                                         if isinstance(m, (Int8Linear, Int4Linear)))
+    print(f"loaded {ckpt} in {time.perf_counter() - t0:.1f}s: {n / 1e9:.2f}B parameters, "
+          f"{str(model.norm.weight.dtype).removeprefix('torch.')}{f' with {opts.quantize} weights' * bool(opts.quantize)}"
+          f" on {device}", file=sys.stderr)
 
     if opts.compile and device.type == "cpu":
         _note("--compile on a CPU: the compiled step decoded at 1.02-1.06x eager's speed once compiled, after "
@@ -1726,7 +1802,15 @@ def main(argv: list[str] | None = None) -> None:
     if tensor_parallel:
         # Every rank holds the same full logits, so the same seed draws the same token everywhere.
         sampling, read = replace(sampling, seed=_shared_seed(opts.seed, device)), _read_on_rank_0
-    if opts.explain:
+    if text is not None:
+        tokens, window = tokenizer.encode(text, bos=True, eos=False), opts.max_seq_len or min(model.args.max_seq_len, 2048)
+        try:
+            nll, ppl = perplexity(model, tokens, window, log=sys.stderr)
+        except ValueError as e:
+            _fail(f"--perplexity {opts.perplexity}: {e}")
+        print(f"perplexity {ppl:.4f} (mean NLL {nll:.4f} nats/token) over the {len(tokens):,} tokens of "
+              f"{opts.perplexity}, windows of {window} tokens every {max(1, window // 2)}")
+    elif opts.explain:
         if opts.prompt is None:
             _fail("--explain needs --prompt")
         dialog = [{"role": "system", "content": opts.system}] if opts.system else []
@@ -1838,38 +1922,60 @@ def run_chat(chat: Chat, read: Callable[[str], str] = input, log: TextIO | None 
 # =============================================================================
 # Appendix A: CPU speed paths
 #
-# Part 1's nn.Linear is the whole story on a GPU. On a CPU, torch's own
-# products leave speed on the table in two cases, measured per CPU kind with
-# benchmarks/bench.py (figures in README.md, "Performance"):
+# Part 1's nn.Linear and SDPA are the whole story on a GPU. On a CPU, torch's
+# own kernels leave speed on the table in some cases, and which cases depends
+# on the CPU: each path below is taken only on the CPU kinds where
+# benchmarks/cpu_paths.py measured it faster than torch's own kernel (figures
+# in README.md, "Performance"); on any other kind, torch's kernels run.
 #
-# - fp32 weights: F.linear's product of a few rows (decode) kept one of two
-#   cores mostly idle. The same product as one matmul over a batch of 16 blocks
-#   of the weight's rows, which torch spreads over its threads block by block,
-#   ran decode's products 1.3-1.6x faster on the two AMD EPYCs measured.
-# - bf16 weights on an x86 CPU without bf16 matrix instructions (AVX512-BF16
-#   or AMX): a bf16 product of many rows ran ~4x slower than fp32 there. From
-#   16 rows on (a prefill, or a batch of 16 rows), each 4 MB block of the bf16
-#   weight is copied to fp32 and multiplied in fp32; bf16 kernels accumulate
-#   in fp32 too, so only the summation order changes. Fewer rows are bound by
-#   memory bandwidth, where reading bf16 directly is faster. A CPU with bf16
-#   instructions keeps torch's bf16 kernel: on one, the fp32 route was 4-5x slower.
-#
-# - SDPA's CPU kernel is 3.4x faster than the explicit product for a prefill
-#   chunk but slower for one decoded token, and given a mask it costs 1.2x what
-#   the same work does without one: CPUAttention routes around both.
-#
-# use_cpu_speed_paths(model) swaps every plain nn.Linear of a built model for
-# a CPULinear sharing its weight, and each Attention for a CPUAttention;
-# load_model does it for CPU models. The choice
-# is made once, from what this CPU can do; no state is kept between calls, so
-# one model serves two threads, under any torch default dtype or device.
+# - row_blocks: F.linear's fp32 product of a few rows (decode) kept one of two
+#   cores mostly idle on AMD EPYC. The same product as one matmul over a batch
+#   of 16 blocks of the weight's rows, which torch spreads over its threads
+#   block by block, ran decode's products 1.3-1.6x faster there.
+# - bf16_via_fp32: on an x86 CPU without bf16 matrix instructions (AVX512-BF16
+#   or AMX), a bf16 product of many rows ran ~4x slower than fp32. From 16 rows
+#   on (a prefill), each 4 MB block of the bf16 weight is copied to fp32 and
+#   multiplied in fp32; bf16 kernels accumulate in fp32 too, so only the
+#   summation order changes. Fewer rows are bound by memory bandwidth, where
+#   reading bf16 directly is faster.
+# - explicit_decode_fp32, explicit_decode_bf16: for one decoded token, SDPA's
+#   CPU kernel was slower than the explicit product (1.6x in fp32, 10x in bf16,
+#   on AMD; on Intel with AMX, only in fp32).
+# - split_prefill: given a mask, SDPA's CPU kernel costs 1.2x what the same
+#   work does without one; CPUAttention runs a causal prefill chunk unmasked.
 # =============================================================================
 
+# The CPU kinds each path was measured faster on. A kind is a vendor with the
+# instructions the kernels use: "zen3" (AMD, AVX2 only), "zen5" (AMD family 26:
+# AVX-512 and AVX512-BF16), "xeon-amx" (Intel with AMX; the Xeons of issue 21
+# and of this file's README figures).
+CPU_PATHS = {"row_blocks": ("zen3", "zen5"), "bf16_via_fp32": ("zen3",),
+             "explicit_decode_fp32": ("zen3", "zen5", "xeon-amx"), "explicit_decode_bf16": ("zen3", "zen5"),
+             "split_prefill": ("zen3", "zen5", "xeon-amx")}
 
-def cpu_has_bf16_matmul() -> bool:
-    """Whether this CPU has bf16 matrix instructions (AVX512-BF16 or AMX); True where torch can't tell."""
-    return any(getattr(torch.cpu, probe, lambda: True)() for probe in
-               ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+def cpu_kind(cpuinfo: str | None = None) -> str | None:
+    """This CPU's kind in CPU_PATHS, from /proc/cpuinfo (or the text given); None for a kind
+    never measured, or where there is no /proc/cpuinfo (macOS, Windows)."""
+    try:
+        info = cpuinfo if cpuinfo is not None else Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    first = dict(line.split(":", 1) for line in info.split("\n\n")[0].splitlines() if ":" in line)
+    first = {k.strip(): v.strip() for k, v in first.items()}
+    vendor, family, flags = first.get("vendor_id"), first.get("cpu family"), set(first.get("flags", "").split())
+    if vendor == "AuthenticAMD" and family == "25" and "avx512f" not in flags:
+        return "zen3"  # family 25 with AVX-512 is Zen 4: not measured
+    if vendor == "AuthenticAMD" and family == "26":
+        return "zen5"
+    if vendor == "GenuineIntel" and "amx_bf16" in flags:
+        return "xeon-amx"
+    return None
+
+
+def cpu_paths(kind: str | None) -> frozenset[str]:
+    """The paths of CPU_PATHS measured faster on this CPU kind; none for None."""
+    return frozenset(path for path, kinds in CPU_PATHS.items() if kind in kinds)
 
 
 def bf16_linear_in_fp32(x: torch.Tensor, w: torch.Tensor, block_numel: int = 1 << 20) -> torch.Tensor:
@@ -1893,14 +1999,14 @@ def row_block_linear(x: torch.Tensor, w: torch.Tensor, n_blocks: int = 16) -> to
 
 
 class CPULinear(nn.Linear):
-    """A bias-free nn.Linear that takes the faster of the paths above for its CPU and weight."""
+    """A bias-free nn.Linear that takes the paths above that its CPU kind has (`paths`)."""
 
     FP32_FROM_ROWS = 16  # bf16 via fp32 overtook the bf16 kernel between 8 and 16 rows
     ROW_BLOCKS = 16  # 4 to 32 blocks measured alike on 2 cores
 
-    def __init__(self, in_features: int, out_features: int, bf16_via_fp32: bool):
+    def __init__(self, in_features: int, out_features: int, paths: frozenset[str] = frozenset(CPU_PATHS)):
         super().__init__(in_features, out_features, bias=False)
-        self.bf16_via_fp32 = bf16_via_fp32  # this CPU lacks bf16 matrix instructions
+        self.paths = paths
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
@@ -1908,33 +2014,34 @@ class CPULinear(nn.Linear):
         if w.device.type != "cpu":
             return F.linear(x, w)
         # Inference only (no grad): the fp32 copy of w is not a parameter autograd could train.
-        if (self.bf16_via_fp32 and w.dtype == torch.bfloat16 and rows >= self.FP32_FROM_ROWS
+        if ("bf16_via_fp32" in self.paths and w.dtype == torch.bfloat16 and rows >= self.FP32_FROM_ROWS
                 and not torch.is_grad_enabled()):
             return bf16_linear_in_fp32(x, w)
-        if w.dtype == torch.float32 and w.shape[0] % self.ROW_BLOCKS == 0:
+        if "row_blocks" in self.paths and w.dtype == torch.float32 and w.shape[0] % self.ROW_BLOCKS == 0:
             return row_block_linear(x, w, self.ROW_BLOCKS)
         return F.linear(x, w)
 
 
 class CPUAttention(Attention):
-    """Attention whose SDPA setting takes the fastest CPU route: the explicit product for one
-    decoded token, and for a causal prefill chunk two unmasked kernel calls merged by their
-    softmax sums. Any other mask, device or torch takes part 1's own sdpa()."""
+    """Attention whose SDPA setting takes its CPU kind's routes (`paths`): the explicit
+    product for one decoded token, and for a causal prefill chunk two unmasked kernel calls
+    merged by their softmax sums. Any other case takes part 1's own sdpa()."""
+
+    paths = frozenset(CPU_PATHS)  # use_cpu_speed_paths sets each instance's
 
     def sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         B, _, T, head_dim = q.shape
         past = k.shape[2] - T  # cached positions before this chunk
         if q.device.type != "cpu":  # a model moved with .to() after loading
             return super().sdpa(q, k, v, mask)
-        # One query has only S scores to store, so fusing saves nothing, and on CPU SDPA's
-        # kernel ran a decode step's attention 1.6x (fp32) to 10x (bf16) slower than the
-        # explicit product on AMD EPYC (README.md, Performance). explicit() is the definition,
-        # so it is exact for any mask.
-        if T == 1:
+        # One query has only S scores to store, so fusing saves nothing. explicit() is the
+        # definition, so it is exact for any mask.
+        if T == 1 and {torch.float32: "explicit_decode_fp32", torch.bfloat16: "explicit_decode_bf16"}.get(
+                q.dtype) in self.paths:
             return self.explicit(q, k, v, mask)
         # The CPU kernel behind SDPA, which also returns each query's log-sum-exp of scores.
         flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-        if flash is None or not is_causal_mask(mask, past):
+        if T == 1 or "split_prefill" not in self.paths or flash is None or not is_causal_mask(mask, past):
             return super().sdpa(q, k, v, mask)
         # Under the causal mask every query sees the `past` cached keys, and its own chunk's
         # keys up to itself. Given a mask, the kernel reads it for every block of every head:
@@ -1970,23 +2077,26 @@ def is_causal_mask(mask: torch.Tensor | None, past: int) -> bool:
     return not mask[:, :past].any() and torch.equal(mask[:, past:], own)
 
 
-def use_cpu_speed_paths(model: nn.Module, bf16_via_fp32: bool | None = None) -> nn.Module:
+def use_cpu_speed_paths(model: nn.Module, paths: frozenset[str] | None = None) -> nn.Module:
     """Swap every plain bias-free nn.Linear in model for a CPULinear holding the same weight,
     and every Attention for a CPUAttention (the same module with another sdpa method).
 
-    bf16_via_fp32: default: when this CPU has no bf16 matrix instructions.
+    paths: the CPU_PATHS to take; default: those measured faster on this CPU's kind
+    (none on a kind never measured, and then nothing is swapped).
     Returns model, changed in place. Layers of other classes (tensor parallelism's) stay.
     """
-    if bf16_via_fp32 is None:
-        bf16_via_fp32 = not cpu_has_bf16_matmul()
+    paths = cpu_paths(cpu_kind()) if paths is None else frozenset(paths)
+    if not paths:
+        return model
     for module in model.modules():
         if type(module) is Attention:
             module.__class__ = CPUAttention  # same parameters and state; only the method differs
+            module.paths = paths
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if type(child) is nn.Linear and child.bias is None:
                 with torch.device("meta"):  # no storage: the weight is the old layer's
-                    fast = CPULinear(child.in_features, child.out_features, bf16_via_fp32)
+                    fast = CPULinear(child.in_features, child.out_features, paths)
                 fast.weight = child.weight  # the same Parameter, so tied weights stay tied
                 setattr(parent, name, fast)
     return model
@@ -2205,6 +2315,182 @@ def compiled_decode(model: Transformer, cache: list[KVCache]) -> Callable:
     if getattr(model, "compiled_decode", None) is None:
         model.compiled_decode = torch.compile(decode_step_static, mode="reduce-overhead" if cuda else None)
     return model.compiled_decode
+
+
+# =============================================================================
+# Appendix D: quantized weights (--quantize int8 | int4)
+#
+# A decode step multiplies one row of activations by every weight matrix: it
+# reads each weight once and does two flops with it, so its speed is memory
+# bandwidth over the weights' bytes. 8B in bf16 is 16.1 GB; at the 24 GB/s that
+# two server cores read, that is 1.5 tokens/s at best. Fewer bits per weight make
+# fewer bytes, and torch's kernels multiply the weights in their stored form,
+# dequantizing in registers, while activations keep the model's dtype:
+#
+#   int8, one scale per output row: w ~ q * s, q in -127..127, s = max|row| / 127
+#     ("absmax"). 8B: 8.0 GB. A weight moves by at most s/2, 1/254 of the
+#     largest weight in its row.
+#   int4, per group of G = 32 consecutive weights of a row: w ~ (q - 8) * s + z,
+#     q in 0..15, s = (max - min) / 15, z = min + 8 s. Sixteen levels spread over
+#     a whole row would be set by its largest outlier and too coarse for the rest;
+#     each group gets its own range, and the zero point z puts the levels over the
+#     group's [min, max] rather than around 0, so none is wasted. s and z take 32
+#     bits per group: 5 bits a weight at G = 32, 5.0 GB for 8B's blocks.
+#
+# What is lost: every weight moves by up to half a step, noise that reaches the
+# logits, so a close call between two tokens can go the other way. --perplexity
+# measures the cost on a text (README.md, Quantized weights, has the figures).
+# All seven matrices of every block are quantized, and the output layer, a fifth
+# of 1B's bytes, in int8 also under int4: it feeds the logits directly. The
+# embedding is read one row per token, costing memory but no time: it keeps the
+# model's dtype, except when tied to the output (3.2 1B and 3B), where it reads
+# rows of the output's int8 weight, so the tie holds.
+#
+# quantize_model swaps the modules below into a model built on the "meta"
+# device, and load_model quantizes each weight as it reads it, so no
+# full-precision copy of the model exists: 8B in int4 loads in about 6 GB. The
+# int4 layout is each device's kernel's own, so quantize on the device you run on.
+# =============================================================================
+
+QUANTIZE_MODES = ("int8", "int4")
+
+
+def quantize_int8(w: torch.Tensor, rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (out, in) -> q (out, in) int8 and s (out,) in w's dtype, w ~ q * s[:, None]. Works
+    through `rows` rows at a time, so its float32 temporaries stay small beside w."""
+    q, s = torch.empty_like(w, dtype=torch.int8), torch.empty_like(w[:, 0])
+    for r in range(0, w.shape[0], rows):
+        block = w[r : r + rows].float()  # (rows, in)
+        s[r : r + rows] = (block.abs().amax(dim=1) / 127).clamp(min=1e-30)  # an all-zero row gets q = 0
+        q[r : r + rows] = torch.round(block / s[r : r + rows, None].float()).clamp(-127, 127)  # against s as stored
+    return q, s
+
+
+def quantize_int4(w: torch.Tensor, group_size: int, rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (out, in) -> codes q (out, in) int32 in 0..15 and scales_and_zeros (in / G, out, 2)
+    in w's dtype, w ~ (q - 8) * s + z with each group's s and z (the kernels' layout)."""
+    q = torch.empty_like(w, dtype=torch.int32)
+    sz = torch.empty(w.shape[1] // group_size, w.shape[0], 2, dtype=w.dtype, device=w.device)
+    for r in range(0, w.shape[0], rows):
+        groups = w[r : r + rows].float().unflatten(1, (-1, group_size))  # (rows, in / G, G)
+        lo, hi = groups.amin(-1), groups.amax(-1)  # (rows, in / G)
+        s = ((hi - lo) / 15).clamp(min=1e-30).to(w.dtype)
+        z = (lo + 8 * s.float()).to(w.dtype)  # s and z as stored; the codes are rounded against them
+        codes = torch.round((groups - z.float()[..., None]) / s.float()[..., None] + 8).clamp(0, 15)
+        q[r : r + rows], sz[:, r : r + rows] = codes.flatten(1), torch.stack([s, z], -1).transpose(0, 1)
+    return q, sz
+
+
+class Int8Linear(nn.Module):
+    """A bias-free nn.Linear whose weight is int8 with one scale per output row."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        # Not in state_dict: they are made from the checkpoint's weight by quantize_().
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8), persistent=False)
+        self.register_buffer("scales", torch.empty(out_features), persistent=False)
+
+    def quantize_(self, w: torch.Tensor) -> None:
+        self.weight, self.scales = quantize_int8(w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales)
+        return y.view(*x.shape[:-1], self.out_features)  # (..., out_features)
+
+
+class Int8Embedding(nn.Module):
+    """nn.Embedding over an int8 weight with row scales: a tied output layer's, shared."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        super().__init__()
+        self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8),
+                             persistent=False)
+        self.register_buffer("scales", torch.empty(num_embeddings), persistent=False)
+
+    quantize_ = Int8Linear.quantize_
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.weight[tokens].to(self.scales.dtype) * self.scales[tokens, None]  # (B, T, dim)
+
+
+class Int4Linear(nn.Module):
+    """A bias-free nn.Linear whose weight is 4-bit codes in groups of GROUP_SIZE inputs,
+    each group with a scale and a zero point, packed in the layout of its device's kernel."""
+
+    GROUP_SIZE = 32  # README.md, Quantized weights: 32, 64 and 128 measured
+    INNER_K_TILES = 8  # CUDA's packing (gpt-fast's default); the CPU kernel ignores it
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(0, dtype=torch.uint8), persistent=False)  # set by quantize_
+        self.register_buffer("scales_and_zeros", torch.empty(0), persistent=False)
+
+    def quantize_(self, w: torch.Tensor) -> None:
+        q, self.scales_and_zeros = quantize_int4(w, self.GROUP_SIZE)
+        if w.device.type == "cpu":
+            self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        else:  # CUDA's kernel takes two codes a byte, the first in the high half
+            pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+            self.weight = torch.ops.aten._convert_weight_to_int4pack(pairs, self.INNER_K_TILES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if x.device.type == "cpu":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.GROUP_SIZE, self.scales_and_zeros)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm(x2, self.weight, self.GROUP_SIZE, self.scales_and_zeros)
+        return y.view(*x.shape[:-1], self.out_features)  # (..., out_features)
+
+
+def check_quantize(mode: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Raise ValueError, in one line, unless this torch can run `mode` weights on device in
+    dtype: quantize a small layer and compare its product with the dequantized weight's."""
+    if mode not in QUANTIZE_MODES:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, not {mode!r}")
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    x = torch.randn(2, 256, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    layer = Int8Linear(256, 64) if mode == "int8" else Int4Linear(256, 64)
+    try:
+        layer.quantize_(w)
+        got = layer(x).float()
+    except (RuntimeError, NotImplementedError, AttributeError) as e:
+        raise ValueError(f"{mode} weights: torch {torch.__version__} has no {mode} kernel for {dtype} on "
+                         f"{device.type} ({str(e).splitlines()[0][:120]})") from None
+    if mode == "int8":
+        deq = layer.weight.float() * layer.scales.float()[:, None]
+    else:
+        q, sz = quantize_int4(w, Int4Linear.GROUP_SIZE)
+        s, z = (sz[..., i].float().T.repeat_interleave(Int4Linear.GROUP_SIZE, 1) for i in (0, 1))
+        deq = (q - 8) * s + z
+    want = x.float() @ deq.T
+    if not torch.allclose(got, want, rtol=0.02, atol=0.02 * want.abs().max().item()):
+        raise ValueError(f"{mode} weights: torch {torch.__version__}'s {mode} kernel on {device.type} gave "
+                         "other numbers than its weights; quantize on another device or torch version")
+
+
+def quantize_model(model: Transformer, mode: str) -> dict[str, nn.Module]:
+    """Swap model's block matrices for Int8Linear or Int4Linear (mode), and its output layer
+    (and embedding, if tied) for int8 ones, with no weights yet. Returns {checkpoint name of
+    a weight: the module whose quantize_() takes it}; load_model feeds them."""
+    swaps = {f"layers.{i}.{part}.{w}": (Int8Linear if mode == "int8" else Int4Linear)
+             for i in range(model.args.n_layers)
+             for part, ws in (("attention", ("wq", "wk", "wv", "wo")), ("feed_forward", ("w1", "w2", "w3")))
+             for w in ws}
+    swaps["output"] = Int8Linear
+    fed = {}
+    with torch.device("meta"):
+        for path, cls in swaps.items():
+            parent, _, attr = path.rpartition(".")
+            old = model.get_submodule(path)
+            setattr(model.get_submodule(parent) if parent else model, attr, cls(old.in_features, old.out_features))
+            fed[f"{path}.weight"] = model.get_submodule(path)
+        if model.args.tie_word_embeddings:  # the output's weight is stored as the embedding's
+            model.tok_embeddings = Int8Embedding(model.args.vocab_size, model.args.dim)
+            fed["tok_embeddings.weight"] = model.tok_embeddings
+            del fed["output.weight"]
+    return fed
 
 
 if __name__ == "__main__":

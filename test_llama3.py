@@ -13,6 +13,7 @@ import copy
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -125,10 +126,13 @@ def save_meta_shards(model: Transformer, folder: Path, n_shards: int) -> None:
         torch.save(shard, folder / f"consolidated.{i:02d}.pth")
 
 
-def cpu_linear(in_features: int, out_features: int, bf16_via_fp32: bool) -> llama3.CPULinear:
+ALL_CPU_PATHS = frozenset(llama3.CPU_PATHS)  # every path, whatever this CPU's kind
+
+
+def cpu_linear(in_features: int, out_features: int, paths: frozenset = ALL_CPU_PATHS) -> llama3.CPULinear:
     """A CPULinear with random weights, swapped in the way load_model does it."""
     parent = torch.nn.Sequential(torch.nn.Linear(in_features, out_features, bias=False))
-    return llama3.use_cpu_speed_paths(parent, bf16_via_fp32=bf16_via_fp32)[0]
+    return llama3.use_cpu_speed_paths(parent, paths)[0]
 
 
 def hf_model(args: ModelArgs, seed: int = 0):
@@ -715,7 +719,7 @@ def test_cached_decode_after_a_chunked_prefill_matches_full_recompute(attention)
     # the decode after it.
     model = random_model(tiny_args(use_sdpa=attention != "explicit"))
     if attention == "cpu paths":
-        model = llama3.use_cpu_speed_paths(model)
+        model = llama3.use_cpu_speed_paths(model, ALL_CPU_PATHS)
     tokens = torch.randint(0, 256, (2, 40))
     cache = model.new_cache(2, 40)
     with torch.no_grad():
@@ -729,7 +733,7 @@ def test_cached_decode_after_a_chunked_prefill_matches_full_recompute(attention)
 def test_cpu_attention_decodes_like_sdpa():
     # On CPU one decoded token takes the explicit path; it must give SDPA's numbers.
     sdpa = random_model(tiny_args(use_sdpa=True))
-    cpu = llama3.use_cpu_speed_paths(copy.deepcopy(sdpa))
+    cpu = llama3.use_cpu_speed_paths(copy.deepcopy(sdpa), ALL_CPU_PATHS)
     assert isinstance(cpu.layers[0].attention, llama3.CPUAttention)
     calls = []
     cpu.layers[0].attention.explicit = lambda *a: calls.append(1) or llama3.Attention.explicit(
@@ -802,7 +806,7 @@ def test_bf16_prefill_in_fp32_matches_the_bf16_kernel(monkeypatch):
     # order may differ from the bf16 kernel, which also accumulates in fp32: results
     # within one bf16 step.
     torch.manual_seed(0)
-    layer = cpu_linear(256, 512, bf16_via_fp32=True).bfloat16()
+    layer = cpu_linear(256, 512).bfloat16()
     x = torch.randn(2, 16, 256).bfloat16()  # 32 rows: the fp32 path when the CPU lacks bf16 instructions
     calls, original = [], llama3.bf16_linear_in_fp32
 
@@ -814,7 +818,7 @@ def test_bf16_prefill_in_fp32_matches_the_bf16_kernel(monkeypatch):
     with torch.no_grad():
         fast = layer(x)
     assert len(calls) == 1  # the fp32 path ran
-    layer.bf16_via_fp32 = False
+    layer.paths = ALL_CPU_PATHS - {"bf16_via_fp32"}
     with torch.no_grad():
         reference = layer(x)
     assert len(calls) == 1  # and without the flag it did not
@@ -823,7 +827,7 @@ def test_bf16_prefill_in_fp32_matches_the_bf16_kernel(monkeypatch):
     exact = torch.nn.functional.linear(x.double(), layer.weight.double())
     assert (fast.double() - exact).abs().max() <= (reference.double() - exact).abs().max() * 1.01
     # Fewer rows than CPULinear.FP32_FROM_ROWS (decode) and autograd both keep the bf16 kernel.
-    layer.bf16_via_fp32 = True
+    layer.paths = ALL_CPU_PATHS
     with torch.no_grad():
         layer(x[:, :3])
     layer(x).float().sum().backward()
@@ -836,14 +840,14 @@ def test_fp32_product_in_row_blocks_matches_f_linear(shape):
     # each output is still one dot product, so only rounding may differ.
     torch.manual_seed(0)
     n_out = 32 * llama3.CPULinear.ROW_BLOCKS
-    layer = cpu_linear(64, n_out, bf16_via_fp32=False)
+    layer = cpu_linear(64, n_out)
     x = torch.randn(shape)
     out = layer(x)
     assert out.shape == (*shape[:-1], n_out)
     torch.testing.assert_close(out, torch.nn.functional.linear(x, layer.weight), atol=1e-6, rtol=1e-6)
     out.sum().backward()  # plain autograd ops: training through it works
     torch.testing.assert_close(layer.weight.grad, x.reshape(-1, 64).sum(0).expand(n_out, 64))
-    odd = cpu_linear(64, 33, bf16_via_fp32=False)  # not divisible into ROW_BLOCKS: the plain product
+    odd = cpu_linear(64, 33)  # not divisible into ROW_BLOCKS: the plain product
     torch.testing.assert_close(odd(x), torch.nn.functional.linear(x, odd.weight))
 
 
@@ -851,7 +855,7 @@ def test_cpu_speed_paths_are_safe_with_two_threads_and_any_default_dtype():
     # The speed paths keep no state between calls: two threads may share one model, and
     # a user's torch.set_default_dtype must not change what they compute.
     torch.manual_seed(0)
-    model = llama3.use_cpu_speed_paths(random_model(tiny_args()).bfloat16(), bf16_via_fp32=True)
+    model = llama3.use_cpu_speed_paths(random_model(tiny_args()).bfloat16(), ALL_CPU_PATHS)
     prompts = [torch.randint(0, 256, (2, 24)) for _ in range(4)]  # 48 rows: the fp32 path
     with torch.no_grad():
         alone = [model(p) for p in prompts]
@@ -2188,6 +2192,26 @@ def test_on_device_sdpa_equals_explicit_and_half_precision_stays_close(device):
             assert (half - reference).abs().max() < 0.15, dtype
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_on_device_quantized_layers_compute_their_dequantized_product(device, mode):
+    # bf16, and shapes CUDA's int4 packing takes (inputs a multiple of 128, outputs of 8).
+    dev = on(device)
+    torch.manual_seed(0)
+    w, x = torch.randn(128, 256).bfloat16(), torch.randn(3, 256).bfloat16()
+    layer = llama3.Int8Linear(256, 128) if mode == "int8" else llama3.Int4Linear(256, 128)
+    layer.quantize_(w.to(dev))
+    if mode == "int8":
+        q, s = llama3.quantize_int8(w)
+        deq = q.float() * s.float()[:, None]
+    else:
+        q, sz = llama3.quantize_int4(w, layer.GROUP_SIZE)
+        s, z = (sz[..., i].float().T.repeat_interleave(layer.GROUP_SIZE, 1) for i in (0, 1))
+        deq = (q - 8) * s + z
+    got, want = layer(x.to(dev)).double().cpu(), x.double() @ deq.double().T
+    assert ((got - want).abs() <= 2**-7 * (x.double().abs() @ deq.double().abs().T)).all()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_on_device_compiled_decode_matches_eager(device):
@@ -2845,3 +2869,285 @@ def test_ctrl_c_while_torch_loads_ends_quietly_with_130(script):
             f"runpy.run_path({str(HERE / script)!r}, run_name='__main__')\n")
     r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=user_env(EMPTY_HOME))
     assert r.returncode == 130 and "Traceback" not in r.stderr and r.stdout == "", (r.returncode, r.stderr)
+
+
+# ----------------------------------------------------------------------------- appendix A by CPU kind
+
+CPUINFO = {  # the first processor block of /proc/cpuinfo, as far as cpu_kind reads it
+    "zen3": "vendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\nflags\t\t: fpu sse2 avx avx2 fma\n",
+    "zen4": "vendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nflags\t\t: avx2 avx512f avx512_bf16\n",
+    "zen5": "vendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\nflags\t\t: avx2 avx512f avx512_bf16\n",
+    "xeon-amx": "vendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 143\nflags\t\t: avx512f amx_bf16 amx_int8\n",
+    "xeon-avx512": "vendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 85\nflags\t\t: avx2 avx512f\n",
+    "arm": "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd\nCPU implementer\t: 0x41\n",
+}
+
+
+@pytest.mark.parametrize("name", list(CPUINFO))
+def test_cpu_kind_names_only_the_kinds_measured(name):
+    kind = llama3.cpu_kind(CPUINFO[name] + "\n" + CPUINFO["arm"])  # only the first processor counts
+    assert kind == (name if name in ("zen3", "zen5", "xeon-amx") else None)
+
+
+def test_a_cpu_kind_never_measured_runs_torchs_own_kernels():
+    model = random_model(tiny_args(use_sdpa=True))
+    assert llama3.use_cpu_speed_paths(model, llama3.cpu_paths(None)) is model
+    assert type(model.layers[0].attention) is llama3.Attention and type(model.output) is torch.nn.Linear
+    assert llama3.cpu_paths("xeon-amx") == {"explicit_decode_fp32", "split_prefill"}  # issue 21's Intel figures
+    assert llama3.cpu_paths("zen3") == set(llama3.CPU_PATHS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_each_cpu_path_runs_only_where_it_is_listed(monkeypatch, dtype):
+    # On the Intel kind a bf16 decoded token goes through SDPA (1.85x faster there), fp32 through
+    # the explicit product; fp32 products never take row blocks there.
+    model = llama3.use_cpu_speed_paths(random_model(tiny_args(use_sdpa=True)).to(dtype), llama3.cpu_paths("xeon-amx"))
+    explicit, blocks, original = [], [], llama3.Attention.explicit
+    monkeypatch.setattr(llama3.Attention, "explicit", lambda self, *a: explicit.append(1) or original(self, *a))
+    monkeypatch.setattr(llama3, "row_block_linear", lambda *a: blocks.append(1))
+    cache = model.new_cache(1, 8)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]), 0, cache)
+        model(torch.tensor([[4]]), 3, cache)
+    assert (len(explicit) > 0) == (dtype == torch.float32) and blocks == []
+
+
+# ----------------------------------------------------------------------------- appendix D: quantized weights
+
+def test_int8_moves_each_weight_by_at_most_half_its_rows_step():
+    torch.manual_seed(0)
+    w = torch.randn(48, 96) * torch.logspace(-3, 1, 48)[:, None]  # rows of very different sizes
+    w[5] = 0  # an all-zero row
+    w[7, 3] = 80.0  # an outlier sets its row's step
+    for dtype in (torch.float32, torch.bfloat16):
+        x = w.to(dtype)
+        q, s = llama3.quantize_int8(x)
+        assert q.dtype == torch.int8 and s.dtype == dtype and q.abs().max() == 127 and not q[5].any()
+        error = (x.float() - q.float() * s.float()[:, None]).abs()
+        # Half a step, s = max|row| / 127 as stored; the float32 division may round once more.
+        assert (error <= s.float()[:, None] / 2 * (1 + 1e-6)).all()
+
+
+def test_int4_moves_each_weight_by_at_most_half_its_groups_step():
+    torch.manual_seed(0)
+    w = torch.randn(40, 128) * torch.logspace(-3, 1, 40)[:, None] + 0.5  # groups not centred on zero
+    w[3, :32] = 1.25  # a constant group: range 0
+    G = llama3.Int4Linear.GROUP_SIZE
+    for dtype in (torch.float32, torch.bfloat16):
+        x = w.to(dtype)
+        q, sz = llama3.quantize_int4(x, G)
+        assert q.dtype == torch.int32 and sz.shape == (128 // G, 40, 2) and q.min() >= 0 and q.max() <= 15
+        s, z = (sz[..., i].float().T.repeat_interleave(G, 1) for i in (0, 1))  # (40, 128), per weight
+        error = (x.float() - ((q - 8) * s + z)).abs()
+        # Half a step; s and z are rounded to the dtype before the codes are chosen, which can
+        # move the ends of the 16 levels by one rounding of |z| + 8 s.
+        eps = torch.finfo(dtype).eps
+        assert (error <= s / 2 + eps * (z.abs() + 8 * s) + 1e-6).all()
+        assert error[3, :32].max() == 0
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_layers_compute_the_product_with_their_dequantized_weight(mode, dtype):
+    torch.manual_seed(0)
+    w, x = torch.randn(96, 128).to(dtype), torch.randn(2, 5, 128).to(dtype)
+    layer = llama3.Int8Linear(128, 96) if mode == "int8" else llama3.Int4Linear(128, 96)
+    layer.quantize_(w)
+    if mode == "int8":
+        q, s = llama3.quantize_int8(w)
+        deq = q.float() * s.float()[:, None]
+    else:
+        q, sz = llama3.quantize_int4(w, layer.GROUP_SIZE)
+        s, z = (sz[..., i].float().T.repeat_interleave(layer.GROUP_SIZE, 1) for i in (0, 1))
+        deq = (q - 8) * s + z
+    got, want = layer(x), x.double() @ deq.double().T
+    assert got.dtype == dtype and got.shape == (2, 5, 96)
+    # float32: the kernel's own rounding; bf16: the output's rounding (8 bits), and x read in bf16.
+    tol = 1e-5 if dtype == torch.float32 else 2**-7
+    assert ((got.double() - want).abs() <= tol * (x.double().abs() @ deq.double().abs().T)).all()
+    # And so, against the unquantized weight: at most half a step per weight, summed over the inputs.
+    step = s.float()[:, None].expand(96, 128) if mode == "int8" else s  # per weight
+    bound = x.double().abs() @ (step.double() / 2).T + tol * (x.double().abs() @ deq.double().abs().T)
+    assert ((got.double() - x.double() @ w.double().T).abs() <= bound * 1.01).all()
+
+
+def dequantized_copy(model: Transformer, quantized: Transformer) -> Transformer:
+    """model with each weight replaced by what the quantized model holds in its place."""
+    out = copy.deepcopy(model)
+    for name, module in quantized.named_modules():
+        if isinstance(module, (llama3.Int8Linear, llama3.Int8Embedding)):
+            deq = module.weight.float() * module.scales.float()[:, None]
+        elif isinstance(module, llama3.Int4Linear):
+            q, sz = llama3.quantize_int4(model.get_submodule(name).weight.data, module.GROUP_SIZE)
+            s, z = (sz[..., i].float().T.repeat_interleave(module.GROUP_SIZE, 1) for i in (0, 1))
+            deq = (q - 8) * s + z
+        else:
+            continue
+        out.get_submodule(name).weight.data.copy_(deq)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_quantized_model_is_part_1_with_the_quantized_weights(tmp_path, mode, tied):
+    # Everything the quantized model computes is part 1's model with each weight moved to its
+    # quantized value (the bound on that move is tested above); the tie of 3.2 1B/3B holds.
+    args = tiny_args(tie_word_embeddings=tied)
+    model = random_model(args)
+    if tied:
+        model.output.weight = model.tok_embeddings.weight
+    hf_from_meta(model).save_pretrained(tmp_path)
+    quantized = load_model(tmp_path, dtype=torch.float32, quantize=mode)
+    kind = llama3.Int8Linear if mode == "int8" else llama3.Int4Linear
+    assert all(isinstance(layer.get_submodule(m), kind) for layer in quantized.layers
+               for m in ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                         "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"))
+    assert isinstance(quantized.output, llama3.Int8Linear)
+    if tied:
+        assert isinstance(quantized.tok_embeddings, llama3.Int8Embedding)
+        assert quantized.output.weight is quantized.tok_embeddings.weight
+        assert quantized.output.scales is quantized.tok_embeddings.scales
+    else:
+        assert type(quantized.tok_embeddings) is torch.nn.Embedding
+    reference = dequantized_copy(model, quantized)
+    tokens = torch.randint(0, 256, (2, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(quantized(tokens), reference(tokens), atol=1e-4, rtol=1e-4)
+        full = model(tokens)
+    assert not torch.equal(quantized(tokens), full)  # the weights did move
+    got = llama3.generate(quantized, tokens[:, :10].tolist(), 6, temperature=0)
+    assert got == llama3.generate(reference, tokens[:, :10].tolist(), 6, temperature=0)
+
+
+def test_quantize_is_refused_in_one_line_where_the_kernel_is_missing(tmp_path, monkeypatch, cli_ckpt):
+    def missing(*a):
+        raise NotImplementedError("Could not run 'aten::_weight_int4pack_mm_for_cpu' with arguments\nmore")
+
+    monkeypatch.setattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", missing)
+    with pytest.raises(ValueError, match=r"^int4 weights: torch .* has no int4 kernel for torch.float32 on cpu "
+                                         r"\(Could not run [^\n]*\)$"):
+        load_model(cli_ckpt[0], dtype=torch.float32, quantize="int4")
+    with pytest.raises(ValueError, match="quantize must be one of int8, int4, not 'int2'"):
+        load_model(cli_ckpt[0], quantize="int2")
+
+
+@pytest.mark.slow
+def test_quantize_through_the_command_line(cli_ckpt, tok):
+    folder, _ = cli_ckpt
+    prompt = tok.encode("The capital of France is", bos=True, eos=False)
+    want = llama3.generate(load_model(folder, dtype=torch.float32, quantize="int4"), [prompt], 8, temperature=0)[0]
+    r = run_cli("--ckpt", str(folder), "--prompt", "The capital of France is", "--temperature", "0",
+                "--max-new-tokens", "8", "--quantize", "int4", "--dtype", "fp32")
+    assert r.returncode == 0 and "float32 with int4 weights on cpu" in r.stderr, r.stderr
+    assert r.stdout.rstrip("\n") == tok.decode(want)
+    one_line_error(run_cli("--ckpt", str(folder), "--prompt", "Hi", "--quantize", "int3"), "--quantize", "int3")
+
+
+LOAD_MEMORY = """
+import json, sys, torch, llama3
+def status(key):  # from /proc/self/status, in bytes
+    return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
+before = status("VmRSS")
+model = llama3.load_model(sys.argv[1], quantize=sys.argv[2])
+print(json.dumps(status("VmHWM") - before))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads peak memory from Linux's /proc")
+def test_loading_int4_takes_less_memory_than_the_bf16_weights(tmp_path):
+    # Each weight is quantized as it is read, so the peak is the int4 model (~0.6 bytes a
+    # weight), the file's pages read since the last remap (64 MiB at least) and one tensor's
+    # temporaries (its int32 codes: 50 MB here): the bf16 model (420 MB) never exists in memory.
+    # Measured 0.86x here; the share of the fixed parts shrinks as models grow (bench.py --quantize).
+    shape = {"dim": 2048, "n_layers": 4, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 4096, "multiple_of": 1024,
+             "ffn_dim_multiplier": None}
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Transformer(ModelArgs(**shape)).state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+    state = {k: (torch.randn(s, generator=gen) * 0.02).bfloat16() for k, s in shapes.items()}
+    bf16_bytes = sum(t.numel() * 2 for t in state.values())
+    from safetensors.torch import save_file
+
+    save_file(state, tmp_path / "model.safetensors")
+    (tmp_path / "params.json").write_text(json.dumps({**shape, "norm_eps": 1e-5, "rope_theta": 500000.0}))
+    del state
+    r = run_python(LOAD_MEMORY, str(tmp_path), "int4")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) < bf16_bytes, (json.loads(r.stdout), bf16_bytes)
+
+
+# ----------------------------------------------------------------------------- perplexity
+
+def transformers_nll(ref, tokens: list[int], window: int, stride: int) -> float:
+    """Mean NLL by transformers' documented sliding-window method, its own loss, summed per window."""
+    total, count, prev_end = 0.0, 0, 0
+    for begin in range(0, len(tokens), stride):
+        end = min(begin + window, len(tokens))
+        ids = torch.tensor([tokens[begin:end]])
+        labels = ids.clone()
+        labels[:, : -(end - prev_end)] = -100  # score only tokens not scored before
+        n = int((labels[:, 1:] != -100).sum())  # transformers shifts labels by one inside
+        with torch.no_grad():
+            total += ref(ids, labels=labels).loss.item() * n
+        count, prev_end = count + n, end
+        if end == len(tokens):
+            break
+    assert count == len(tokens) - 1 - (len(tokens) - 2) // window * (stride == window)  # see perplexity()
+    return total / count
+
+
+@pytest.mark.parametrize("window, stride", [(100, 100), (40, 16), (40, 40), (33, 7)])
+def test_perplexity_equals_transformers_loss_on_the_same_tokens(window, stride):
+    args = tiny_args(max_seq_len=128)
+    ref = hf_model(args, seed=4)
+    with torch.no_grad():
+        ref.model.embed_tokens.weight.mul_(0.05)  # a model less sure of itself: losses near log(256)
+    model = llama3.Transformer(args).eval()
+    model.load_state_dict(load_state_from_hf(ref, args))
+    tokens = torch.randint(0, 256, (100,), generator=torch.Generator().manual_seed(5)).tolist()
+    nll, ppl = llama3.perplexity(model, tokens, window, stride, chunk=16)
+    want = transformers_nll(ref, tokens, window, stride)
+    assert nll == pytest.approx(want, rel=1e-5) and ppl == pytest.approx(math.exp(want), rel=1e-5)
+
+
+def load_state_from_hf(ref, args: ModelArgs) -> dict:
+    """Our state_dict from a transformers LlamaForCausalLM, through the loader's own name map."""
+    out = {}
+    for key, t in ref.state_dict().items():
+        name = llama3.hf_to_meta_name(key)
+        if name is None:
+            continue
+        if name.endswith(("wq.weight", "wk.weight")):
+            t = llama3.unpermute_hf(t, args.n_heads if "wq" in name else args.n_kv_heads)
+        out[name] = t
+    return out
+
+
+def test_perplexity_refuses_what_it_cannot_score():
+    model = random_model(tiny_args())
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        llama3.perplexity(model, [1])
+    with pytest.raises(ValueError, match="stride"):
+        llama3.perplexity(model, [1, 2, 3], window=8, stride=9)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        llama3.perplexity(model, [1, 2, 3], window=65)
+
+
+@pytest.mark.slow
+def test_perplexity_through_the_command_line(cli_ckpt, tok, tmp_path):
+    folder, _ = cli_ckpt
+    text = "The quick brown fox jumps over the lazy dog. " * 20
+    (tmp_path / "text.txt").write_text(text)
+    r = run_cli("--ckpt", str(folder), "--perplexity", str(tmp_path / "text.txt"), "--max-seq-len", "64",
+                "--dtype", "fp32")
+    assert r.returncode == 0, r.stderr
+    tokens = tok.encode(text, bos=True, eos=False)
+    nll, ppl = llama3.perplexity(load_model(folder, dtype=torch.float32, max_seq_len=64), tokens, 64)
+    assert r.stdout == (f"perplexity {ppl:.4f} (mean NLL {nll:.4f} nats/token) over the {len(tokens):,} tokens of "
+                        f"{tmp_path / 'text.txt'}, windows of 64 tokens every 32\n")
+    (tmp_path / "empty.txt").write_text("")
+    one_line_error(run_cli("--ckpt", str(folder), "--perplexity", str(tmp_path / "empty.txt")),
+                   "--perplexity", "empty.txt", "at least 2 tokens")
+    one_line_error(run_cli("--ckpt", str(folder), "--perplexity", str(tmp_path / "missing.txt")),
+                   "--perplexity", "missing.txt", "No such file")

@@ -2,6 +2,7 @@
 
     python benchmarks/bench.py [--rounds 3] [--dtypes fp32,bf16] [--new-tokens 32] [--device cpu|cuda]
     python benchmarks/bench.py --long 1024,4096,16384 [--rounds 1]    (long prompts)
+    python benchmarks/bench.py --quantize [--dtypes bf16]              (bf16, int8, int4: ours only)
 
 Creates once, in a temporary folder (or --ckpt-dir, kept for the next run), a
 random bf16 checkpoint in Llama 3.2 1B shape in the Hugging Face layout
@@ -18,6 +19,8 @@ On CUDA (bf16) it adds ours with --compile and reports peak GPU memory.
 With --long, it runs each prompt length instead, generating 2 tokens, and
 prints per side the time to the first token (load + prefill) and the peak RSS
 above the weights, with the ratios ours / transformers.
+With --quantize, the sides are ours with bf16, int8 and int4 weights (appendix D),
+and the ratios are to the unquantized side.
 transformers is needed for its side only; without it, ours runs alone.
 """
 
@@ -104,11 +107,13 @@ def child(side: str, ckpt: str, dtype_name: str, device: str, prompt_len: int, n
         sys.path.insert(0, str(ROOT))
         import llama3
 
-        model = llama3.load_model(ckpt, device=device, dtype=dtype)
+        quantize = side.removeprefix("ours-") if side in ("ours-int8", "ours-int4") else None
+        model = llama3.load_model(ckpt, device=device, dtype=dtype, quantize=quantize)
         if device == "cuda":
             torch.cuda.synchronize()
         load_s, load_rss = time.perf_counter() - t0, peak_rss_gb()
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}  # tied ones once
+        weights = sum(t.numel() * t.element_size() for t in tensors.values())
         stamps.append(time.perf_counter())
         llama3.generate(model, [prompt], new_tokens, temperature=0, stop_tokens=[], compile=side == "ours-compile",
                         on_token=lambda _row, _tok: stamps.append(time.perf_counter()))
@@ -207,6 +212,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--ckpt-dir", type=Path, default=None, help="where the random checkpoint lives (kept)")
     p.add_argument("--long", default=None, help="long-prompt mode: prompt lengths, e.g. 1024,4096,16384")
+    p.add_argument("--quantize", action="store_true", help="ours with bf16, int8 and int4 weights")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     opts = p.parse_args()
     if opts.child:
@@ -226,8 +232,11 @@ def main() -> None:
         versions = f"transformers {transformers.__version__}"
     except ImportError:
         sides, versions = ["ours"], "transformers not installed"
-    if opts.device == "cuda":
+    if opts.device == "cuda" and not opts.quantize:
         sides.insert(1, "ours-compile")
+    if opts.quantize:
+        sides = ["ours", "ours-int8", "ours-int4"]
+    baseline = "ours" if opts.quantize else "transformers"
     import torch
 
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
@@ -259,7 +268,8 @@ def main() -> None:
         ceiling = statistics.median(c["decode_tok_s"] for c in ceilings)
         print(f"torch's matrix-vector ceiling: {ceiling:.2f} tokens/s "
               f"({statistics.median(c['matvec_gbs'] for c in ceilings):.1f} GB/s through F.linear, 1 row)")
-        header = "| side | load s | load RSS GB | prefill ms | decode tok/s | % of bound | % of ceiling | peak RSS GB |"
+        header = ("| side | weights GB | load s | load RSS GB | prefill ms | decode tok/s | % of bound | % of ceiling |"
+                  " peak RSS GB |")
         if opts.device == "cuda":
             header += " peak GPU GB |"
         print(header + "\n|" + "---|" * (header.count("|") - 1))
@@ -269,19 +279,19 @@ def main() -> None:
             def med(key, rs=rs):
                 return statistics.median(x[key] for x in rs)
 
-            pct = f"{100 * med('decode_tok_s') / (bw / weights):.0f}%" if bw else "-"
-            row = (f"| {side} | {med('load_s'):.2f} | {med('load_rss_gb'):.2f} | {med('prefill_ms'):.0f} | "
+            pct = f"{100 * med('decode_tok_s') / (bw / med('weights_gb')):.0f}%" if bw else "-"
+            row = (f"| {side} | {med('weights_gb'):.2f} | {med('load_s'):.2f} | {med('load_rss_gb'):.2f} | {med('prefill_ms'):.0f} | "
                    f"{med('decode_tok_s'):.2f} | {pct} | {100 * med('decode_tok_s') / ceiling:.0f}% | "
                    f"{med('peak_rss_gb'):.2f} |")
             if opts.device == "cuda":
                 row += f" {med('peak_gpu_gb'):.2f} |"
             print(row)
-        if "transformers" in sides:
+        if baseline in sides:
             for key, better in (("decode_tok_s", "higher"), ("prefill_ms", "lower"), ("peak_rss_gb", "lower"),
                                 ("load_s", "lower"), ("ttft_s", "lower")):
-                for side in [s for s in sides if s.startswith("ours")]:
-                    ratios = [a[key] / b[key] for a, b in zip(results[side], results["transformers"])]
-                    print(f"{side} / transformers {key}: median {statistics.median(ratios):.2f}x ({better} is better;"
+                for side in [s for s in sides if s.startswith("ours") and s != baseline]:
+                    ratios = [a[key] / b[key] for a, b in zip(results[side], results[baseline])]
+                    print(f"{side} / {baseline} {key}: median {statistics.median(ratios):.2f}x ({better} is better;"
                           f" rounds {', '.join(f'{x:.2f}' for x in ratios)})")
     if tmp:
         tmp.cleanup()

@@ -69,8 +69,8 @@ def main() -> None:
     p.add_argument("--long-prompt", type=int, default=16384, help="the last attention comparison's prompt length")
     opts = p.parse_args()
     torch.manual_seed(0)
-    print(f"# {os.cpu_count()} threads; torch {torch.__version__}; bf16 matrix instructions: "
-          f"{llama3.cpu_has_bf16_matmul()}; ratios are (first side's time) / (this side's time), so > 1 is faster")
+    print(f"# {os.cpu_count()} threads; torch {torch.__version__}; CPU kind: "
+          f"{llama3.cpu_kind()}; ratios are (first side's time) / (this side's time), so > 1 is faster")
     shapes = [(N_HEADS * HEAD_DIM, DIM), (N_KV_HEADS * HEAD_DIM, DIM), (HIDDEN, DIM), (DIM, HIDDEN)]
     with torch.inference_mode():
         ws = [torch.randn(s) * 0.02 for s in shapes]
