@@ -29,18 +29,19 @@ import argparse
 import ctypes
 import dataclasses
 import json
+import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-try:
-    import torch
+if __name__ == "__main__":  # Ctrl-C while torch loads ends quietly (exit 130), as in llama3.py
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+import torch
 
-    import llama3
-except KeyboardInterrupt:  # Ctrl-C while torch loads: quiet, as it is later (exit 130)
-    sys.exit(130)
+import llama3
 
 # safetensors' names for the dtypes a Llama checkpoint holds.
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -96,8 +97,8 @@ def write_safetensors(reader: llama3.CheckpointReader, entries: list, file: Path
         for i, (name, dtype, shape) in enumerate(entries, 1):
             t = reader.tensor(name)
             if tuple(t.shape) != shape:
-                raise llama3.CheckpointError(f"{reader.source(name)}: {name} has shape {tuple(t.shape)}, the config "
-                                             f"says {shape}: {llama3.config_hint(name, reader.args)}")
+                raise llama3.CheckpointError(f"{reader.source(name)}: {name} has shape {tuple(t.shape)}, not "
+                                             f"{shape}: {llama3.config_hint(name, reader.args)}")
             if not bool(torch.isfinite(t).all()):  # a corrupt download: refuse, don't copy it on
                 raise llama3.CheckpointError(f"{reader.source(name)}: {name} holds NaN or inf values; the file is "
                                              "corrupt (download it again)")
@@ -188,6 +189,9 @@ def convert(src: str | Path, dst: str | Path, dtype: str = "keep", force: bool =
         raise FileExistsError(f"{dst} already holds a converted checkpoint; pass --force to overwrite it")
     entries = plan(reader, out_dtype)
     tokenizer = llama3.find_tokenizer(src)  # what llama3.py would use, under its own file name in DST
+    if dst.exists() and not dst.is_dir():
+        raise FileExistsError(f"{dst}: exists and is not a folder")
+    made = not dst.exists()  # removed again if the conversion fails
     dst.mkdir(parents=True, exist_ok=True)
     tmp = {p: p.with_name(f".{p.name}.partial") for p in [*targets, dst / "tokenizer.model", dst / "tokenizer.json"]}
     try:
@@ -201,6 +205,8 @@ def convert(src: str | Path, dst: str | Path, dtype: str = "keep", force: bool =
     finally:
         for partial in tmp.values():
             partial.unlink(missing_ok=True)
+        if made and not any(dst.iterdir()):
+            dst.rmdir()
     summary = {"tensors": len(entries), "bytes": nbytes, "seconds": time.perf_counter() - t0,
                "peak_rss_bytes": peak_rss_bytes()}
     peak = summary["peak_rss_bytes"]
@@ -230,4 +236,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # torch is loaded: Ctrl-C raises again
     main()

@@ -52,6 +52,7 @@ import math
 import os
 import pickle
 import re
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -59,15 +60,12 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-try:
-    import torch
-    import torch.distributed as dist
-    import torch.nn.functional as F
-    from torch import nn
-except KeyboardInterrupt:  # Ctrl-C while torch loads: quiet, as it is later (exit 130)
-    if __name__ != "__main__":
-        raise
-    sys.exit(130)
+if __name__ == "__main__":  # Ctrl-C while torch loads ends quietly (exit 130), as it does later; a handler,
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))  # as torch's C++ import can swallow the exception
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
 
 if TYPE_CHECKING:  # type names only: the model runs without tiktoken
     from tokenizer import Tokenizer
@@ -471,7 +469,7 @@ LLAMA32_ROPE_FACTORS = {(2048, 16): 32.0, (3072, 28): 32.0}
 
 
 def _note(msg: str) -> None:
-    print(f"llama3: {msg}", file=sys.stderr)
+    print(f"llama3.py: {msg}", file=sys.stderr)
 
 
 def args_from_params(params: dict, source: str = "params.json") -> ModelArgs:
@@ -852,6 +850,11 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
     the processes of torch.distributed's default group (see shard_model).
     quantize: "int8" or "int4" weights (appendix D), quantized as they are read.
     """
+    if dtype is not None and not isinstance(dtype, torch.dtype) or dtype in (torch.int8, torch.uint8):
+        raise ValueError(f"dtype must be a torch float dtype such as torch.bfloat16, not {dtype!r}")
+    if rope_scaling_factor is not None and not 0 < rope_scaling_factor < math.inf:
+        raise ValueError(f"rope_scaling_factor must be > 0, not {rope_scaling_factor!r}")
+    device = check_device(device or "cpu")
     reader = CheckpointReader(resolve_checkpoint(str(path)), rope_scaling_factor)
     args = reader.args
     if max_seq_len is not None:
@@ -860,7 +863,6 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
                              f"{path} supports")
         args.max_seq_len = max_seq_len
     args.use_sdpa = use_sdpa
-    device = torch.device(device or "cpu")
     if quantize is not None and tensor_parallel:
         raise ValueError("quantized weights and tensor parallelism do not go together here")
     # Parameters without storage or random init; load_state_dict(assign=True) fills them.
@@ -871,7 +873,7 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
     expected = reader.expected_tensors(model)
     if quantize is not None:  # appendix D
         check_quantize(quantize, device, dtype or reader.dtype("norm.weight"))
-    quantized = quantize_model(model, quantize) if quantize else {}  # {checkpoint name: its module}
+    quantized = quantize_model(model, quantize, device) if quantize else {}  # {checkpoint name: its module}
     # Pages read through the maps count in our RSS while mapped. When the weights end
     # up as copies (cast, merged, moved), remap every 1/64 of the checkpoint (at least
     # 64 MiB) so the file is not held in memory beside them.
@@ -897,13 +899,25 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
     if args.tie_word_embeddings and not quantized:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)
-    if args.tie_word_embeddings:  # one Parameter (or int8 buffer), not two views
+    if args.tie_word_embeddings and not quantized:  # one Parameter, not two views
         model.output.weight = model.tok_embeddings.weight
-        if quantized:
-            model.output.scales = model.tok_embeddings.scales
     if device.type == "cpu":
         use_cpu_speed_paths(model)  # appendix A
     return model
+
+
+def check_device(device: torch.device | str) -> torch.device:
+    """device as a torch.device; ValueError unless torch knows it and this machine has it."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {str(device)!r}: expected cpu, cuda, cuda:N or mps") from None
+    have = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not have.get(device.type, False):
+        raise ValueError(f"device {device}: this machine has no such device (torch {torch.__version__} sees none)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def config_hint(name: str, args: ModelArgs) -> str:
@@ -1132,7 +1146,7 @@ def check_generation_args(max_new_tokens: int, temperature: float, top_p: float,
                           repetition_penalty: float, prefill_chunk: int = 512) -> None:
     """Raise ValueError, starting with the argument's name, for the first value out of range."""
     rules = [("max_new_tokens", max_new_tokens, max_new_tokens >= 0, "an int >= 0"),
-             ("temperature", temperature, temperature >= 0, ">= 0 (0 is greedy)"),  # NaN fails every test
+             ("temperature", temperature, 0 <= temperature < math.inf, ">= 0 and finite (0 is greedy)"),
              ("top_p", top_p, 0 < top_p <= 1, "in (0, 1]"),
              ("top_k", top_k, top_k is None or top_k >= 1, ">= 1, or None for no limit"),
              ("repetition_penalty", repetition_penalty, repetition_penalty > 0, "> 0 (1.0 is off)"),
@@ -1173,6 +1187,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     if B == 0 or min(len(p) for p in prompts) == 0:
         raise ValueError("prompts: every prompt needs at least one token (start it with <|begin_of_text|>)")
     lengths = [len(p) for p in prompts]
+    bad = [t for p in prompts for t in p if not 0 <= t < model.args.vocab_size]
+    if bad:
+        raise ValueError(f"prompts: token id {bad[0]} is outside the model's vocabulary (0..{model.args.vocab_size - 1})")
     if max_new_tokens == 0:
         return [[] for _ in prompts]
     if max(lengths) >= max_seq_len:
@@ -1210,9 +1227,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         else:
             logits = prefill(model, tokens[:, prev_pos:cur_pos], prev_pos, cache, prefill_chunk)  # (B, vocab_size)
         if not bool(torch.isfinite(logits).all()):  # garbage in greedy, a crash in sampling: say why instead
-            dtype = str(model.norm.weight.dtype).removeprefix("torch.")
-            raise FloatingPointError(f"the logits at position {cur_pos} are NaN or inf: corrupt weights, or a "
-                                     f"{dtype} overflow (float16 overflows past 65504: try --dtype bfloat16)")
+            cause = ("corrupt weights, or a float16 overflow (past 65504: try --dtype bfloat16)"
+                     if model.norm.weight.dtype == torch.float16 else "corrupt weights or settings")
+            raise FloatingPointError(f"the logits at position {cur_pos} are NaN or inf: {cause}")
         if repetition_penalty != 1.0:
             logits = apply_repetition_penalty(logits, tokens[:, :cur_pos], repetition_penalty)
         next_token = sample(logits, temperature, top_p, top_k, generator)  # (B,)
@@ -1383,6 +1400,8 @@ class StopText:
     """
 
     def __init__(self, stops: list[str] | tuple[str, ...]):
+        if "" in stops:
+            raise ValueError("stops: an empty stop string would end every text before it starts")
         self.stops, self.pending, self.stopped = list(stops), "", False
 
     def push(self, text: str) -> str:
@@ -1492,6 +1511,8 @@ def load_tools(path: str | Path) -> list[Callable]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such tools file")
     spec = importlib.util.spec_from_file_location(f"llama3_tools_{path.stem}", path)
+    if spec is None:
+        raise ValueError(f"{path}: not a Python file (tools come from a .py file)")
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
@@ -1648,18 +1669,18 @@ def _fail(msg: str) -> None:
     raise SystemExit(2)
 
 
+def _as_flag(message: str, opts: argparse.Namespace) -> str:
+    """A message that starts with an argument's name (load_model's, generate's) with its flag's name instead."""
+    name, _, rest = message.partition(" ")
+    return f"--{name.replace('_', '-')} {rest}" if hasattr(opts, name) else message
+
+
 def _pick_device(name: str) -> torch.device:
     if name != "auto":
         try:
-            device = torch.device(name)
-        except RuntimeError:
-            _fail(f"--device {name!r}: expected cpu, cuda, cuda:N or mps")
-        have = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-        if not have.get(device.type, False):
-            _fail(f"--device {name}: this machine has no such device (torch {torch.__version__} sees none)")
-        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-            _fail(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-        return device
+            return check_device(name)
+        except ValueError as e:
+            _fail(f"--{e}")
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -1746,7 +1767,8 @@ def main(argv: list[str] | None = None) -> None:
             text = Path(opts.perplexity).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             _fail(f"--perplexity {opts.perplexity}: {getattr(e, 'strerror', None) or e}")
-    for flag, value in (("--system", opts.system), ("--tools", opts.tools), ("--builtin-tools", opts.builtin_tools)):
+    for flag, value in (("--system", opts.system), ("--tools", opts.tools), ("--builtin-tools", opts.builtin_tools),
+                        ("--tool-format", opts.tool_format)):
         if value and not opts.chat:
             _fail(f"{flag} needs --chat")
     if opts.tool_format is not None and opts.tool_format not in TOOL_FORMATS:
@@ -1759,9 +1781,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         check_generation_args(opts.max_new_tokens, opts.temperature, opts.top_p, opts.top_k, opts.repetition_penalty)
         tools = load_tools(opts.tools) if opts.tools else []
-    except (ValueError, OSError) as e:  # generate's messages start with the argument: name its flag
-        name, _, rest = str(e).partition(" ")
-        _fail(f"--{name.replace('_', '-')} {rest}" if hasattr(Sampling, name) or name == "max_new_tokens" else str(e))
+    except (ValueError, OSError) as e:
+        _fail(_as_flag(str(e), opts))
     try:
         ckpt = resolve_checkpoint(opts.ckpt)
     except CheckpointError as e:
@@ -1784,7 +1805,7 @@ def main(argv: list[str] | None = None) -> None:
                            rope_scaling_factor=opts.rope_scaling_factor, use_sdpa=not opts.explicit_attention,
                            tensor_parallel=tensor_parallel, quantize=opts.quantize)
     except (CheckpointError, ValueError, OSError) as e:
-        _fail(str(e))
+        _fail(_as_flag(str(e), opts))
     except RuntimeError as e:  # e.g. CUDA out of memory
         _fail(f"loading {ckpt} on {device}: {str(e).splitlines()[0]}")
     if model.args.vocab_size < tokenizer.n_words:
@@ -1879,13 +1900,21 @@ def print_explanation(model: Transformer, tokenizer: Tokenizer, prompt: list[int
 
 def read_message(read: Callable[[str], str]) -> str:
     """One chat message: a line, or the lines between two lines of three double quotes (as ollama reads them)."""
-    first = read("> ")
-    if first.strip() != '"""':
+    first = read("> ").strip()
+    if not first.startswith('"""'):
         return first
-    lines = []
-    while (line := read(". ")).strip() != '"""':
-        lines.append(line)
-    return "\n".join(lines)
+    if len(first) > 5 and first.endswith('"""'):  # """a message""" on one line
+        return first[3:-3]
+    lines = [first[3:]] if first != '"""' else []  # text may follow the opening quotes, as in ollama
+    try:
+        while not (line := read(". ")).rstrip().endswith('"""'):
+            lines.append(line)
+        lines.append(line.rstrip()[:-3])
+    except EOFError:  # Ctrl-D inside a message sends what was typed, then quits
+        if not lines:
+            raise
+        print()
+    return "\n".join(lines).strip("\n")
 
 
 def run_chat(chat: Chat, read: Callable[[str], str] = input, log: TextIO | None = None) -> None:
@@ -1902,7 +1931,7 @@ def run_chat(chat: Chat, read: Callable[[str], str] = input, log: TextIO | None 
         try:
             text = read_message(read)
         except EOFError:  # Ctrl-D; Ctrl-C here ends the program (exit 130 on the command line)
-            print(file=log)
+            print()  # after the prompt, on stdout
             return
         if text.strip() == "/reset":
             chat.reset()
@@ -2328,28 +2357,28 @@ def compiled_decode(model: Transformer, cache: list[KVCache]) -> Callable:
 # dequantizing in registers, while activations keep the model's dtype:
 #
 #   int8, one scale per output row: w ~ q * s, q in -127..127, s = max|row| / 127
-#     ("absmax"). 8B: 8.0 GB. A weight moves by at most s/2, 1/254 of the
-#     largest weight in its row.
+#     ("absmax"). A weight moves by at most s/2, 1/254 of its row's largest.
 #   int4, per group of G = 32 consecutive weights of a row: w ~ (q - 8) * s + z,
 #     q in 0..15, s = (max - min) / 15, z = min + 8 s. Sixteen levels spread over
 #     a whole row would be set by its largest outlier and too coarse for the rest;
 #     each group gets its own range, and the zero point z puts the levels over the
-#     group's [min, max] rather than around 0, so none is wasted. s and z take 32
-#     bits per group: 5 bits a weight at G = 32, 5.0 GB for 8B's blocks.
+#     group's [min, max] rather than around 0, so none is wasted. s and z add 32
+#     bits per group: 5 bits a weight.
+# 8B's weights are 16.1 GB in bf16, 8.6 GB in int8 and 5.7 GB in int4.
 #
 # What is lost: every weight moves by up to half a step, noise that reaches the
 # logits, so a close call between two tokens can go the other way. --perplexity
 # measures the cost on a text (README.md, Quantized weights, has the figures).
-# All seven matrices of every block are quantized, and the output layer, a fifth
-# of 1B's bytes, in int8 also under int4: it feeds the logits directly. The
-# embedding is read one row per token, costing memory but no time: it keeps the
-# model's dtype, except when tied to the output (3.2 1B and 3B), where it reads
-# rows of the output's int8 weight, so the tie holds.
+# Every matrix of every block is quantized, and the output layer, a fifth of 1B's
+# bytes. The embedding is read one row per token, costing memory but no time: it
+# keeps the model's dtype, unless tied to the output (3.2 1B and 3B), where it
+# reads rows of the quantized output (an int8 output where a device's int4
+# layout can't be read by rows).
 #
-# quantize_model swaps the modules below into a model built on the "meta"
-# device, and load_model quantizes each weight as it reads it, so no
-# full-precision copy of the model exists: 8B in int4 loads in about 6 GB. The
-# int4 layout is each device's kernel's own, so quantize on the device you run on.
+# quantize_model swaps these modules into a model built on the "meta" device,
+# and load_model quantizes each weight as it reads it, so no full-precision copy
+# of the model exists. The int4 layout is each device's kernel's own, so quantize
+# on the device you run on.
 # =============================================================================
 
 QUANTIZE_MODES = ("int8", "int4")
@@ -2398,20 +2427,23 @@ class Int8Linear(nn.Module):
         y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales)
         return y.view(*x.shape[:-1], self.out_features)  # (..., out_features)
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ids of the dequantized weight: (*ids.shape, in_features)."""
+        return self.weight[ids].to(self.scales.dtype) * self.scales[ids, None]
 
-class Int8Embedding(nn.Module):
-    """nn.Embedding over an int8 weight with row scales: a tied output layer's, shared."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int):
-        super().__init__()
-        self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8),
-                             persistent=False)
-        self.register_buffer("scales", torch.empty(num_embeddings), persistent=False)
-
-    quantize_ = Int8Linear.quantize_
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.weight[tokens].to(self.scales.dtype) * self.scales[tokens, None]  # (B, T, dim)
+def int4_cpu_block() -> int | None:
+    """B if torch's CPU int4 layout stores each block of B rows contiguously, for each input
+    k B / 2 bytes, byte d holding row d (low half) and row d + B/2 (high half): its AVX-512
+    (B = 64) and AVX2 (B = 32) layouts. Int4Linear can then read rows and pack by blocks.
+    None for any other layout (checked by packing a probe)."""
+    q = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    for B in (64, 32):
+        p = packed.view(128 // B, 64, B // 2).transpose(1, 2)  # (blocks, B / 2, K)
+        if torch.equal(torch.cat([p & 15, p >> 4], 1).reshape(128, 64).int(), q):
+            return B
+    return None
 
 
 class Int4Linear(nn.Module):
@@ -2423,17 +2455,22 @@ class Int4Linear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features, self.out_features, self.block = in_features, out_features, None
         self.register_buffer("weight", torch.empty(0, dtype=torch.uint8), persistent=False)  # set by quantize_
         self.register_buffer("scales_and_zeros", torch.empty(0), persistent=False)
 
     def quantize_(self, w: torch.Tensor) -> None:
-        q, self.scales_and_zeros = quantize_int4(w, self.GROUP_SIZE)
-        if w.device.type == "cpu":
-            self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        else:  # CUDA's kernel takes two codes a byte, the first in the high half
-            pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
-            self.weight = torch.ops.aten._convert_weight_to_int4pack(pairs, self.INNER_K_TILES)
+        if w.device.type != "cpu":  # CUDA's kernel takes two codes a byte, the first in the high half
+            q, self.scales_and_zeros = quantize_int4(w, self.GROUP_SIZE)
+            self.weight = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8),
+                                                                     self.INNER_K_TILES)
+            return
+        # On CPU, a layout of row blocks packs 1024 rows at a time: the int32 codes of a
+        # whole output layer (1 GB for 1B) never exist.
+        self.block = int4_cpu_block() if w.shape[0] % 64 == 0 else None
+        parts = [quantize_int4(rows, self.GROUP_SIZE) for rows in w.split(1024 if self.block else w.shape[0])]
+        self.weight = torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1) for q, _ in parts])
+        self.scales_and_zeros = torch.cat([sz for _, sz in parts], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
@@ -2442,6 +2479,31 @@ class Int4Linear(nn.Module):
         else:
             y = torch.ops.aten._weight_int4pack_mm(x2, self.weight, self.GROUP_SIZE, self.scales_and_zeros)
         return y.view(*x.shape[:-1], self.out_features)  # (..., out_features)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ids of the dequantized weight, (*ids.shape, in_features), read from the CPU layout."""
+        B, flat = self.block, ids.flatten()
+        p = self.weight.view(-1, self.in_features, B // 2)[flat // B, :, flat % (B // 2)]  # (n, in) bytes
+        q = (p >> (4 * (flat % B >= B // 2)).to(torch.uint8)[:, None]) & 15  # each row's half of its byte
+        sz = self.scales_and_zeros[:, flat].repeat_interleave(self.GROUP_SIZE, 0)  # (in, n, 2)
+        w = (q.T.float() - 8) * sz[..., 0].float() + sz[..., 1].float()  # (in, n), rounded once below
+        return w.T.reshape(*ids.shape, self.in_features).to(sz.dtype)
+
+
+class TiedEmbedding(nn.Module):
+    """nn.Embedding for a model whose embedding is its output layer's weight (3.2 1B, 3B):
+    the rows of the quantized output layer, shared, not a copy."""
+
+    def __init__(self, output: Int8Linear | Int4Linear):
+        super().__init__()
+        self.output = output
+
+    @property
+    def weight(self) -> torch.Tensor:  # for its device
+        return self.output.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.output.rows(tokens)  # (B, T, dim)
 
 
 def check_quantize(mode: str, device: torch.device, dtype: torch.dtype) -> None:
@@ -2470,15 +2532,18 @@ def check_quantize(mode: str, device: torch.device, dtype: torch.dtype) -> None:
                          "other numbers than its weights; quantize on another device or torch version")
 
 
-def quantize_model(model: Transformer, mode: str) -> dict[str, nn.Module]:
-    """Swap model's block matrices for Int8Linear or Int4Linear (mode), and its output layer
-    (and embedding, if tied) for int8 ones, with no weights yet. Returns {checkpoint name of
-    a weight: the module whose quantize_() takes it}; load_model feeds them."""
+def quantize_model(model: Transformer, mode: str, device: torch.device) -> dict[str, nn.Module]:
+    """Swap model's block matrices and output layer for Int8Linear or Int4Linear (mode), with
+    no weights yet; a tied embedding reads the output's rows (TiedEmbedding). Returns
+    {checkpoint name of a weight: the module whose quantize_() takes it}; load_model feeds them."""
+    tied = model.args.tie_word_embeddings
+    # A tied output stays int8 where int4 rows cannot be read (CUDA's layout, or another CPU's).
+    int4_output = mode == "int4" and not (tied and (device.type != "cpu" or int4_cpu_block() is None))
     swaps = {f"layers.{i}.{part}.{w}": (Int8Linear if mode == "int8" else Int4Linear)
              for i in range(model.args.n_layers)
              for part, ws in (("attention", ("wq", "wk", "wv", "wo")), ("feed_forward", ("w1", "w2", "w3")))
              for w in ws}
-    swaps["output"] = Int8Linear
+    swaps["output"] = Int4Linear if int4_output else Int8Linear
     fed = {}
     with torch.device("meta"):
         for path, cls in swaps.items():
@@ -2486,14 +2551,14 @@ def quantize_model(model: Transformer, mode: str) -> dict[str, nn.Module]:
             old = model.get_submodule(path)
             setattr(model.get_submodule(parent) if parent else model, attr, cls(old.in_features, old.out_features))
             fed[f"{path}.weight"] = model.get_submodule(path)
-        if model.args.tie_word_embeddings:  # the output's weight is stored as the embedding's
-            model.tok_embeddings = Int8Embedding(model.args.vocab_size, model.args.dim)
-            fed["tok_embeddings.weight"] = model.tok_embeddings
-            del fed["output.weight"]
+    if tied:  # the checkpoint stores the output's weight as the embedding's
+        model.tok_embeddings = TiedEmbedding(model.output)
+        fed["tok_embeddings.weight"] = fed.pop("output.weight")
     return fed
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # torch is loaded: Ctrl-C raises again
     try:
         main()
     except KeyboardInterrupt:  # Ctrl-C while loading or waiting: a quiet end, not a traceback

@@ -2072,7 +2072,7 @@ def test_convert_bad_input_exits_2_and_leaves_no_output(tmp_path, case):
     assert "Traceback" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and culprit in errors[0], r.stderr
-    assert not dst.exists() or list(dst.iterdir()) == []  # no model.safetensors, no partial file
+    assert not dst.exists()  # not even the folder it would have made
 
 
 @pytest.mark.slow
@@ -2778,20 +2778,23 @@ def test_convert_refuses_nan_weights_naming_the_tensor(tmp_path):
     save_meta_shards(model, tmp_path / "src", 1)
     r = run_convert(str(tmp_path / "src"), str(tmp_path / "dst"))
     one_line_error(r, "layers.1.feed_forward.w2.weight", "NaN or inf")
-    assert not any((tmp_path / "dst").iterdir())
+    assert not (tmp_path / "dst").exists()
+    (tmp_path / "file").write_text("")
+    one_line_error(run_convert(str(tmp_path / "src"), str(tmp_path / "file")), "file: exists and is not a folder")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("temperature", ["0", "0.8"])
-def test_nan_weights_end_generation_with_one_line_naming_the_cause(cli_ckpt, tmp_path, temperature):
+@pytest.mark.parametrize("temperature, dtype", [("0", "bf16"), ("0.8", "fp16")])
+def test_nan_weights_end_generation_with_one_line_naming_the_cause(cli_ckpt, tmp_path, temperature, dtype):
     folder, model = cli_ckpt
     bad = copy.deepcopy(model)
     with torch.no_grad():
         bad.norm.weight[0] = float("nan")
     save_meta_shards(bad, tmp_path, 1)
     shutil.copy(folder / "tokenizer.model", tmp_path / "tokenizer.model")
-    r = run_cli("--ckpt", str(tmp_path), "--prompt", "Hello", "--temperature", temperature)
-    one_line_error(r, "NaN or inf", "corrupt weights", "float16")
+    r = run_cli("--ckpt", str(tmp_path), "--prompt", "Hello", "--temperature", temperature, "--dtype", dtype)
+    one_line_error(r, "NaN or inf", "corrupt weights")
+    assert ("try --dtype bfloat16" in r.stderr) == (dtype == "fp16")  # the overflow hint only where it can be one
 
 
 @pytest.mark.slow
@@ -2802,10 +2805,29 @@ def test_nan_weights_end_generation_with_one_line_naming_the_cause(cli_ckpt, tmp
     (["--top-k", "0"], ["--top-k must be >= 1"]),
     (["--max-new-tokens", "-3"], ["--max-new-tokens must be"]),
     (["--repetition-penalty", "0"], ["--repetition-penalty must be > 0"]),
+    (["--temperature", "inf"], ["--temperature must be >= 0 and finite"]),
+    (["--rope-scaling-factor", "0"], ["--rope-scaling-factor must be > 0"]),
+    (["--max-seq-len", "0"], ["--max-seq-len 0 is outside"]),
+    (["--tool-format", "json"], ["--tool-format needs --chat"]),
+    (["--chat", "--tools", "params.json"], ["params.json: not a Python file"]),
 ])
 def test_bad_values_are_one_line_naming_the_flag(cli_ckpt, flags, fragments):
     folder, _ = cli_ckpt
+    flags = [str(folder / f) if f == "params.json" else f for f in flags]
     one_line_error(run_cli("--ckpt", str(folder), "--prompt", "Hello", *flags), *fragments)
+
+
+def test_the_library_refuses_bad_values_with_a_value_error_naming_them(cli_ckpt, tok):
+    folder, model = cli_ckpt
+    for kw, fragment in (({"dtype": "bf16"}, "dtype must be a torch float dtype"),
+                         ({"device": "gpu"}, "device 'gpu'"), ({"device": "cuda:99"}, "device cuda:99"),
+                         ({"rope_scaling_factor": -2.0}, "rope_scaling_factor must be > 0")):
+        with pytest.raises(ValueError, match=re.escape(fragment)):
+            load_model(folder, **kw)
+    with pytest.raises(ValueError, match="token id 999999 is outside the model's vocabulary"):
+        llama3.generate(model, [[1, 999999]], 2)
+    with pytest.raises(ValueError, match="stops"):
+        llama3.stream(model, tok, [1, 2], 2, stops=[""], out=io.StringIO(), log=io.StringIO())
 
 
 @pytest.mark.slow
@@ -2853,6 +2875,14 @@ def test_a_message_of_several_lines_goes_between_triple_quotes(tok, monkeypatch)
     chat, _, _ = tool_chat(tok, monkeypatch, ["One.<|eot_id|>", "Two.<|eot_id|>"])
     llama3.run_chat(chat, scripted_input(['"""', "first line", "", "  third line", '"""', "next"]), log=io.StringIO())
     assert [m["content"] for m in chat.dialog if m["role"] == "user"] == ["first line\n\n  third line", "next"]
+
+
+def test_triple_quotes_may_share_lines_with_text_and_ctrl_d_sends_what_was_typed(tok, monkeypatch):
+    chat, _, _ = tool_chat(tok, monkeypatch, ["One.<|eot_id|>", "Two.<|eot_id|>", "Three.<|eot_id|>"])
+    lines = ['"""one line"""', '"""first', 'last"""', '"""', "typed, then Ctrl-D"]
+    llama3.run_chat(chat, scripted_input(lines), log=io.StringIO())
+    assert [m["content"] for m in chat.dialog if m["role"] == "user"] == ["one line", "first\nlast",
+                                                                          "typed, then Ctrl-D"]
 
 
 @pytest.mark.parametrize("script", ["llama3.py", "convert.py"])
@@ -2974,8 +3004,10 @@ def test_quantized_layers_compute_the_product_with_their_dequantized_weight(mode
 def dequantized_copy(model: Transformer, quantized: Transformer) -> Transformer:
     """model with each weight replaced by what the quantized model holds in its place."""
     out = copy.deepcopy(model)
-    for name, module in quantized.named_modules():
-        if isinstance(module, (llama3.Int8Linear, llama3.Int8Embedding)):
+    for name, module in quantized.named_modules(remove_duplicate=False):
+        if name.startswith("tok_embeddings"):  # a tied output, reached as the output below
+            continue
+        if isinstance(module, llama3.Int8Linear):
             deq = module.weight.float() * module.scales.float()[:, None]
         elif isinstance(module, llama3.Int4Linear):
             q, sz = llama3.quantize_int4(model.get_submodule(name).weight.data, module.GROUP_SIZE)
@@ -3002,11 +3034,10 @@ def test_a_quantized_model_is_part_1_with_the_quantized_weights(tmp_path, mode, 
     assert all(isinstance(layer.get_submodule(m), kind) for layer in quantized.layers
                for m in ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
                          "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"))
-    assert isinstance(quantized.output, llama3.Int8Linear)
+    assert isinstance(quantized.output, kind)  # int4 too: this CPU's layout lets the tied embedding read it
     if tied:
-        assert isinstance(quantized.tok_embeddings, llama3.Int8Embedding)
-        assert quantized.output.weight is quantized.tok_embeddings.weight
-        assert quantized.output.scales is quantized.tok_embeddings.scales
+        assert isinstance(quantized.tok_embeddings, llama3.TiedEmbedding)
+        assert quantized.tok_embeddings.output is quantized.output  # one weight, read both ways
     else:
         assert type(quantized.tok_embeddings) is torch.nn.Embedding
     reference = dequantized_copy(model, quantized)
@@ -3017,6 +3048,36 @@ def test_a_quantized_model_is_part_1_with_the_quantized_weights(tmp_path, mode, 
     assert not torch.equal(quantized(tokens), full)  # the weights did move
     got = llama3.generate(quantized, tokens[:, :10].tolist(), 6, temperature=0)
     assert got == llama3.generate(reference, tokens[:, :10].tolist(), 6, temperature=0)
+
+
+def test_int4_packs_in_row_blocks_and_reads_back_rows_as_the_kernel_multiplies():
+    # 2,112 rows: 1,024-row packing chunks (the last short). rows() reads the kernel's own
+    # layout; each row must be the dequantized weight's, and products must use the same.
+    assert llama3.int4_cpu_block() in (64, 32)  # this CPU's layout (AVX-512 or AVX2)
+    torch.manual_seed(0)
+    w = torch.randn(2112, 64).bfloat16()
+    layer = llama3.Int4Linear(64, 2112)
+    layer.quantize_(w)
+    q, sz = llama3.quantize_int4(w, layer.GROUP_SIZE)
+    s, z = (sz[..., i].float().T.repeat_interleave(layer.GROUP_SIZE, 1) for i in (0, 1))
+    deq = (q - 8) * s + z  # (2112, 64)
+    ids = torch.tensor([[0, 31, 32, 63], [64, 1023, 1024, 2111]])
+    torch.testing.assert_close(layer.rows(ids).float(), deq[ids], atol=0, rtol=2**-8)  # one bf16 rounding
+    x = torch.eye(64).bfloat16()  # x @ W^T = W^T: the kernel's view of every weight
+    torch.testing.assert_close(layer(x).float().T, deq, atol=0, rtol=2**-7)
+
+
+def test_a_tied_int4_model_keeps_an_int8_output_where_int4_rows_cannot_be_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(llama3, "int4_cpu_block", lambda: None)  # as on a CPU with another layout
+    model = random_model(tiny_args(tie_word_embeddings=True))
+    model.output.weight = model.tok_embeddings.weight
+    hf_from_meta(model).save_pretrained(tmp_path)
+    quantized = load_model(tmp_path, dtype=torch.float32, quantize="int4")
+    assert isinstance(quantized.output, llama3.Int8Linear) and quantized.tok_embeddings.output is quantized.output
+    assert isinstance(quantized.layers[0].attention.wq, llama3.Int4Linear)
+    tokens = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(quantized(tokens), dequantized_copy(model, quantized)(tokens), atol=1e-4, rtol=1e-4)
 
 
 def test_quantize_is_refused_in_one_line_where_the_kernel_is_missing(tmp_path, monkeypatch, cli_ckpt):

@@ -10,6 +10,9 @@ printing medians, with the ratio of the medians of each round:
   - a prompt's attention (4,096 tokens, then 16,384): one is_causal call against chunks of 512 with
     forward's mask through SDPA, and through CPUAttention (two unmasked calls a chunk); fp32 4,096
     also with masked chunks of 256 and 2,048.
+With --quantized, instead: the products of all 16 layers and the output layer
+(so no weight stays in cache), in bf16 against appendix D's int8 and int4
+(groups of 32, 64 and 128), for 1 row (decode) and 128 rows (prefill).
 """
 
 import argparse
@@ -67,8 +70,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--long-prompt", type=int, default=16384, help="the last attention comparison's prompt length")
+    p.add_argument("--quantized", action="store_true", help="bf16 against int8 and int4 products instead")
     opts = p.parse_args()
     torch.manual_seed(0)
+    if opts.quantized:
+        return quantized(opts.rounds)
     print(f"# {os.cpu_count()} threads; torch {torch.__version__}; CPU kind: "
           f"{llama3.cpu_kind()}; ratios are (first side's time) / (this side's time), so > 1 is faster")
     shapes = [(N_HEADS * HEAD_DIM, DIM), (N_KV_HEADS * HEAD_DIM, DIM), (HIDDEN, DIM), (DIM, HIDDEN)]
@@ -109,6 +115,42 @@ def main() -> None:
                    for c in ((256, 512, 2048) if T == 4096 and dtype == torch.float32 else (512,))},
                 "CPUAttention chunks of 512": lambda q=q, k=k, v=v: chunks(cpu_attention.sdpa, q, k, v, 512)},
                 3 if T > 4096 else max(3, opts.rounds // 2), 1)
+
+
+def quantized(rounds: int) -> None:
+    """One decode step's products (16 layers, then the output layer), bf16 against int8 and int4."""
+    print(f"# {os.cpu_count()} threads; torch {torch.__version__}; CPU kind: {llama3.cpu_kind()}; "
+          "ratios are (bf16's time) / (this side's time), so > 1 is faster")
+    shapes = [(N_HEADS * HEAD_DIM, DIM), (N_KV_HEADS * HEAD_DIM, DIM), (N_KV_HEADS * HEAD_DIM, DIM),
+              (DIM, N_HEADS * HEAD_DIM), (HIDDEN, DIM), (DIM, HIDDEN), (HIDDEN, DIM)] * 16
+    with torch.inference_mode():
+        ws = [(torch.randn(s) * 0.02).bfloat16() for s in shapes]
+        out = (torch.randn(128256, DIM) * 0.02).bfloat16()
+
+        def layers(ws, cls, group=None):
+            made = []
+            for w in ws:
+                layer = cls(w.shape[1], w.shape[0])
+                if group:
+                    layer.GROUP_SIZE = group
+                layer.quantize_(w)
+                made.append(layer)
+            return made
+
+        sides = {"bf16": [lambda x, w=w: F.linear(x, w) for w in ws], "int8": layers(ws, llama3.Int8Linear)}
+        for g in (32, 64, 128):
+            sides[f"int4 g{g}"] = layers(ws, llama3.Int4Linear, g)
+        for rows in (1, 128):
+            xs = {n: torch.randn(rows, n).bfloat16() for n in (DIM, HIDDEN)}
+            compare(f"blocks' products, {rows} row(s), 16 layers", {
+                name: lambda fs=fs, xs=xs: [f(xs[w.shape[1]]) for f, w in zip(fs, ws)] for name, fs in sides.items()},
+                rounds, 3 if rows == 1 else 1)
+        outs = {"bf16": lambda x: F.linear(x, out), "int8": layers([out], llama3.Int8Linear)[0],
+                "int4 g32": layers([out], llama3.Int4Linear, 32)[0]}
+        for rows in (1, 128):
+            x = torch.randn(rows, DIM).bfloat16()
+            compare(f"output layer, {rows} row(s)", {name: lambda f=f, x=x: f(x) for name, f in outs.items()},
+                    rounds, 5 if rows == 1 else 1)
 
 
 if __name__ == "__main__":
