@@ -880,7 +880,7 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
     remap_every = max(64 * 2**20, sum(v.numel() for v in expected.values()) * 2 // 64)
     state, read_bytes = {}, 0
     if quantized:
-        malloc_mmap_threshold(1 << 20)  # (appendix D) until the loop ends
+        malloc_mmap_threshold(2 << 20)  # (appendix D) until the loop ends
     for name, want in expected.items():
         t = reader.tensor(name) if slices is None else reader.tensor_slice(name, *slices[name])
         if t.shape != want.shape:
@@ -1731,7 +1731,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "fp32", "bfloat16", "bf16", "float16",
                    "fp16"], help="weight dtype (default: bfloat16; float16 on MPS and on GPUs without bf16)")
     p.add_argument("--sdpa", action="store_true", help="attention through F.scaled_dot_product_attention "
-                   "(the default; on CPU a single decoded token still takes the explicit path, which is faster)")
+                   "(the default; on the CPUs where it measured faster, a decoded token takes the explicit path)")
     p.add_argument("--explicit-attention", action="store_true", help="attention by its definition: scores, "
                    "mask, softmax (the same numbers, slower for long prompts)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (meant for GPUs; "
@@ -2391,18 +2391,18 @@ QUANTIZE_MODES = ("int8", "int4")
 
 
 def quantize_rows(in_features: int) -> int:
-    """Rows quantized at a time: 2^20 weights (a multiple of 64 rows), so that float32
-    temporaries stay a few MB beside the weight."""
-    return max(64, (1 << 20) // in_features // 64 * 64)
+    """Rows quantized at a time: 2^18 weights (a multiple of 64 rows), so float32 temporaries
+    are 1 MiB, under the 2 MiB from which load_model has glibc map memory afresh."""
+    return max(64, (1 << 18) // in_features // 64 * 64)
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w (out, in) -> q (out, in) int8 and s (out,) in w's dtype, w ~ q * s[:, None]."""
     q, s, rows = torch.empty_like(w, dtype=torch.int8), torch.empty_like(w[:, 0]), quantize_rows(w.shape[1])
     for r in range(0, w.shape[0], rows):
-        block = w[r : r + rows].float()  # (rows, in)
+        block = w[r : r + rows].to(torch.float32, copy=True)  # (rows, in), worked on in place
         s[r : r + rows] = (block.abs().amax(dim=1) / 127).clamp(min=1e-30)  # an all-zero row gets q = 0
-        q[r : r + rows] = torch.round(block / s[r : r + rows, None].float()).clamp(-127, 127)  # against s as stored
+        q[r : r + rows] = block.div_(s[r : r + rows, None].float()).round_().clamp_(-127, 127)  # against s as stored
     return q, s
 
 
@@ -2412,11 +2412,11 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     q, rows = torch.empty_like(w, dtype=torch.int32), quantize_rows(w.shape[1])
     sz = torch.empty(w.shape[1] // group_size, w.shape[0], 2, dtype=w.dtype, device=w.device)
     for r in range(0, w.shape[0], rows):
-        groups = w[r : r + rows].float().unflatten(1, (-1, group_size))  # (rows, in / G, G)
-        lo, hi = groups.amin(-1), groups.amax(-1)  # (rows, in / G)
+        groups = w[r : r + rows].to(torch.float32, copy=True).unflatten(1, (-1, group_size))  # (rows, in / G, G)
+        lo, hi = torch.aminmax(groups, dim=-1)  # (rows, in / G)
         s = ((hi - lo) / 15).clamp(min=1e-30).to(w.dtype)
         z = (lo + 8 * s.float()).to(w.dtype)  # s and z as stored; the codes are rounded against them
-        codes = torch.round((groups - z.float()[..., None]) / s.float()[..., None] + 8).clamp(0, 15)
+        codes = groups.sub_(z.float()[..., None]).div_(s.float()[..., None]).add_(8).round_().clamp_(0, 15)
         q[r : r + rows], sz[:, r : r + rows] = codes.flatten(1), torch.stack([s, z], -1).transpose(0, 1)
     return q, sz
 

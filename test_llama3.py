@@ -135,6 +135,18 @@ def cpu_linear(in_features: int, out_features: int, paths: frozenset = ALL_CPU_P
     return llama3.use_cpu_speed_paths(parent, paths)[0]
 
 
+def dequantize(w: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """What w becomes under mode ("int8", "int4"), and each weight's quantization step, both float32 of w's shape."""
+    if mode == "int8":
+        q, s = llama3.quantize_int8(w)
+        step = s.float()[:, None].expand(w.shape)
+        return q.float() * step, step
+    G = llama3.Int4Linear.GROUP_SIZE
+    q, sz = llama3.quantize_int4(w, G)
+    s, z = (sz[..., i].float().T.repeat_interleave(G, 1) for i in (0, 1))
+    return (q - 8) * s + z, s
+
+
 def hf_model(args: ModelArgs, seed: int = 0):
     """A random transformers LlamaForCausalLM with the shape args describes."""
     transformers = require("transformers")
@@ -2201,13 +2213,7 @@ def test_on_device_quantized_layers_compute_their_dequantized_product(device, mo
     w, x = torch.randn(128, 256).bfloat16(), torch.randn(3, 256).bfloat16()
     layer = llama3.Int8Linear(256, 128) if mode == "int8" else llama3.Int4Linear(256, 128)
     layer.quantize_(w.to(dev))
-    if mode == "int8":
-        q, s = llama3.quantize_int8(w)
-        deq = q.float() * s.float()[:, None]
-    else:
-        q, sz = llama3.quantize_int4(w, layer.GROUP_SIZE)
-        s, z = (sz[..., i].float().T.repeat_interleave(layer.GROUP_SIZE, 1) for i in (0, 1))
-        deq = (q - 8) * s + z
+    deq = dequantize(w, mode)[0]
     got, want = layer(x.to(dev)).double().cpu(), x.double() @ deq.double().T
     assert ((got - want).abs() <= 2**-7 * (x.double().abs() @ deq.double().abs().T)).all()
 
@@ -2983,20 +2989,13 @@ def test_quantized_layers_compute_the_product_with_their_dequantized_weight(mode
     w, x = torch.randn(96, 128).to(dtype), torch.randn(2, 5, 128).to(dtype)
     layer = llama3.Int8Linear(128, 96) if mode == "int8" else llama3.Int4Linear(128, 96)
     layer.quantize_(w)
-    if mode == "int8":
-        q, s = llama3.quantize_int8(w)
-        deq = q.float() * s.float()[:, None]
-    else:
-        q, sz = llama3.quantize_int4(w, layer.GROUP_SIZE)
-        s, z = (sz[..., i].float().T.repeat_interleave(layer.GROUP_SIZE, 1) for i in (0, 1))
-        deq = (q - 8) * s + z
+    deq, step = dequantize(w, mode)
     got, want = layer(x), x.double() @ deq.double().T
     assert got.dtype == dtype and got.shape == (2, 5, 96)
     # float32: the kernel's own rounding; bf16: the output's rounding (8 bits), and x read in bf16.
     tol = 1e-5 if dtype == torch.float32 else 2**-7
     assert ((got.double() - want).abs() <= tol * (x.double().abs() @ deq.double().abs().T)).all()
     # And so, against the unquantized weight: at most half a step per weight, summed over the inputs.
-    step = s.float()[:, None].expand(96, 128) if mode == "int8" else s  # per weight
     bound = x.double().abs() @ (step.double() / 2).T + tol * (x.double().abs() @ deq.double().abs().T)
     assert ((got.double() - x.double() @ w.double().T).abs() <= bound * 1.01).all()
 
@@ -3007,15 +3006,9 @@ def dequantized_copy(model: Transformer, quantized: Transformer) -> Transformer:
     for name, module in quantized.named_modules(remove_duplicate=False):
         if name.startswith("tok_embeddings"):  # a tied output, reached as the output below
             continue
-        if isinstance(module, llama3.Int8Linear):
-            deq = module.weight.float() * module.scales.float()[:, None]
-        elif isinstance(module, llama3.Int4Linear):
-            q, sz = llama3.quantize_int4(model.get_submodule(name).weight.data, module.GROUP_SIZE)
-            s, z = (sz[..., i].float().T.repeat_interleave(module.GROUP_SIZE, 1) for i in (0, 1))
-            deq = (q - 8) * s + z
-        else:
-            continue
-        out.get_submodule(name).weight.data.copy_(deq)
+        if isinstance(module, (llama3.Int8Linear, llama3.Int4Linear)):
+            mode = "int8" if isinstance(module, llama3.Int8Linear) else "int4"
+            out.get_submodule(name).weight.data.copy_(dequantize(model.get_submodule(name).weight.data, mode)[0])
     return out
 
 
@@ -3058,9 +3051,7 @@ def test_int4_packs_in_row_blocks_and_reads_back_rows_as_the_kernel_multiplies()
     w = torch.randn(2112, 64).bfloat16()
     layer = llama3.Int4Linear(64, 2112)
     layer.quantize_(w)
-    q, sz = llama3.quantize_int4(w, layer.GROUP_SIZE)
-    s, z = (sz[..., i].float().T.repeat_interleave(layer.GROUP_SIZE, 1) for i in (0, 1))
-    deq = (q - 8) * s + z  # (2112, 64)
+    deq = dequantize(w, "int4")[0]  # (2112, 64)
     ids = torch.tensor([[0, 31, 32, 63], [64, 1023, 1024, 2111]])
     torch.testing.assert_close(layer.rows(ids).float(), deq[ids], atol=0, rtol=2**-8)  # one bf16 rounding
     x = torch.eye(64).bfloat16()  # x @ W^T = W^T: the kernel's view of every weight
