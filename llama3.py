@@ -1789,6 +1789,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail(_as_flag(str(e), opts))
     try:
         ckpt = resolve_checkpoint(opts.ckpt)
+        CheckpointReader(ckpt)  # a folder that holds no checkpoint says so before its tokenizer is missed
     except CheckpointError as e:
         _fail(str(e))
     tokenizer_path = opts.tokenizer or find_tokenizer(ckpt)

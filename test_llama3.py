@@ -3207,3 +3207,8 @@ def test_perplexity_through_the_command_line(cli_ckpt, tok, tmp_path):
                    "--perplexity", "empty.txt", "at least 2 tokens")
     one_line_error(run_cli("--ckpt", str(folder), "--perplexity", str(tmp_path / "missing.txt")),
                    "--perplexity", "missing.txt", "No such file")
+
+
+@pytest.mark.slow
+def test_a_folder_without_a_checkpoint_is_named_before_its_tokenizer(tmp_path):
+    one_line_error(run_cli("--ckpt", str(tmp_path), "--prompt", "Hi"), str(tmp_path), "no params.json")
