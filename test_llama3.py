@@ -3044,17 +3044,18 @@ def test_a_quantized_model_is_part_1_with_the_quantized_weights(tmp_path, mode, 
 
 
 def test_int4_packs_in_row_blocks_and_reads_back_rows_as_the_kernel_multiplies():
-    # 2,112 rows: 1,024-row packing chunks (the last short). rows() reads the kernel's own
-    # layout; each row must be the dequantized weight's, and products must use the same.
-    assert llama3.int4_cpu_block() in (64, 32)  # this CPU's layout (AVX-512 or AVX2)
+    # 2,112 rows of 1,024 inputs: packed 256 rows at a time (quantize_rows), the last chunk short.
+    # rows() reads the kernel's own layout; each row must be the dequantized weight's, and
+    # products must use the same.
+    assert llama3.int4_cpu_block() in (64, 32) and llama3.quantize_rows(1024) == 256  # this CPU's layout
     torch.manual_seed(0)
-    w = torch.randn(2112, 64).bfloat16()
-    layer = llama3.Int4Linear(64, 2112)
+    w = torch.randn(2112, 1024).bfloat16()
+    layer = llama3.Int4Linear(1024, 2112)
     layer.quantize_(w)
-    deq = dequantize(w, "int4")[0]  # (2112, 64)
+    deq = dequantize(w, "int4")[0]  # (2112, 1024)
     ids = torch.tensor([[0, 31, 32, 63], [64, 1023, 1024, 2111]])
     torch.testing.assert_close(layer.rows(ids).float(), deq[ids], atol=0, rtol=2**-8)  # one bf16 rounding
-    x = torch.eye(64).bfloat16()  # x @ W^T = W^T: the kernel's view of every weight
+    x = torch.eye(1024).bfloat16()  # x @ W^T = W^T: the kernel's view of every weight
     torch.testing.assert_close(layer(x).float().T, deq, atol=0, rtol=2**-7)
 
 
