@@ -1614,13 +1614,15 @@ def test_cli_sdpa_gives_the_same_greedy_text(cli_ckpt):
 
 
 @pytest.mark.slow
-def test_cli_compile_on_cpu_says_it_runs_eager(cli_ckpt):
+def test_cli_compile_on_cpu_notes_what_it_gains(cli_ckpt):
+    # One new token comes from the prefill, so nothing is compiled (30 s here); compiled
+    # decoding itself is checked in-process (test_compiled_decode_matches_eager).
     folder, _ = cli_ckpt
-    base = ("--ckpt", str(folder), "--prompt", "Hello", "--temperature", "0", "--max-new-tokens", "5")
+    base = ("--ckpt", str(folder), "--prompt", "Hello", "--temperature", "0", "--max-new-tokens", "1")
     r, eager = run_cli(*base, "--compile"), run_cli(*base)
     assert r.returncode == 0 and r.stdout == eager.stdout
     notes = [line for line in r.stderr.splitlines() if "--compile" in line]
-    assert len(notes) == 1 and "eager" in notes[0]
+    assert len(notes) == 1 and "1.02-1.06x eager's speed" in notes[0]
 
 
 def test_dtype_auto_picks_float16_on_gpus_without_bf16(monkeypatch):
