@@ -1,10 +1,9 @@
 """llama3.py: the Llama 3 text models (3, 3.1, 3.2 and 3.3) in one file.
 
 Run it:    python llama3.py --ckpt DIR --prompt "The capital of France is"
-Read it:   top to bottom. Part 1 is the model and nothing else; part 2 runs it
-           (loading, sampling, generation, chat, command line); the appendices
-           are the engine room (CPU speed paths, tensor parallelism, compiled
-           decoding, quantized weights), swapped in after the model is built.
+Read it:   top to bottom. Part 1 is the model and nothing else; part 2 runs it;
+           the appendices (CPU paths, tensor parallelism, compiled decoding,
+           quantized weights) are swapped in after the model is built.
 Copy it:   part 1 (ModelArgs to Transformer) imports only torch and the standard
            library; tiktoken and safetensors are imported where they are used.
 
@@ -33,15 +32,12 @@ Shape symbols used in the comments:
     hidden_dim  SwiGLU width (14336 for 8B)
     vocab_size  128256 (128000 BPE tokens + 256 special tokens)
 
-References: Meta's github.com/meta-llama/llama3 (model.py, generation.py) and
-github.com/meta-llama/llama-models; "The Llama 3 Herd of Models" (arXiv 2407.21783).
-Left out on purpose: training loops, LoRA, the vision models.
-
-Deliberate differences from Meta's model.py, each marked where it happens:
-plain nn.Linear and nn.Embedding instead of fairscale's parallel layers;
-real-valued RoPE, its angles computed per call instead of a complex table; the
-3.1 scaling factor is a config field; GQA without copying the K/V heads;
-optional SDPA; the KV cache is made by the caller, not in __init__.
+References: Meta's github.com/meta-llama/llama3 and llama-models; "The Llama 3
+Herd of Models" (arXiv 2407.21783). Left out: training loops, LoRA, vision models.
+Differences from Meta's model.py, each marked where it happens: plain nn.Linear
+instead of fairscale's layers; real-valued RoPE computed per call; the 3.1
+factor in the config; GQA without copying K/V heads; optional SDPA; a KV cache
+made by the caller.
 """
 
 from __future__ import annotations
@@ -176,11 +172,10 @@ class RMSNorm(nn.Module):
 # theta 500000 that is 29 kept, 6 blended and 29 divided. 3.2 1B and 3B use
 # factor 32, so the factor is a ModelArgs field.
 #
-# Meta computes the rotation in complex numbers; we use real cos and sin and
-# two multiply-adds per pair: same numbers, runs on every device (MPS has no
-# complex dtype) and shows the 2x2 rotation. All of it is float32, whatever
-# the weights are: bf16 frequencies move 8B's angles at position 4000 by up to
-# 7 radians. The angles are computed per call, for the positions it covers.
+# Meta rotates in complex numbers; real cos and sin give the same numbers on
+# every device (MPS has no complex dtype) and show the 2x2 rotation. All of it is
+# float32 whatever the weights are: bf16 frequencies move 8B's angles at position
+# 4000 by up to 7 radians. Angles are computed per call, for the positions covered.
 # -----------------------------------------------------------------------------
 
 
@@ -194,9 +189,8 @@ def rope_frequencies(args: ModelArgs, device: torch.device | str | None = None) 
     high_freq_wavelen = args.original_max_seq_len / args.high_freq_factor  # 2048 tokens
     wavelen = 2 * math.pi / freqs
     # 0 at the low-frequency edge, 1 at the high-frequency edge, linear in 1/wavelength between.
-    smooth = (args.original_max_seq_len / wavelen - args.low_freq_factor) / (
-        args.high_freq_factor - args.low_freq_factor
-    )
+    smooth = (args.original_max_seq_len / wavelen - args.low_freq_factor) / (args.high_freq_factor
+                                                                              - args.low_freq_factor)
     blended = (1 - smooth) * freqs / args.rope_scaling_factor + smooth * freqs
     scaled = torch.where(wavelen > low_freq_wavelen, freqs / args.rope_scaling_factor, blended)
     return torch.where(wavelen < high_freq_wavelen, freqs, scaled)
@@ -227,11 +221,9 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 # layers x 8 heads x 128 x 2 bytes = 128 KiB per token in bf16, 1 GiB at 8K.
 #
 # The KV cache keeps the keys and values of past positions, so decoding token
-# t costs one row of work instead of recomputing all t rows. The caller creates
-# it (Transformer.new_cache) sized to its batch and request, in the weights'
-# dtype and device; Meta allocates it in __init__ for the maximum batch and
-# length instead. It is stored (B, n_kv_heads, S, head_dim), the layout the
-# attention product reads, so no step transposes the whole cache.
+# t costs one row of work instead of t. The caller sizes it to its request
+# (Transformer.new_cache; Meta allocates the maximum in __init__), stored
+# (B, n_kv_heads, S, head_dim), the layout attention reads: nothing transposes it.
 #
 # Meta's code copies each cached K/V head n_rep times (repeat_kv) so that every
 # query head has its own. We stack each group's n_rep query heads as extra rows
@@ -285,17 +277,14 @@ class Attention(nn.Module):
 
     def explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """The definition: scores, mask, softmax, weighted sum of the values -> (B, n_heads, T, head_dim).
-
-        mask is added to the scores: 0 where a query may look, -inf where not; any float
-        tensor that broadcasts to (B, n_heads, T, S), such as Transformer.forward's causal (T, S).
-        """
+        mask is added to the scores (0 where a query may look, -inf where not); any float tensor
+        that broadcasts to (B, n_heads, T, S), such as Transformer.forward's causal (T, S)."""
         B, _, T, _ = q.shape
         S = k.shape[2]  # q (B, n_heads, T, head_dim); k, v (B, n_kv_heads, S, head_dim)
         # Query head h reads K/V head h // n_rep: group the query heads by K/V head.
         q = q.reshape(B, self.n_kv_heads, self.n_rep * T, self.head_dim)  # (B, n_kv_heads, n_rep * T, head_dim)
-        # In float32 at least: exp() of bf16 scores loses the small probabilities. For a
-        # bf16 model this copies the visible K/V each call: 2 x S x n_kv_heads x head_dim x
-        # 4 bytes per layer (8 MiB per layer for 8B at 1K positions).
+        # In float32 at least: exp() of bf16 scores loses the small probabilities (the
+        # price: a float32 copy of the visible K/V, 8 MiB a layer for 8B at 1K positions).
         dtype, out_dtype = torch.promote_types(q.dtype, torch.float32), q.dtype
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         # The 1/sqrt(head_dim) keeps the scores' variance near 1 (Vaswani et al. 2017).
@@ -364,14 +353,11 @@ class TransformerBlock(nn.Module):
 #
 # tokens -> embedding -> n_layers blocks -> RMSNorm -> output projection -> logits.
 #
-# Calling it: model(tokens) runs a fresh sequence, no set-up needed, and can be
-# trained (loss.backward() reaches every weight). To decode incrementally, make
-# a cache with model.new_cache(B, max_len), run the prompt once as
-# model(prompt, 0, cache) (prefill), then feed each new token as
-# model(next_token, start_pos, cache) with start_pos = tokens already cached.
-# A cached forward is inference whatever the caller's grad mode, as Meta's
-# forward is: the cache outlives the call, and recording its writes for
-# autograd would chain every step's graph onto the last, growing memory per token.
+# Calling it: model(tokens) runs a fresh sequence and can be trained. To decode,
+# make cache = model.new_cache(B, max_len), run model(prompt, 0, cache) once
+# (prefill), then model(next_token, start_pos, cache) per token. A cached forward
+# is inference whatever the grad mode, as Meta's is: the cache outlives the call,
+# and autograd would chain every step's graph onto the last.
 # -----------------------------------------------------------------------------
 
 
@@ -409,8 +395,7 @@ class Transformer(nn.Module):
         # No autograd graph through the cache (see "Calling it" above).
         with torch.set_grad_enabled(torch.is_grad_enabled() and cache is None):
             h = self.tok_embeddings(tokens)  # (B, T, dim)
-            # Meta keeps a float32 table as a plain attribute; angles made here stay float32
-            # whatever the model is cast to, and appear on the tokens' device.
+            # Made here, not kept (Meta's plain-attribute table): float32 and on the tokens' device.
             freqs = rope_frequencies(self.args, tokens.device)  # (head_dim // 2,)
             cos, sin = rope_cos_sin(freqs, start_pos, T)  # (T, head_dim // 2) each
 
