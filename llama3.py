@@ -1013,8 +1013,8 @@ def download_hf(repo_id: str) -> Path:
 TOKENIZER_FILES = ("tokenizer.model", "original/tokenizer.model", "tokenizer.json")
 
 
-def find_tokenizer(folder: Path) -> Path | None:
-    return next((folder / f for f in TOKENIZER_FILES if (folder / f).is_file()), None)
+def find_tokenizer(folder: str | Path) -> Path | None:
+    return next((Path(folder) / f for f in TOKENIZER_FILES if (Path(folder) / f).is_file()), None)
 
 
 def resolve_checkpoint(name: str | None) -> Path:
@@ -1328,9 +1328,9 @@ def perplexity(model: Transformer, tokens: list[int], window: int | None = None,
     stride = stride or max(1, window // 2)
     if len(tokens) < 2:
         raise ValueError(f"perplexity needs at least 2 tokens, not {len(tokens)}")
-    if not 0 < stride <= window <= model.args.max_seq_len:
+    if not (0 < stride <= window <= model.args.max_seq_len and window >= 2):  # 1 token predicts nothing
         raise ValueError(f"perplexity needs 0 < stride ({stride}) <= window ({window}) <= max_seq_len "
-                         f"({model.args.max_seq_len})")
+                         f"({model.args.max_seq_len}) and a window of at least 2 tokens")
     device = model.tok_embeddings.weight.device
     start_time = shown = time.monotonic()
     total, count, scored = 0.0, 0, 1  # tokens[:scored] are done; the first has nothing to be predicted from
@@ -1785,6 +1785,9 @@ def main(argv: list[str] | None = None) -> None:
     except TokenizerError as e:
         _fail(str(e))
 
+    tokens = tokenizer.encode(text, bos=True, eos=False) if text is not None else []
+    if text is not None and len(tokens) < 2:  # before loading a model for nothing
+        _fail(f"--perplexity {opts.perplexity}: no text to score")
     device = _pick_device(opts.device)
     tensor_parallel = int(os.environ.get("WORLD_SIZE", "1")) > 1  # started by torchrun with N processes
     if tensor_parallel:
@@ -1814,9 +1817,9 @@ def main(argv: list[str] | None = None) -> None:
         # Every rank holds the same full logits, so the same seed draws the same token everywhere.
         sampling, read = replace(sampling, seed=_shared_seed(opts.seed, device)), _read_on_rank_0
     if text is not None:
-        tokens, window = tokenizer.encode(text, bos=True, eos=False), opts.max_seq_len or min(model.args.max_seq_len, 2048)
+        window = opts.max_seq_len or min(model.args.max_seq_len, 2048)
         try:
-            nll, ppl = perplexity(model, tokens, window, log=sys.stderr)
+            nll, ppl = perplexity(model, tokens, window, log=sys.stderr if sys.stderr.isatty() else None)
         except ValueError as e:
             _fail(f"--perplexity {opts.perplexity}: {e}")
         print(f"perplexity {ppl:.4f} (mean NLL {nll:.4f} nats/token) over the {len(tokens):,} tokens of "

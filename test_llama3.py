@@ -3191,6 +3191,8 @@ def test_perplexity_refuses_what_it_cannot_score():
         llama3.perplexity(model, [1, 2, 3], window=8, stride=9)
     with pytest.raises(ValueError, match="max_seq_len"):
         llama3.perplexity(model, [1, 2, 3], window=65)
+    with pytest.raises(ValueError, match="a window of at least 2 tokens"):  # one token predicts nothing
+        llama3.perplexity(model, [1, 2, 3], window=1, stride=1)
 
 
 @pytest.mark.slow
@@ -3206,8 +3208,11 @@ def test_perplexity_through_the_command_line(cli_ckpt, tok, tmp_path):
     assert r.stdout == (f"perplexity {ppl:.4f} (mean NLL {nll:.4f} nats/token) over the {len(tokens):,} tokens of "
                         f"{tmp_path / 'text.txt'}, windows of 64 tokens every 32\n")
     (tmp_path / "empty.txt").write_text("")
-    one_line_error(run_cli("--ckpt", str(folder), "--perplexity", str(tmp_path / "empty.txt")),
-                   "--perplexity", "empty.txt", "at least 2 tokens")
+    r = run_cli("--ckpt", str(folder), "--perplexity", str(tmp_path / "empty.txt"))
+    one_line_error(r, "--perplexity", "empty.txt", "no text to score")
+    assert "loaded" not in r.stderr  # refused before the model loads
+    one_line_error(run_cli("--ckpt", str(folder), "--perplexity", str(tmp_path / "text.txt"), "--max-seq-len", "1"),
+                   "--perplexity", "a window of at least 2 tokens")
     one_line_error(run_cli("--ckpt", str(folder), "--perplexity", str(tmp_path / "missing.txt")),
                    "--perplexity", "missing.txt", "No such file")
 
