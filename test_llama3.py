@@ -3010,7 +3010,8 @@ def dequantized_copy(model: Transformer, quantized: Transformer) -> Transformer:
             continue
         if isinstance(module, (llama3.Int8Linear, llama3.Int4Linear)):
             mode = "int8" if isinstance(module, llama3.Int8Linear) else "int4"
-            out.get_submodule(name).weight.data.copy_(dequantize(model.get_submodule(name).weight.data, mode)[0])
+            for part in [name[:-2] + "1", name[:-2] + "3"] if name.endswith(".w13") else [name]:
+                out.get_submodule(part).weight.data.copy_(dequantize(model.get_submodule(part).weight.data, mode)[0])
     return out
 
 
@@ -3026,9 +3027,12 @@ def test_a_quantized_model_is_part_1_with_the_quantized_weights(tmp_path, mode, 
     hf_from_meta(model).save_pretrained(tmp_path)
     quantized = load_model(tmp_path, dtype=torch.float32, quantize=mode)
     kind = llama3.Int8Linear if mode == "int8" else llama3.Int4Linear
+    # int4 on this CPU: w1 and w3 stacked as one layer (FusedFeedForward), which part 1's w1, w3 must match.
+    ffn = ("feed_forward.w13",) if mode == "int4" else ("feed_forward.w1", "feed_forward.w3")
     assert all(isinstance(layer.get_submodule(m), kind) for layer in quantized.layers
-               for m in ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
-                         "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"))
+               for m in ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w2", *ffn))
+    assert all(type(layer.feed_forward) is (llama3.FusedFeedForward if mode == "int4" else llama3.FeedForward)
+               for layer in quantized.layers)
     assert isinstance(quantized.output, kind)  # int4 too: this CPU's layout lets the tied embedding read it
     if tied:
         assert isinstance(quantized.tok_embeddings, llama3.TiedEmbedding)
@@ -3059,6 +3063,13 @@ def test_int4_packs_in_row_blocks_and_reads_back_rows_as_the_kernel_multiplies()
     torch.testing.assert_close(layer.rows(ids).float(), deq[ids], atol=0, rtol=2**-8)  # one bf16 rounding
     x = torch.eye(1024).bfloat16()  # x @ W^T = W^T: the kernel's view of every weight
     torch.testing.assert_close(layer(x).float().T, deq, atol=0, rtol=2**-7)
+    # Quantized in two parts (FusedFeedForward's w1, then w3), split inside a chunk: the same layer.
+    parts = llama3.Int4Linear(1024, 2112)
+    parts.quantize_(w[:640])
+    parts.quantize_(w[640:])
+    assert torch.equal(parts.weight, layer.weight) and torch.equal(parts.scales_and_zeros, layer.scales_and_zeros)
+    parts.quantize_(w[640:])  # a call after the layer is full starts again at row 0
+    assert torch.equal(parts.weight[:1472], layer.weight[640:]) and parts.filled == 1472
 
 
 def test_a_tied_int4_model_keeps_an_int8_output_where_int4_rows_cannot_be_read(tmp_path, monkeypatch):
