@@ -424,14 +424,12 @@ class Transformer(nn.Module):
 # Checkpoint loading
 #
 # Three layouts, all read into Meta's tensor names:
-#   1. Meta's download: params.json + consolidated.00.pth ... consolidated.NN.pth,
-#      one file per tensor-parallel rank (1 for 8B, 8 for 70B, 8 or 16 for 405B);
+#   1. Meta's download: params.json + consolidated.00.pth ... consolidated.NN.pth, one file per tensor-parallel
+#      rank (1 for 8B, 8 for 70B, 8 or 16 for 405B);
 #   2. convert.py's output: params.json + model.safetensors with Meta's names;
-#   3. Hugging Face: config.json + model.safetensors, or several *.safetensors
-#      files listed in model.safetensors.index.json.
-# The files are memory-mapped and each tensor is read, merged and cast on its
-# own, then assigned into a model built on the "meta" device (which allocates
-# nothing), so the weights never exist twice in memory.
+#   3. Hugging Face: config.json + model.safetensors, or the *.safetensors files model.safetensors.index.json lists.
+# The files are memory-mapped and each tensor is read, merged and cast on its own, then assigned into a model
+# built on the "meta" device (which allocates nothing), so the weights never exist twice in memory.
 # -----------------------------------------------------------------------------
 
 
@@ -439,17 +437,17 @@ class CheckpointError(ValueError):
     """A checkpoint or its config is missing, malformed or doesn't match: the message names the file or tensor."""
 
 
-# The configs. Meta's params.json uses ModelArgs' own names; Hugging Face's
-# config.json has its own (HF_CONFIG_KEYS). Both readers refuse a key that
-# changes what the tensors compute (a quantized release, another activation)
-# and ignore other keys they do not use, with a one-line note on stderr.
-#
-# The 3.1 scaling factor. Hugging Face configs state it; Meta's params.json only
-# says use_scaled_rope, and Meta's reference code hard-codes 8, which is right for
-# 3.1 and 3.3 but wrong for 3.2 1B and 3B: their Hugging Face configs say 32
-# (llama-models issues #166 and #241). So for a params.json without a factor we
-# recognise the two 3.2 shapes (dim, n_layers) and fall back to 8 for the rest;
-# load_model(..., rope_scaling_factor=...) or --rope-scaling-factor overrides it.
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A file or directory the checkpoint needs does not exist."""
+
+
+# The configs: Meta's params.json uses ModelArgs' own names, Hugging Face's config.json its own, mapped by
+# HF_CONFIG_KEYS. Both readers refuse a key that changes what the tensors compute (a quantized release, another
+# activation) and ignore other keys they do not use, with a one-line note on stderr.
+# The 3.1 scaling factor: Hugging Face configs state it; Meta's params.json only says use_scaled_rope, and Meta's
+# reference code hard-codes 8, right for 3.1 and 3.3 but wrong for 3.2 1B and 3B, whose Hugging Face configs say
+# 32 (llama-models issues #166 and #241). So a params.json without a factor gets 32 for the two 3.2 shapes
+# (dim, n_layers) and 8 otherwise; load_model(..., rope_scaling_factor=...) or --rope-scaling-factor overrides it.
 LLAMA32_ROPE_FACTORS = {(2048, 16): 32.0, (3072, 28): 32.0}
 
 
@@ -477,18 +475,10 @@ def args_from_params(params: dict, source: str = "params.json") -> ModelArgs:
         raise CheckpointError(f"{source}: {e}") from None
 
 
-# Hugging Face config.json key -> ModelArgs field.
-HF_CONFIG_KEYS = {
-    "hidden_size": "dim",
-    "num_hidden_layers": "n_layers",
-    "num_attention_heads": "n_heads",
-    "num_key_value_heads": "n_kv_heads",
-    "vocab_size": "vocab_size",
-    "intermediate_size": "hidden_dim",
-    "rms_norm_eps": "norm_eps",
-    "max_position_embeddings": "max_seq_len",
-    "tie_word_embeddings": "tie_word_embeddings",
-}
+HF_CONFIG_KEYS = {"hidden_size": "dim", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads",
+                  "num_key_value_heads": "n_kv_heads", "vocab_size": "vocab_size", "intermediate_size": "hidden_dim",
+                  "rms_norm_eps": "norm_eps", "max_position_embeddings": "max_seq_len",
+                  "tie_word_embeddings": "tie_word_embeddings"}
 # Keys read or checked below, or that say nothing about the tensors (ids, dtypes, versions).
 HF_CONFIG_READ_ELSEWHERE = {
     "model_type", "hidden_act", "attention_bias", "mlp_bias", "pretraining_tp", "rope_theta", "rope_scaling",
@@ -498,15 +488,10 @@ HF_CONFIG_READ_ELSEWHERE = {
 
 
 def args_from_hf_config(config: dict, source: str = "config.json") -> ModelArgs:
-    """ModelArgs from a Hugging Face LlamaForCausalLM config.json.
-
-    Two layouts of the rope numbers exist: the hub's Llama 3.x repos write
-    `rope_theta` plus a `rope_scaling` dict; transformers 5 writes one
-    `rope_parameters` dict holding rope_theta and the scaling numbers.
-    """
+    """ModelArgs from a Hugging Face LlamaForCausalLM config.json. Its rope numbers come as `rope_theta` plus a
+    `rope_scaling` dict (the hub's Llama 3.x repos) or as one `rope_parameters` dict holding both (transformers 5)."""
     if config.get("model_type", "llama") != "llama":
         raise CheckpointError(f"{source}: model_type is {config['model_type']!r}, expected 'llama'")
-    # What would change what the tensors compute: refused, not run wrong.
     for key, llama3_value in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
                               ("pretraining_tp", 1), ("quantization_config", None)):
         if config.get(key, llama3_value) != llama3_value:
@@ -523,11 +508,9 @@ def args_from_hf_config(config: dict, source: str = "config.json") -> ModelArgs:
         kw["rope_theta"] = theta
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type == "llama3":
-        kw["use_scaled_rope"] = True
-        kw["rope_scaling_factor"] = rope["factor"]
-        kw["low_freq_factor"] = rope["low_freq_factor"]
-        kw["high_freq_factor"] = rope["high_freq_factor"]
-        kw["original_max_seq_len"] = rope["original_max_position_embeddings"]
+        kw.update(use_scaled_rope=True, rope_scaling_factor=rope["factor"], low_freq_factor=rope["low_freq_factor"],
+                  high_freq_factor=rope["high_freq_factor"],
+                  original_max_seq_len=rope["original_max_position_embeddings"])
     elif rope_type != "default":
         raise CheckpointError(f"{source}: rope type {rope_type!r} is not Llama 3's ('llama3' or 'default')")
     head_dim = config.get("head_dim")
@@ -539,15 +522,9 @@ def args_from_hf_config(config: dict, source: str = "config.json") -> ModelArgs:
         raise CheckpointError(f"{source}: {e}") from None
 
 
-class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
-    """A file or directory the checkpoint needs does not exist."""
-
-
-# Meta trained with Megatron-style tensor parallelism (fairscale), and each
-# consolidated.NN.pth holds rank NN's slice. Column-parallel layers were split
-# along their output features (dim 0), row-parallel ones along their input
-# features (dim 1); norms are replicated on every rank. Llama 3 splits the
-# embedding by vocabulary (dim 0); Llama 2 split it along dim 1.
+# Meta trained with Megatron-style tensor parallelism (fairscale): consolidated.NN.pth holds rank NN's slice.
+# Column-parallel layers were split along output features (dim 0), row-parallel ones along input features (dim 1),
+# norms replicated on every rank. Llama 3 splits the embedding by vocabulary (dim 0); Llama 2 split it along dim 1.
 SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "tok_embeddings": 0,
              "wo": 1, "w2": 1, "attention_norm": None, "ffn_norm": None, "norm": None}
 
@@ -570,16 +547,19 @@ def merge_shards(name: str, parts: list[torch.Tensor], n_kv_heads: int, source: 
         return parts[0]
     if len(parts) == 1:
         return parts[0]
-    if name.endswith(("wk.weight", "wv.weight")) and len(parts) > n_kv_heads:
-        # More ranks than K/V heads (405B on 16 ranks, 8 K/V heads): each head was
-        # stored on len(parts) // n_kv_heads consecutive ranks; keep one copy of each.
-        parts = parts[:: len(parts) // n_kv_heads]
-    other = 1 - dim
+    parts = _kv_heads_once(name, parts, n_kv_heads)  # 405B on 16 ranks has 8 K/V heads, each on 2 ranks
     for i, p in enumerate(parts):
-        if p.dim() != 2 or p.shape[other] != parts[0].shape[other]:
+        if p.dim() != 2 or p.shape[1 - dim] != parts[0].shape[1 - dim]:
             raise CheckpointError(f"{source}: {name} has shape {tuple(p.shape)} in shard {i} "
                                   f"but {tuple(parts[0].shape)} in shard 0")
     return torch.cat(parts, dim=dim)
+
+
+def _kv_heads_once(name: str, parts: list[torch.Tensor], n_kv_heads: int) -> list[torch.Tensor]:
+    """wk/wv `parts` with each K/V head once: with more ranks than K/V heads, each sat on several consecutive ones."""
+    if name.endswith(("wk.weight", "wv.weight")) and len(parts) > n_kv_heads:
+        return parts[:: len(parts) // n_kv_heads]
+    return parts
 
 
 def hf_to_meta_name(name: str) -> str | None:
@@ -593,22 +573,17 @@ def hf_to_meta_name(name: str) -> str | None:
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", name)
     parts = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
              "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
-             "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
-             "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
-             "post_attention_layernorm": "ffn_norm"}
+             "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2", "mlp.up_proj": "feed_forward.w3",
+             "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}
     if m is None or m.group(2) not in parts:
         raise CheckpointError(f"unknown tensor name {name!r}: not part of a Hugging Face Llama model")
     return f"layers.{m.group(1)}.{parts[m.group(2)]}.weight"
 
 
 def unpermute_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo Hugging Face's reordering of wq/wk rows (n_heads * head_dim, dim).
-
-    Hugging Face rotates the two halves of each head instead of Meta's
-    interleaved pairs, so its converter moved row 2i + j of each head to row
-    j * head_dim/2 + i. Reading each head as (2, head_dim/2) and transposing
-    puts the rows back. For wk, n_heads is n_kv_heads.
-    """
+    """Undo Hugging Face's reordering of wq/wk rows (n_heads * head_dim, dim); for wk, n_heads is n_kv_heads.
+    Hugging Face rotates the two halves of each head, not Meta's interleaved pairs, so its converter moved row
+    2i + j of each head to row j * head_dim/2 + i; viewing each head as (2, head_dim/2) and transposing undoes it."""
     rows, cols = w.shape
     return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
@@ -630,13 +605,9 @@ def _load_pth(file: Path) -> dict[str, torch.Tensor]:
 
 
 class CheckpointReader:
-    """The tensors of a checkpoint directory under Meta's names, read one at a time.
-
-    Used by load_model and convert.py. `args` is the ModelArgs its config
-    describes, `names` the Meta names it holds, `tensor(name)` one tensor merged
-    from the shards (or un-permuted from Hugging Face's layout), still
-    memory-mapped where no merge was needed.
-    """
+    """The tensors of a checkpoint directory under Meta's names, read one at a time (by load_model and convert.py):
+    `args` is the ModelArgs its config describes, `names` the Meta names it holds, `tensor(name)` one tensor merged
+    from the shards (or un-permuted from Hugging Face's layout), still memory-mapped where no merge was needed."""
 
     def __init__(self, path: str | Path, rope_scaling_factor: float | None = None):
         self.path = path = Path(path)
@@ -650,8 +621,7 @@ class CheckpointReader:
                 params["rope_scaling_factor"] = rope_scaling_factor
             self.args = args_from_params(params, str(path / "params.json"))
         elif (path / "config.json").is_file():
-            config = _read_json(path / "config.json")
-            self.args = args_from_hf_config(config, str(path / "config.json"))
+            self.args = args_from_hf_config(_read_json(path / "config.json"), str(path / "config.json"))
             if rope_scaling_factor is not None:
                 self.args.rope_scaling_factor = rope_scaling_factor
         else:
@@ -659,17 +629,16 @@ class CheckpointReader:
         self.reopen()
 
     def reopen(self) -> None:
-        """(Re)map the files. Pages read through a mapping count in the process's RSS
-        until it is unmapped; convert.py reopens now and then to keep its RSS small."""
+        """(Re)map the files. Pages read through a mapping count in the process's RSS until it is unmapped, so
+        load_model and convert.py reopen now and then to keep their RSS small."""
         self.shards = self.handles = None  # drop the old mappings first
-        if (self.path / "params.json").is_file():
-            self._open_meta(self.path)
+        meta = (self.path / "params.json").is_file()
+        if meta and not (self.path / "model.safetensors").is_file():
+            self._open_pth(self.path)
         else:
-            self._open_safetensors(self.path, hf=True)
+            self._open_safetensors(self.path, hf=not meta)
 
-    def _open_meta(self, path: Path) -> None:
-        if (path / "model.safetensors").is_file():
-            return self._open_safetensors(path, hf=False)
+    def _open_pth(self, path: Path) -> None:
         files = sorted(path.glob("consolidated.*.pth"))
         if not files:
             raise CheckpointNotFoundError(f"{path}: no consolidated.*.pth or model.safetensors; "
@@ -688,17 +657,12 @@ class CheckpointReader:
         self.names = names
 
     def _open_safetensors(self, path: Path, hf: bool) -> None:
-        from safetensors import (  # imported here: the model itself needs only torch
-            SafetensorError,
-            safe_open,
-        )
-
+        from safetensors import SafetensorError, safe_open  # the model needs only torch
         index = path / "model.safetensors.index.json"
-        if (path / "model.safetensors").is_file() and not index.is_file():
+        if index.is_file():
+            files = [path / f for f in sorted(set(_read_json(index).get("weight_map", {}).values()))]
+        elif (path / "model.safetensors").is_file():
             files = [path / "model.safetensors"]
-        elif index.is_file():
-            weight_map = _read_json(index).get("weight_map", {})
-            files = [path / f for f in sorted(set(weight_map.values()))]
         else:
             files = sorted(path.glob("*.safetensors"))
         if not files:
@@ -756,22 +720,18 @@ class CheckpointReader:
         return dtypes[stored]
 
     def tensor_slice(self, name: str, dim: int | None, start: int, stop: int) -> torch.Tensor:
-        """Rows (dim 0) or columns (dim 1) [start, stop) of tensor `name` as merged; dim
-        None means all of it. Tensor parallelism's loader. Always a contiguous copy: a
-        view would keep the whole file mapped, and a column slice is strided."""
+        """Rows (dim 0) or columns (dim 1) [start, stop) of tensor `name` as merged, or all of it for dim None, for
+        tensor parallelism. Always a contiguous copy: a view would keep the whole file mapped; columns are strided."""
         if dim is None:
             return self.tensor(name).clone()
         if name not in self.names:
             raise CheckpointError(f"{name} missing from {self.path}")
         if self.layout == "meta":
-            parts = [s[name] for s in self.shards]
-            if name.endswith(("wk.weight", "wv.weight")) and len(parts) > self.args.n_kv_heads:
-                parts = parts[:: len(parts) // self.args.n_kv_heads]  # one copy of each replicated K/V head
             pieces, offset = [], 0
-            for p in parts:  # the parts of [start, stop) that each shard holds, as views of its map
-                lo, hi = max(start, offset), min(stop, offset + p.shape[dim])
+            for p in _kv_heads_once(name, [s[name] for s in self.shards], self.args.n_kv_heads):
+                lo, hi = max(start, offset), min(stop, offset + p.shape[dim])  # the part of [start, stop) p holds
                 if lo < hi:
-                    pieces.append(p.narrow(dim, lo - offset, hi - lo))
+                    pieces.append(p.narrow(dim, lo - offset, hi - lo))  # a view of the shard's map
                 offset += p.shape[dim]
             return torch.cat(pieces, dim)  # a copy, even of one piece
         handle, key, _ = self._where[name]
@@ -787,15 +747,13 @@ class CheckpointReader:
         if self.layout == "meta":
             return merge_shards(name, [s[name] for s in self.shards], self.args.n_kv_heads, self.source(name))
         from safetensors import SafetensorError, safe_open
-
         handle, key, file = self._where[name]
         permuted = self.layout == "hf" and name.endswith(("wq.weight", "wk.weight"))
         try:
             if not permuted:
                 return handle.get_tensor(key)
-            # Un-permuting copies the rows. Read them through a map of their own, unmapped
-            # when done: pages read through the shared map would stay in our RSS as long
-            # as any other weight (a view into that map) is alive.
+            # Un-permuting copies the rows, so read them through a map of their own, unmapped when done: through
+            # the shared map their pages would stay in our RSS while any other weight (a view into it) is alive.
             with safe_open(str(file), framework="pt", device="cpu") as private:
                 t = private.get_tensor(key)
         except (SafetensorError, RuntimeError, OSError) as e:  # data cut short after a valid header
@@ -807,11 +765,8 @@ class CheckpointReader:
 
 
 class SkipInit(torch.overrides.TorchFunctionMode):
-    """Within it, torch.nn.init's random initialisers leave tensors as they are.
-
-    A model whose weights are about to be loaded needs no init, and on the meta
-    device nn.Embedding's normal_ imports torch's compiler stack (~0.8 s, 77 MB).
-    """
+    """Within it, torch.nn.init's random initialisers leave tensors as they are: weights about to be loaded need no
+    init, and on the meta device nn.Embedding's normal_ imports torch's compiler stack (~0.8 s, 77 MB)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -823,18 +778,13 @@ class SkipInit(torch.overrides.TorchFunctionMode):
 def load_model(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
                max_seq_len: int | None = None, rope_scaling_factor: float | None = None,
                use_sdpa: bool = True, tensor_parallel: bool = False, quantize: str | None = None) -> Transformer:
-    """Load a checkpoint in any of the three layouts above: a folder, or a name as
-    resolve_checkpoint takes it (a Hugging Face repo id, a Meta model id).
-
-    device: where the weights go (default cpu); dtype: cast the weights to it
-    (default: keep the checkpoint's). max_seq_len caps the positions the model
-    addresses; rope_scaling_factor overrides the 3.1 factor (see
-    LLAMA32_ROPE_FACTORS); use_sdpa: attention through SDPA (ModelArgs' default, the
-    faster for prompts on every device measured) or, if False, the explicit definition.
-    tensor_parallel: load only this process's part for tensor parallelism across
-    the processes of torch.distributed's default group (see shard_model).
-    quantize: "int8" or "int4" weights (appendix D), quantized as they are read.
-    """
+    """Load a checkpoint in any of the three layouts above: a folder, or a name as resolve_checkpoint takes it (a
+    Hugging Face repo id, a Meta model id). device: where the weights go (default cpu); dtype: cast the weights to
+    it (default: keep the checkpoint's). max_seq_len caps the positions the model addresses; rope_scaling_factor
+    overrides the 3.1 factor (see LLAMA32_ROPE_FACTORS); use_sdpa: attention through SDPA (ModelArgs' default, the
+    faster for prompts on every device measured) or, if False, the explicit definition. tensor_parallel: load only
+    this process's part for tensor parallelism across the processes of torch.distributed's default group (see
+    shard_model). quantize: "int8" or "int4" weights (appendix D), quantized as they are read."""
     if dtype is not None and not isinstance(dtype, torch.dtype) or dtype in (torch.int8, torch.uint8):
         raise ValueError(f"dtype must be a torch float dtype such as torch.bfloat16, not {dtype!r}")
     if rope_scaling_factor is not None and not 0 < rope_scaling_factor < math.inf:
@@ -854,14 +804,12 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
     with torch.device("meta"), SkipInit():
         model = Transformer(args)
         slices = shard_model(model, dist.get_rank(), dist.get_world_size()) if tensor_parallel else None  # app. B
-
     expected = reader.expected_tensors(model)
     if quantize is not None:  # appendix D
         check_quantize(quantize, device, dtype or reader.dtype("norm.weight"))
     quantized = quantize_model(model, quantize, device) if quantize else {}  # {checkpoint name: its module}
-    # Pages read through the maps count in our RSS while mapped. When the weights end
-    # up as copies (cast, merged, moved), remap every 1/64 of the checkpoint (at least
-    # 64 MiB) so the file is not held in memory beside them.
+    # When the weights end up as copies (cast, merged, moved), remap (see reopen) every 1/64 of the checkpoint
+    # (at least 64 MiB) so the file is not held in memory beside them.
     remap_every = max(64 * 2**20, sum(v.numel() for v in expected.values()) * 2 // 64)
     state, read_bytes = {}, 0
     if quantized:
@@ -911,33 +859,25 @@ def check_device(device: torch.device | str) -> torch.device:
 
 def config_hint(name: str, args: ModelArgs) -> str:
     """Which config numbers determine the expected shape of tensor `name`."""
-    part = name.removesuffix(".weight").rsplit(".", 1)[-1]
-    hints = {"wq": f"dim={args.dim}, n_heads={args.n_heads}",
-             "wk": f"dim={args.dim}, n_heads={args.n_heads}, n_kv_heads={args.n_kv_heads}",
-             "wo": f"dim={args.dim}, n_heads={args.n_heads}",
-             "tok_embeddings": f"vocab_size={args.vocab_size}, dim={args.dim}",
-             "output": f"vocab_size={args.vocab_size}, dim={args.dim}"}
-    hints["wv"] = hints["wk"]
-    for w in ("w1", "w2", "w3"):
-        hints[w] = f"dim={args.dim}, SwiGLU width {args.ffn_hidden_dim}"
-    return "the config says " + hints.get(part, f"dim={args.dim}")
+    heads = f"dim={args.dim}, n_heads={args.n_heads}"
+    kv_heads = f"{heads}, n_kv_heads={args.n_kv_heads}"
+    ffn = f"dim={args.dim}, SwiGLU width {args.ffn_hidden_dim}"
+    vocab = f"vocab_size={args.vocab_size}, dim={args.dim}"
+    hints = {"wq": heads, "wk": kv_heads, "wv": kv_heads, "wo": heads, "w1": ffn, "w2": ffn, "w3": ffn,
+             "tok_embeddings": vocab, "output": vocab}
+    return "the config says " + hints.get(name.removesuffix(".weight").rsplit(".", 1)[-1], f"dim={args.dim}")
 
 
 # -----------------------------------------------------------------------------
 # Finding a checkpoint by name
 #
-# People download Llama 3 with one of two tools, and each keeps models in its
-# own place:
-# - Hugging Face (`hf download`, or transformers on first use) keeps repo
-#   meta-llama/Llama-3.2-1B in $HF_HUB_CACHE (else $HF_HOME/hub, else
-#   ~/.cache/huggingface/hub) as models--meta-llama--Llama-3.2-1B/, where
-#   refs/main names a commit and snapshots/<commit>/ holds the files, each a
-#   link into blobs/. Meta's own layout sits in original/, which transformers
-#   skips, so such a folder often has tokenizer.json and no tokenizer.model.
-# - Meta's `llama model download` keeps Llama3.2-1B in
-#   $LLAMA_STACK_CONFIG_DIR/checkpoints/ (else ~/.llama/checkpoints/).
-# resolve_checkpoint turns a folder, a repo id or a Meta model id into a
-# folder; given no name, it takes the one model it finds there.
+# People download Llama 3 with one of two tools, and each keeps models in its own place:
+# - Hugging Face (`hf download`, or transformers on first use) keeps repo meta-llama/Llama-3.2-1B in $HF_HUB_CACHE
+#   (else $HF_HOME/hub, else ~/.cache/huggingface/hub) as models--meta-llama--Llama-3.2-1B/, where refs/main names
+#   a commit and snapshots/<commit>/ holds the files, each a link into blobs/. Meta's own layout sits in original/,
+#   which transformers skips, so such a folder often has tokenizer.json and no tokenizer.model.
+# - Meta's `llama model download` keeps Llama3.2-1B in checkpoints/ under $LLAMA_STACK_CONFIG_DIR, else ~/.llama/.
+# resolve_checkpoint turns a folder, a repo id or a Meta model id into a folder; given no name, the one model found.
 # -----------------------------------------------------------------------------
 
 # What a Hugging Face download needs: no original/*.pth, which repeat the weights.
@@ -946,9 +886,8 @@ HF_DOWNLOAD_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index
 
 
 def hf_hub_cache() -> Path:
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    return Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "hub"
+    return Path(os.environ.get("HF_HUB_CACHE")
+                or Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "hub")
 
 
 def meta_checkpoints() -> Path:
@@ -966,12 +905,9 @@ def hf_snapshot(repo_id: str) -> Path | None:
 
 
 def downloaded_models() -> list[tuple[str, Path]]:
-    """(name, folder) of every Llama 3 text model in the Hugging Face cache and Meta's folder.
-
-    A cache holds other models too. Llama 3's are told by their 128,256-token vocabulary
-    (Llama 2 and TinyLlama are model_type llama with 32,000), and Meta's vision models by
-    their vision keys (Hugging Face's are model_type mllama).
-    """
+    """(name, folder) of every Llama 3 text model in the Hugging Face cache and Meta's folder. A cache holds other
+    models too: Llama 3's are told by their 128,256-token vocabulary (Llama 2 and TinyLlama are model_type llama
+    with 32,000), and Meta's vision models by their vision keys (Hugging Face's are model_type mllama)."""
     configs = [(repo.name.removeprefix("models--").replace("--", "/", 1), "config.json")
                for repo in sorted(hf_hub_cache().glob("models--*--*"))]
     configs += [(d.name, "params.json") for d in sorted(meta_checkpoints().glob("*"))]
@@ -1007,9 +943,8 @@ def download_hf(repo_id: str) -> Path:
                                       f"its license on the hub, run `hf auth login`, then {fetch}") from None
 
 
-# Where a checkpoint folder keeps its tokenizer, in the order they are looked for: Meta's
-# file, Meta's file in a Hugging Face repo's original/, Hugging Face's own (all a
-# transformers download has).
+# Where a checkpoint folder keeps its tokenizer, in the order they are looked for: Meta's file, Meta's file in a
+# Hugging Face repo's original/, Hugging Face's own (all a transformers download has).
 TOKENIZER_FILES = ("tokenizer.model", "original/tokenizer.model", "tokenizer.json")
 
 
