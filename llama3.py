@@ -986,17 +986,13 @@ def resolve_checkpoint(name: str | None) -> Path:
 # The next token is drawn from softmax(logits / temperature), optionally
 # restricted to the k most likely tokens (top-k) and to the smallest set whose
 # probabilities add up to top_p (nucleus sampling, Holtzman et al. 2019).
-# temperature 0 means greedy: always the most likely token. Meta's defaults
-# for its chat models are temperature 0.6 and top_p 0.9.
+# temperature 0 is greedy. Meta's chat defaults: temperature 0.6, top_p 0.9.
 # -----------------------------------------------------------------------------
 
 
 def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sample from the nucleus of probs (B, vocab_size) -> token ids (B, 1).
-
-    Meta's rule: sort descending and keep each token whose preceding mass is
-    at most p, so the token that crosses p is kept and the nucleus is never empty.
-    """
+    """Sample from the nucleus of probs (B, vocab_size) -> token ids (B, 1). Meta's rule: sort descending and keep
+    each token whose preceding mass is at most p, so the token crossing p is kept and the nucleus is never empty."""
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)  # (B, vocab_size)
     probs_sum = torch.cumsum(probs_sort, dim=-1)
     probs_sort[probs_sum - probs_sort > p] = 0.0
@@ -1006,12 +1002,9 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | Non
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Discourage tokens already in each row: logits (B, vocab_size), seen (B, S) token ids.
-
-    Hugging Face's rule (Keskar et al. 2019, CTRL), so results compare: the logit of every
-    token in the row is divided by penalty where positive and multiplied by it where
-    negative, once however often the token occurred. penalty 1.0 changes nothing.
-    """
+    """Discourage tokens already in each row: logits (B, vocab_size), seen (B, S) token ids. Hugging Face's rule
+    (Keskar et al. 2019, CTRL), so results compare: a seen token's logit is divided by penalty where positive and
+    multiplied by it where negative, once however often it occurred. penalty 1.0 changes nothing."""
     score = logits.gather(1, seen)  # (B, S)
     score = torch.where(score > 0, score / penalty, score * penalty)
     return logits.scatter(1, seen, score)
@@ -1035,32 +1028,26 @@ def sample(logits: torch.Tensor, temperature: float = 0.6, top_p: float = 0.9, t
 # -----------------------------------------------------------------------------
 # Generation
 #
-# Prefill runs the prompt through the model, filling the KV cache, 512 tokens
-# at a time so that a 128K-token prompt needs memory in proportion to its
-# length; decode then feeds one token per step. A batch of prompts of different lengths uses
-# Meta's scheme, which needs no padding mask: every row starts decoding at the
-# shortest prompt's length, and while a row still has prompt tokens left, its
-# sampled token is replaced by the prompt's own. Position t of every row is
-# thus always a real token, and the causal mask keeps each row from ever
-# seeing the unfilled positions after it. Greedy results equal running each
-# prompt alone.
+# Prefill runs the prompt through the model in chunks, filling the KV cache;
+# decode then feeds one token per step. Prompts of different lengths share a
+# batch by Meta's scheme, which needs no padding mask: every row starts decoding
+# at the shortest prompt's length, and while a row still has prompt tokens
+# left, its sampled token is replaced by the prompt's own. So position t of
+# every row is always a real token, the causal mask hides the unfilled
+# positions after it, and greedy results equal running each prompt alone.
 # -----------------------------------------------------------------------------
 
-# Llama 3's stop tokens: <|end_of_text|> (base models), <|eom_id|> (hand-over to a
-# tool), <|eot_id|> (end of an instruct turn); tokenizer.py's Tokenizer.stop_tokens,
-# repeated here so generate runs without tiktoken (a test checks the two agree).
+# <|end_of_text|> (base models), <|eom_id|> (hand-over to a tool), <|eot_id|> (end of an instruct turn):
+# tokenizer.py's Tokenizer.stop_tokens, repeated so generate runs without tiktoken (a test checks they agree).
 LLAMA3_STOP_TOKENS = (128001, 128008, 128009)
 
 
 def prefill(model: Transformer, tokens: torch.Tensor, start_pos: int, cache: list[KVCache],
             chunk: int = 512) -> torch.Tensor:
-    """Feed tokens (B, T) at start_pos through the cache, at most `chunk` positions per call.
-
-    Returns the last position's logits (B, vocab_size). Each chunk attends to the
-    cache and to itself through a (chunk, S) mask, so memory grows linearly with the
-    prompt. 512 rows keep the matrix products as fast as one call; on CPU the
-    chunks' attention costs 1.03-1.05x one causal call (appendix A, CPUAttention).
-    """
+    """Feed tokens (B, T) at start_pos through the cache, `chunk` positions per call -> the last position's logits
+    (B, vocab_size). Each chunk attends to the cache and itself through a (chunk, S) mask, so a 128K-token prompt
+    needs memory in proportion to its length. 512 rows keep the matrix products as fast as one call; on CPU the
+    chunks' attention costs 1.03-1.05x one causal call (appendix A, CPUAttention)."""
     for i in range(0, tokens.shape[1], chunk):
         logits = model(tokens[:, i : i + chunk], start_pos + i, cache, last_only=True)  # (B, 1, vocab_size)
     return logits[:, -1]
@@ -1086,31 +1073,20 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
              seed: int | None = None, on_token: Callable[[int, int], bool | None] | None = None,
              cache: list[KVCache] | None = None, cached_len: int = 0, compile: bool = False,
              repetition_penalty: float = 1.0, prefill_chunk: int = 512) -> list[list[int]]:
-    """Continue each prompt (a list of token ids) by up to max_new_tokens tokens.
-
-    Returns the new tokens of each prompt, without the stop token that ended it.
-    stop_tokens: ids that end a row (default LLAMA3_STOP_TOKENS; [] never stops).
-    seed: makes sampling repeatable (a torch.Generator; greedy needs none).
-    on_token(row, token_id): called for each new token as it is chosen (streaming);
-        returning True ends that row after this token (the CLI's stop strings).
-    repetition_penalty: > 1 discourages every token already in the row, prompt
-        included (apply_repetition_penalty); 1.0 is off.
+    """Continue each prompt (a list of token ids) by up to max_new_tokens tokens -> each prompt's new tokens, without
+    the stop token that ended it. Raises ValueError naming the argument that is out of range.
+    stop_tokens: ids that end a row (default LLAMA3_STOP_TOKENS; [] never stops). seed: makes sampling repeatable.
+    on_token(row, token_id): called with each new token as it is chosen (streaming); True ends the row with it.
+    repetition_penalty: > 1 discourages every token already in the row, prompt included; 1.0 is off.
     prefill_chunk: the prompt is fed this many positions at a time (see prefill).
-    cache, cached_len: reuse a cache whose first cached_len positions already hold
-        prompts[0][:cached_len] (the CLI's chat keeps one across turns; batch size 1).
-    compile: run the one-token decode steps compiled, with CUDA graphs on a GPU
-        (appendix C), through one cache the model keeps, so later calls reuse the
-        compiled step. Not yet measured on a GPU; on a CPU it decoded at about eager's
-        speed (README.md).
-    Raises ValueError naming the argument that is out of range.
-    """
+    cache, cached_len: reuse a cache holding prompts[0][:cached_len] (batch size 1; the chat keeps one across turns).
+    compile: decode steps run compiled, with CUDA graphs on a GPU, through one cache the model keeps, so later calls
+        reuse the compiled step (appendix C). Not yet measured on a GPU; on a CPU about eager's speed (README.md)."""
     check_generation_args(max_new_tokens, temperature, top_p, top_k, repetition_penalty, prefill_chunk)
     stop_tokens = LLAMA3_STOP_TOKENS if stop_tokens is None else stop_tokens
-    max_seq_len = model.args.max_seq_len
-    B = len(prompts)
-    if B == 0 or min(len(p) for p in prompts) == 0:
+    B, lengths, max_seq_len = len(prompts), [len(p) for p in prompts], model.args.max_seq_len
+    if B == 0 or min(lengths) == 0:
         raise ValueError("prompts: every prompt needs at least one token (start it with <|begin_of_text|>)")
-    lengths = [len(p) for p in prompts]
     bad = [t for p in prompts for t in p if not 0 <= t < model.args.vocab_size]
     if bad:
         raise ValueError(f"prompts: token id {bad[0]} is outside the model's vocabulary (0..{model.args.vocab_size - 1})")
@@ -1128,11 +1104,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
                          "positions")
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 
-    tokens = torch.zeros((B, total_len), dtype=torch.long, device=device)  # (B, total_len)
-    is_prompt = torch.zeros((B, total_len), dtype=torch.bool, device=device)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long, device=device)
-        is_prompt[i, : len(p)] = True
+    # (B, total_len): the prompts, padded with 0, and where they are
+    tokens = torch.tensor([list(p) + [0] * (total_len - len(p)) for p in prompts], dtype=torch.long, device=device)
+    is_prompt = torch.arange(total_len, device=device) < torch.tensor(lengths, device=device)[:, None]
     stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     # A row ends after max_new_tokens of its own, not the longest prompt's.
@@ -1142,13 +1116,10 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     prev_pos = cached_len
     for cur_pos in range(min(lengths), total_len):
         if cur_pos - prev_pos == 1 and step is not None:
-            # A fresh (B, 1) tensor: a view of `tokens` has its row length as stride, and a new
-            # stride would make the compiled step recompile.
+            # A fresh (B, 1) tensor: a view of `tokens` has stride total_len, and a new stride recompiles the step.
             token = tokens[:, prev_pos:cur_pos].clone(memory_format=torch.contiguous_format)
             logits = step(model, token, torch.tensor(prev_pos, device=device), cache)
-        elif cur_pos - prev_pos == 1:
-            logits = model(tokens[:, prev_pos:cur_pos], prev_pos, cache, last_only=True)[:, -1]  # (B, vocab_size)
-        else:
+        else:  # the prompt, or one eager decode step (a prefill of one token)
             logits = prefill(model, tokens[:, prev_pos:cur_pos], prev_pos, cache, prefill_chunk)  # (B, vocab_size)
         if not bool(torch.isfinite(logits).all()):  # garbage in greedy, a crash in sampling: say why instead
             cause = ("corrupt weights, or a float16 overflow (past 65504: try --dtype bfloat16)"
@@ -1170,24 +1141,21 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         if bool(done.all()):
             break
 
-    out, stops = [], set(stop_tokens)
-    for i, n in enumerate(lengths):
-        row = tokens[i, n : int(limit[i])].tolist()
-        end = next((j for j, t in enumerate(row) if t in stops), len(row))  # positions after a stop are unused
-        out.append(row[:end])
-    return out
+    stops = set(stop_tokens)  # each row ends at its first stop token; the positions after it are unused
+    rows = [tokens[i, n : int(limit[i])].tolist() for i, n in enumerate(lengths)]
+    return [row[: next((j for j, t in enumerate(row) if t in stops), len(row))] for row in rows]
 
 
 # -----------------------------------------------------------------------------
 # Looking inside: the logit lens (nostalgebraist 2020) and attention
 #
 # Every block adds its output to one residual stream, and the last RMSNorm and
-# output layer read the prediction off its end. Reading it off after block i
-# instead shows what the model would predict had it stopped there: early
-# layers mostly echo the current token, and the final answer forms in the last
-# layers. Beside it, the last position's attention (the explicit path's softmax,
-# averaged over heads) shows which earlier tokens each layer reads from. Hooks
-# capture the blocks' inputs and outputs, so the model has no branch for this.
+# output layer read the prediction off its end. Read off after block i instead,
+# it shows what the model would predict had it stopped there: early layers
+# mostly echo the current token; the answer forms in the last layers. The last
+# position's attention (the explicit path's softmax, averaged over heads) shows
+# which earlier tokens each layer reads. Hooks capture both, so the model has
+# no branch for this.
 # -----------------------------------------------------------------------------
 
 
@@ -1205,19 +1173,14 @@ def last_position_attention(attention: Attention, x: torch.Tensor, cos: torch.Te
 
 @torch.inference_mode()
 def explain(model: Transformer, prompt: list[int], top: int = 5) -> list[dict]:
-    """For each layer: the next-token prediction read off after it, and where the last position attends.
-
-    Returns one dict per layer: "top", the `top` most likely (token id, probability)
-    pairs; "attends", the `top` (position, weight) pairs the last position attends
-    to most, averaged over heads. The last layer's "top" is the model's own prediction.
-    """
-    device = model.tok_embeddings.weight.device
-    tokens = torch.tensor([prompt], device=device)  # (1, T)
+    """For each layer, a dict: "top", the `top` most likely (token id, probability) pairs read off after it (the last
+    layer's are the model's own prediction); "attends", the `top` (position, weight) pairs the last position attends
+    to most, averaged over heads."""
+    tokens = torch.tensor([prompt], device=model.tok_embeddings.weight.device)  # (1, T)
     if not 0 < len(prompt) <= model.args.max_seq_len:
         raise ValueError(f"--explain needs 1 to {model.args.max_seq_len} prompt tokens, not {len(prompt)}")
-    residual, attends = [], []
-    hooks = [layer.register_forward_hook(lambda _m, _args, out: residual.append(out[:, -1:]))
-             for layer in model.layers]
+    residual, attends = [], []  # per layer: the block's output at the last position, the attention there
+    hooks = [layer.register_forward_hook(lambda _m, _in, out: residual.append(out[:, -1:])) for layer in model.layers]
     hooks += [layer.attention.register_forward_pre_hook(
         lambda m, args: attends.append(last_position_attention(m, args[0], args[2], args[3]).mean(1)[0]))
         for layer in model.layers]  # args: (x, start_pos, cos, sin, mask, cache)
@@ -1238,13 +1201,13 @@ def explain(model: Transformer, prompt: list[int], top: int = 5) -> list[dict]:
 # -----------------------------------------------------------------------------
 # Perplexity
 #
-# How well a model predicts a text: the mean negative log-likelihood (NLL) of
-# each token given the ones before it, in nats, and its exp, the perplexity (the
-# number of equally likely tokens the model is as unsure as). It measures what a
-# change such as quantized weights costs (appendix D) on text you choose. A text
-# longer than the context is read in windows of `window` tokens starting every
-# `stride`; each token is scored once, in the first window that holds it after
-# its predecessor, so beyond the first window every token has at least
+# How well a model predicts a text: the mean negative log-likelihood (NLL, in
+# nats) of each token given those before it, and its exp, the perplexity (the
+# number of equally likely tokens the model is as unsure as); it shows what a
+# change such as quantized weights (appendix D) costs on text you choose. A
+# text longer than the context is read in windows of `window` tokens starting
+# every `stride`, each token scored once, in the first window that holds it and
+# its predecessor: past the first window, every token has at least
 # window - stride tokens of context (transformers' documented method; with
 # stride = window, each window's first token has none and is not scored).
 # -----------------------------------------------------------------------------
@@ -1252,13 +1215,9 @@ def explain(model: Transformer, prompt: list[int], top: int = 5) -> list[dict]:
 
 def perplexity(model: Transformer, tokens: list[int], window: int | None = None, stride: int | None = None,
                chunk: int = 512, log: TextIO | None = None) -> tuple[float, float]:
-    """(mean NLL in nats, perplexity) of the tokens scored, each predicted from those before it.
-
-    window: tokens per window (default: the model's max_seq_len); stride: tokens
-    between window starts (default window // 2). Windows run through the KV
-    cache `chunk` tokens at a time, so only `chunk` rows of logits exist at once.
-    log: a stream for a progress line.
-    """
+    """(mean NLL in nats, perplexity) of the tokens scored, each predicted from those before it. window: tokens per
+    window (default: max_seq_len); stride: tokens between window starts (default window // 2). Windows run through
+    the KV cache `chunk` tokens at a time, so only `chunk` rows of logits exist at once. log: gets a progress line."""
     window = window or model.args.max_seq_len
     stride = stride or max(1, window // 2)
     if len(tokens) < 2:
@@ -1266,19 +1225,18 @@ def perplexity(model: Transformer, tokens: list[int], window: int | None = None,
     if not (0 < stride <= window <= model.args.max_seq_len and window >= 2):  # 1 token predicts nothing
         raise ValueError(f"perplexity needs 0 < stride ({stride}) <= window ({window}) <= max_seq_len "
                          f"({model.args.max_seq_len}) and a window of at least 2 tokens")
-    device = model.tok_embeddings.weight.device
     start_time = shown = time.monotonic()
     total, count, scored = 0.0, 0, 1  # tokens[:scored] are done; the first has nothing to be predicted from
     for begin in range(0, len(tokens) - 1, stride):
         end = min(begin + window, len(tokens))
-        ids = torch.tensor([tokens[begin:end]], device=device)  # (1, end - begin)
+        ids = torch.tensor([tokens[begin:end]], device=model.tok_embeddings.weight.device)  # (1, end - begin)
         cache = model.new_cache(1, end - begin)
         for start in range(0, end - begin, chunk):
             logits = model(ids[:, start : start + chunk], start, cache)[0]  # (chunk, vocab_size)
-            # Row i predicts token begin + start + i + 1; score those not scored before.
-            lo, hi = max(scored, begin + start + 1), min(begin + start + logits.shape[0], end - 1) + 1
+            off = begin + start  # row i predicts token off + i + 1; score those not scored before
+            lo, hi = max(scored, off + 1), min(off + logits.shape[0], end - 1) + 1
             if lo < hi:
-                rows = logits[lo - 1 - begin - start : hi - 1 - begin - start].float()
+                rows = logits[lo - 1 - off : hi - 1 - off].float()
                 total += F.cross_entropy(rows, ids[0, lo - begin : hi - begin], reduction="sum").item()
                 count, scored = count + hi - lo, hi
         if end == len(tokens):
@@ -1295,14 +1253,13 @@ def perplexity(model: Transformer, tokens: list[int], window: int | None = None,
 # -----------------------------------------------------------------------------
 # Streaming, chat and tools
 #
-# stream() prints a completion as it is generated and ends it at stop strings.
-# Chat holds a conversation with an instruct model and one KV cache across its
-# turns, and lets the model call your Python functions, as Llama 3.1+ were
-# trained to: the model writes a call, the chat runs the function and feeds its
-# result back as an `ipython` message, and the model goes on until it ends its
-# turn (tokenizer.py's ChatFormat encodes and parses the calls). Everything here
-# is callable from a program: text goes to the streams given, bad input raises,
-# and the command line below is a thin loop around it.
+# stream() prints a completion as it is generated. Chat holds a conversation
+# with an instruct model, one KV cache across its turns, and lets the model call
+# your Python functions as Llama 3.1+ were trained to: the model writes a call,
+# the chat runs the function and feeds its result back as an `ipython` message,
+# and the model goes on until it ends its turn (tokenizer.py's ChatFormat
+# encodes and parses the calls). All of it is callable from a program: text goes
+# to the streams given, bad input raises; the command line is a thin loop on it.
 # -----------------------------------------------------------------------------
 
 
@@ -1317,11 +1274,8 @@ class Sampling:
 
 
 class StopText:
-    """Streams text, holding back what may be the start of a stop string, and ends at the first one.
-
-    "First" is the first to be complete, so the result is the same however the text
-    was split into pieces: with stops "abcd" and "bc", "abcd" ends after "a".
-    """
+    """Streams text, holding back what may be the start of a stop string, and ends at the first one to be complete,
+    so the result is the same however the text was split: with stops "abcd" and "bc", "abcd" ends after "a"."""
 
     def __init__(self, stops: list[str] | tuple[str, ...]):
         if "" in stops:
@@ -1353,19 +1307,14 @@ def stream(model: Transformer, tokenizer: Tokenizer, prompt: list[int], max_new_
            sampling: Sampling = Sampling(), *, stops: list[str] | tuple[str, ...] = (), compile: bool = False,
            cache: list[KVCache] | None = None, cached_len: int = 0, out: TextIO | None = None,
            log: TextIO | None = None) -> tuple[list[int], str, bool]:
-    """Generate for one prompt, writing the text to out as it comes and timing to log.
-
-    Ends at the tokenizer's stop tokens or the first of the stop strings (not
-    written). Returns the new tokens (with the stop token that ended them, if one
-    did), the text written, and whether Ctrl-C ended generation. Bad arguments
-    raise ValueError (generate's checks).
-    """
+    """Generate for one prompt, writing the text to out as it comes and timing to log; it ends at the tokenizer's
+    stop tokens or the first of the stop strings (not written). Returns the new tokens (with the stop token that
+    ended them, if one did), the text written, and whether Ctrl-C ended generation. Bad arguments: ValueError."""
     from tokenizer import StreamDecoder
 
     out, log = out or sys.stdout, log or sys.stderr
-    new: list[int] = []
-    times = [time.perf_counter()]
-    decoder, text, shown = StreamDecoder(tokenizer), StopText(stops), []
+    new, shown, times = [], [], [time.perf_counter()]  # times: the start, then as each token is chosen
+    decoder, text = StreamDecoder(tokenizer), StopText(stops)
 
     def show(piece: str) -> None:
         shown.append(piece)
@@ -1389,12 +1338,9 @@ def stream(model: Transformer, tokenizer: Tokenizer, prompt: list[int], max_new_
         interrupted = True
     show(text.push(decoder.finish()) + text.finish())
     fed, n = len(prompt) - cached_len, len(new)  # a chat turn feeds only what the cache lacks
-    stats = f"{len(prompt)} prompt tokens ({fed} fed)"
-    if n:
-        stats += f", prefill {fed / (times[1] - times[0]):.1f} tok/s; {n} new token{'s' * (n > 1)}"
-    if n > 1:
-        stats += f", decode {(n - 1) / (times[-1] - times[1]):.1f} tok/s"
-    print(f"\n[{stats}{', interrupted' * interrupted}]", file=log)
+    prefilled = f", prefill {fed / (times[1] - times[0]):.1f} tok/s; {n} new token{'s' * (n > 1)}" if n else ""
+    decoded = f", decode {(n - 1) / (times[-1] - times[1]):.1f} tok/s" if n > 1 else ""
+    print(f"\n[{len(prompt)} prompt tokens ({fed} fed){prefilled}{decoded}{', interrupted' * interrupted}]", file=log)
     room = model.args.max_seq_len - len(prompt)
     if n == room < max_new_tokens and not text.stopped and new[-1] not in tokenizer.stop_tokens:
         print(f"llama3.py: stopped after {n} of {max_new_tokens} new tokens: the context "
@@ -1407,9 +1353,8 @@ class ContextFullError(ValueError):
 
 
 def describe_function(fn: Callable) -> dict:
-    """A Python function as a tool definition for tokenizer.tool_prompt: its name, the
-    first paragraph of its docstring, and each parameter's type, default and the
-    description on a "name: text" line of the docstring (Google style; ":param name:" too)."""
+    """A Python function as a tool definition for tokenizer.tool_prompt: its name, its docstring's first paragraph,
+    and each parameter's type, default and description (a "name: text" docstring line, Google style, or ":param")."""
     import inspect
     import typing
 
@@ -1450,25 +1395,14 @@ def load_tools(path: str | Path) -> list[Callable]:
 
 
 class Chat:
-    """A conversation with an instruct model that keeps one KV cache across turns.
-
-    send(text) answers one user message and returns the assistant's last message.
-    Each answer encodes the whole dialog with ChatFormat and feeds the model only
-    the tokens after the longest prefix already in the cache, so a turn costs its
-    new tokens, not the history; where the model's own tokens differ from
-    re-encoding its answer, feeding restarts at the first difference.
-
-    tools: Python functions the model may call. A call is run with the parsed
-    arguments (model text is never run as code) and its result, or a short error
-    text for an unknown name, bad arguments or an exception, goes back as an
-    `ipython` message; the model goes on until it answers without a call (at most
-    max_tool_rounds calls a turn). builtin_tools: offers Meta's built-in tools
-    (brave_search, wolfram_alpha, code_interpreter); they need the network or run
-    model-written code, so each call goes to this function, which returns the
-    tool's output or None to decline. tool_format: how custom calls are written
-    (tokenizer.TOOL_FORMATS); default: python_list for the 3.2 1B and 3B shapes,
-    json for the rest, as Meta's prompt-format documents give them.
-    """
+    """A conversation with an instruct model. Each answer encodes the whole dialog with ChatFormat but feeds only the
+    tokens after the longest prefix already in the cache, so a turn costs its new tokens, not the history; where
+    re-encoding the model's answer differs from its own tokens, feeding restarts there. tools are run with the parsed
+    arguments (model text is never run as code), at most max_tool_rounds calls a turn. builtin_tools: Meta's built-in
+    tools (brave_search, wolfram_alpha, code_interpreter) need the network or run model-written code, so each call
+    goes to this function, which returns the tool's output or None to decline. tool_format: how custom calls are
+    written (tokenizer.TOOL_FORMATS); default python_list for the 3.2 1B and 3B shapes, json for the rest (Meta's
+    prompt-format documents)."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, system: str | None = None, *,
                  tools: list[Callable] | tuple[Callable, ...] = (),
@@ -1480,19 +1414,17 @@ class Chat:
 
         self.model, self.tokenizer, self.format = model, tokenizer, ChatFormat(tokenizer)
         self.functions = {f.__name__: f for f in tools}
-        self.builtin_tools, self.max_tool_rounds = builtin_tools, max_tool_rounds
+        self.builtin_tools, self.max_tool_rounds, self.out, self.log = builtin_tools, max_tool_rounds, out, log
         llama32_small = (model.args.dim, model.args.n_layers) in LLAMA32_ROPE_FACTORS
         self.tool_format = tool_format or ("python_list" if llama32_small else "json")
         self.max_new_tokens, self.sampling, self.stops, self.compile = max_new_tokens, sampling, stops, compile
-        self.out, self.log = out, log
         if tools or builtin_tools:
             self.opening = tool_prompt([describe_function(f) for f in tools], self.tool_format,
                                        builtin_tools is not None, system, today or time.strftime("%d %B %Y"))
         else:
             self.opening = [{"role": "system", "content": system}] if system else []
         self.dialog = list(self.opening)
-        # The cache starts at 8192 positions and doubles when a turn needs more, up to the
-        # context: 128K positions of 8B's cache would take 16 GiB before the first word.
+        # 8192 positions, doubled when a turn needs more, up to the context: 128K of 8B's cache is 16 GiB up front.
         self.cache = model.new_cache(1, min(model.args.max_seq_len, 8192))
         self.cached: list[int] = []  # the tokens whose K/V the cache holds
 
@@ -1501,11 +1433,9 @@ class Chat:
         self.dialog, self.cached = list(self.opening), []
 
     def send(self, text: str) -> dict:
-        """Answer one user message; returns the assistant's message (role, content, tool_calls, stop).
-
-        Raises ContextFullError (the dialog as it was) when the conversation no longer
-        fits, and KeyboardInterrupt after keeping the answer so far when Ctrl-C stopped it.
-        """
+        """Answer one user message; returns the assistant's message (role, content, tool_calls, stop). Raises
+        ContextFullError (the dialog as it was) when the conversation no longer fits, and KeyboardInterrupt after
+        keeping the answer so far when Ctrl-C stopped it."""
         start = len(self.dialog)
         self.dialog.append({"role": "user", "content": text})
         for _ in range(self.max_tool_rounds + 1):
@@ -1542,8 +1472,7 @@ class Chat:
         tokens, shown, interrupted = stream(self.model, self.tokenizer, prompt, self.max_new_tokens, self.sampling,
                                             stops=self.stops, compile=self.compile, cache=self.cache,
                                             cached_len=reuse, out=self.out, log=self.log)
-        # The last token chosen was never fed to the model, so it is not in the cache;
-        # with no reply at all the prompt may not have been fed completely (Ctrl-C).
+        # The last token chosen was never fed, so is not cached; with no reply (Ctrl-C) the prompt may be part-fed.
         self.cached = (prompt + tokens)[:-1] if tokens else prompt[:reuse]
         reply = self.format.decode_assistant_message(tokens)
         if not reply["tool_calls"]:
