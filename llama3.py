@@ -1512,8 +1512,7 @@ class Chat:
 #   python llama3.py --ckpt DIR --prompt "The capital of France is"     (base model)
 #   python llama3.py --ckpt DIR --chat [--system "Be brief."]           (instruct model)
 #
-# The completion streams to stdout; timing goes to stderr. Bad input ends with
-# a one-line message on stderr and exit code 2.
+# The completion streams to stdout, timing to stderr. Bad input ends with a one-line message on stderr, exit code 2.
 # -----------------------------------------------------------------------------
 
 
@@ -1534,22 +1533,18 @@ def _pick_device(name: str) -> torch.device:
             return check_device(name)
         except ValueError as e:
             _fail(f"--{e}")
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
 
 
 def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name != "auto":
         return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                 "float16": torch.float16, "fp16": torch.float16}[name]
-    # bf16 is what Llama 3 was trained in, and Meta's and the hub's files hold it, so
-    # loading needs no copy. On CPU too: decode reads every weight per token, and half
-    # the bytes decoded 1.2x faster than fp32 on a CPU without bf16 instructions
-    # (benchmarks/bench.py), while appendix A keeps prefill at fp32 speed. MPS runs fp16
-    # more reliably than bf16, and so do CUDA GPUs without bf16 (V100, T4).
+    # bf16 is what Llama 3 was trained in, and Meta's and the hub's files hold it, so loading needs no copy. On CPU
+    # too: decode reads every weight per token, and half the bytes decoded 1.2x faster than fp32 on a CPU without
+    # bf16 instructions (benchmarks/bench.py), while appendix A keeps prefill at fp32 speed. MPS runs fp16 more
+    # reliably than bf16, and so do CUDA GPUs without bf16 (V100, T4).
     if device.type == "mps" or (device.type == "cuda" and not torch.cuda.is_bf16_supported()):
         return torch.float16
     return torch.bfloat16
@@ -1557,53 +1552,49 @@ def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llama3.py", description="Run a Llama 3 / 3.1 / 3.2 / 3.3 text model.")
-    p.add_argument("--ckpt", help="a checkpoint folder (Meta's, convert.py's or Hugging Face's), a Hugging Face "
-                   "repo id such as meta-llama/Llama-3.2-1B-Instruct (from the hub cache, else downloaded), or a "
-                   "Meta model id such as Llama3.2-1B-Instruct (from ~/.llama/checkpoints); default: the one "
-                   "model found in those places")
-    p.add_argument("--prompt", help="text to continue; with --chat, one user message to answer, then exit")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate (default 256)")
-    p.add_argument("--temperature", type=float, default=0.6,
-                   help="sampling temperature; 0 = greedy (default 0.6, Meta's)")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9, Meta's)")
-    p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
-    p.add_argument("--seed", type=int, default=None, help="random seed, for repeatable sampling")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="F",
-                   help="discourage tokens already in the text: their logits are divided by F (multiplied where "
-                   "negative), as in transformers; 1.0 = off (default), 1.1-1.3 is typical")
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="end the output at the first appearance of TEXT, which is not printed; repeatable")
-    p.add_argument("--explain", action="store_true",
-                   help="instead of generating, show per layer what the model would predict next if it stopped "
-                   "there (the logit lens) and which earlier tokens the last position attends to most")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "fp32", "bfloat16", "bf16", "float16",
-                   "fp16"], help="weight dtype (default: bfloat16; float16 on MPS and on GPUs without bf16)")
-    p.add_argument("--sdpa", action="store_true", help="attention through F.scaled_dot_product_attention "
-                   "(the default; on the CPUs where it measured faster, a decoded token takes the explicit path)")
-    p.add_argument("--explicit-attention", action="store_true", help="attention by its definition: scores, "
-                   "mask, softmax (the same numbers, slower for long prompts)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (meant for GPUs; "
-                   "slower than eager on the CPUs measured; the first tokens wait for compilation)")
-    p.add_argument("--max-seq-len", type=int, default=None,
-                   help="context positions to support (default: the model's, up to 131072 for 3.1+)")
-    p.add_argument("--rope-scaling-factor", type=float, default=None,
-                   help="override the Llama 3.1 RoPE scaling factor (8; 32 for 3.2 1B/3B)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.model or tokenizer.json (default: CKPT's "
-                   "tokenizer.model, else original/tokenizer.model, else tokenizer.json)")
-    p.add_argument("--chat", action="store_true", help="interactive chat in the Llama 3 chat format "
-                   "(instruct models); /reset clears the history, Ctrl-D quits")
-    p.add_argument("--system", default=None, help="system message for --chat")
-    p.add_argument("--tools", metavar="FILE.py", help="with --chat: offer the public functions of FILE.py to the "
-                   "model as tools (Llama 3.1+ Instruct); their docstrings and typed parameters describe them")
-    p.add_argument("--builtin-tools", action="store_true", help="with --chat: offer Meta's built-in tools "
-                   "(brave_search, wolfram_alpha, code_interpreter); you type each call's output")
-    p.add_argument("--quantize", choices=QUANTIZE_MODES, default=None, help="int8 or int4 weights, quantized while "
-                   "loading: about 1/2 or 1/3 of bf16's memory, and decoding faster on CPU (appendix D)")
-    p.add_argument("--perplexity", metavar="FILE", help="instead of generating, print the model's perplexity on "
-                   "the text of FILE, in windows of --max-seq-len tokens (default 2048) every half window")
-    p.add_argument("--tool-format", default=None, help="how the model writes custom calls: json (3.1, 3.3), "
-                   "function_tag or python_list (3.2 1B/3B); default: by the model's shape")
+    add = p.add_argument
+    add("--ckpt", help="a checkpoint folder (Meta's, convert.py's or Hugging Face's), a Hugging Face repo id such as "
+        "meta-llama/Llama-3.2-1B-Instruct (from the hub cache, else downloaded), or a Meta model id such as "
+        "Llama3.2-1B-Instruct (from ~/.llama/checkpoints); default: the one model found in those places")
+    add("--prompt", help="text to continue; with --chat, one user message to answer, then exit")
+    add("--max-new-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    add("--temperature", type=float, default=0.6, help="sampling temperature; 0 = greedy (default 0.6, Meta's)")
+    add("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9, Meta's)")
+    add("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
+    add("--seed", type=int, default=None, help="random seed, for repeatable sampling")
+    add("--repetition-penalty", type=float, default=1.0, metavar="F", help="discourage tokens already in the "
+        "text: their logits are divided by F (multiplied where negative), as in transformers; 1.0 = off (default), "
+        "1.1-1.3 is typical")
+    add("--stop", action="append", default=[], metavar="TEXT",
+        help="end the output at the first appearance of TEXT, which is not printed; repeatable")
+    add("--explain", action="store_true", help="instead of generating, show per layer what the model would predict "
+        "next if it stopped there (the logit lens) and which earlier tokens the last position attends to most")
+    add("--device", default="auto", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
+    add("--dtype", default="auto", choices=["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"],
+        help="weight dtype (default: bfloat16; float16 on MPS and on GPUs without bf16)")
+    add("--sdpa", action="store_true", help="attention through F.scaled_dot_product_attention (the default; on the "
+        "CPUs where it measured faster, a decoded token takes the explicit path)")
+    add("--explicit-attention", action="store_true", help="attention by its definition: scores, mask, softmax "
+        "(the same numbers, slower for long prompts)")
+    add("--compile", action="store_true", help="torch.compile the decode step (meant for GPUs; slower than eager "
+        "on the CPUs measured; the first tokens wait for compilation)")
+    add("--max-seq-len", type=int, help="context positions to support (default: the model's, up to 131072 for 3.1+)")
+    add("--rope-scaling-factor", type=float, help="override the Llama 3.1 RoPE scaling factor (8; 32 for 3.2 1B/3B)")
+    add("--tokenizer", default=None, help="tokenizer.model or tokenizer.json (default: CKPT's tokenizer.model, "
+        "else original/tokenizer.model, else tokenizer.json)")
+    add("--chat", action="store_true", help="interactive chat in the Llama 3 chat format (instruct models); "
+        "/reset clears the history, Ctrl-D quits")
+    add("--system", default=None, help="system message for --chat")
+    add("--tools", metavar="FILE.py", help="with --chat: offer the public functions of FILE.py to the model as "
+        "tools (Llama 3.1+ Instruct); their docstrings and typed parameters describe them")
+    add("--builtin-tools", action="store_true", help="with --chat: offer Meta's built-in tools (brave_search, "
+        "wolfram_alpha, code_interpreter); you type each call's output")
+    add("--quantize", choices=QUANTIZE_MODES, default=None, help="int8 or int4 weights, quantized while loading: "
+        "about 1/2 or 1/3 of bf16's memory, and decoding faster on CPU (appendix D)")
+    add("--perplexity", metavar="FILE", help="instead of generating, print the model's perplexity on the text of "
+        "FILE, in windows of --max-seq-len tokens (default 2048) every half window")
+    add("--tool-format", default=None, help="how the model writes custom calls: json (3.1, 3.3), function_tag or "
+        "python_list (3.2 1B/3B); default: by the model's shape")
     p.error = _fail  # one line, exit code 2, instead of argparse's usage block
     return p
 
@@ -1620,9 +1611,8 @@ def main(argv: list[str] | None = None) -> None:
             text = Path(opts.perplexity).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             _fail(f"--perplexity {opts.perplexity}: {getattr(e, 'strerror', None) or e}")
-    for flag, value in (("--system", opts.system), ("--tools", opts.tools), ("--builtin-tools", opts.builtin_tools),
-                        ("--tool-format", opts.tool_format)):
-        if value and not opts.chat:
+    for flag in ("--system", "--tools", "--builtin-tools", "--tool-format"):
+        if getattr(opts, flag[2:].replace("-", "_")) and not opts.chat:
             _fail(f"{flag} needs --chat")
     if opts.tool_format is not None and opts.tool_format not in TOOL_FORMATS:
         _fail(f"--tool-format must be one of {', '.join(TOOL_FORMATS)}, not {opts.tool_format!r}")
@@ -1639,14 +1629,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         ckpt = resolve_checkpoint(opts.ckpt)
         CheckpointReader(ckpt)  # a folder that holds no checkpoint says so before its tokenizer is missed
-    except CheckpointError as e:
-        _fail(str(e))
-    tokenizer_path = opts.tokenizer or find_tokenizer(ckpt)
-    if tokenizer_path is None:
-        _fail(f"{ckpt}: no tokenizer.model, original/tokenizer.model or tokenizer.json (pass --tokenizer PATH)")
-    try:
+        tokenizer_path = opts.tokenizer or find_tokenizer(ckpt)
+        if tokenizer_path is None:
+            _fail(f"{ckpt}: no tokenizer.model, original/tokenizer.model or tokenizer.json (pass --tokenizer PATH)")
         tokenizer = Tokenizer(tokenizer_path)
-    except TokenizerError as e:
+    except (CheckpointError, TokenizerError) as e:
         _fail(str(e))
 
     tokens = tokenizer.encode(text, bos=True, eos=False) if text is not None else []
@@ -1667,77 +1654,70 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"loading {ckpt} on {device}: {str(e).splitlines()[0]}")
     if model.args.vocab_size < tokenizer.n_words:
         _fail(f"{ckpt} has vocab_size={model.args.vocab_size}, fewer than the tokenizer's {tokenizer.n_words} ids")
-    n = sum(p.numel() for p in model.parameters()) + sum(m.in_features * m.out_features for m in model.modules()
-                                                         if isinstance(m, (Int8Linear, Int4Linear)))
+    n = sum(p.numel() for p in model.parameters())  # a quantized layer's weights are buffers: counted by shape
+    n += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear)))
+    quantized = f" with {opts.quantize} weights" if opts.quantize else ""
     print(f"loaded {ckpt} in {time.perf_counter() - t0:.1f}s: {n / 1e9:.2f}B parameters, "
-          f"{str(model.norm.weight.dtype).removeprefix('torch.')}{f' with {opts.quantize} weights' * bool(opts.quantize)}"
-          f" on {device}", file=sys.stderr)
+          f"{str(model.norm.weight.dtype).removeprefix('torch.')}{quantized} on {device}", file=sys.stderr)
 
     if opts.compile and device.type == "cpu":
         _note("--compile on a CPU: the compiled step decoded at 1.02-1.06x eager's speed once compiled, after "
               "8-50 s of compiling (README.md, Performance); it pays only for long generations")
-    read = input
-    if tensor_parallel:
-        # Every rank holds the same full logits, so the same seed draws the same token everywhere.
-        sampling, read = replace(sampling, seed=_shared_seed(opts.seed, device)), _read_on_rank_0
-    if text is not None:
-        window = opts.max_seq_len or min(model.args.max_seq_len, 2048)
-        try:
-            nll, ppl = perplexity(model, tokens, window, log=sys.stderr if sys.stderr.isatty() else None)
-        except ValueError as e:
-            _fail(f"--perplexity {opts.perplexity}: {e}")
-        print(f"perplexity {ppl:.4f} (mean NLL {nll:.4f} nats/token) over the {len(tokens):,} tokens of "
-              f"{opts.perplexity}, windows of {window} tokens every {max(1, window // 2)}")
-    elif opts.explain:
-        if opts.prompt is None:
-            _fail("--explain needs --prompt")
-        dialog = [{"role": "system", "content": opts.system}] if opts.system else []
-        prompt = (ChatFormat(tokenizer).encode_dialog_prompt([*dialog, {"role": "user", "content": opts.prompt}])
-                  if opts.chat else tokenizer.encode(opts.prompt, bos=True, eos=False))
-        try:
-            print_explanation(model, tokenizer, prompt)
-        except ValueError as e:
-            _fail(str(e))
-    elif opts.chat:
-        def typed_tool_output(call: dict) -> str | None:
-            print(f"[built-in tool call: {call['name']} {json.dumps(call['arguments'])}; type its output, "
-                  "or an empty line to decline]", file=sys.stderr)
-            return read("tool> ") or None
-
-        chat = Chat(model, tokenizer, opts.system, tools=tools, tool_format=opts.tool_format,
-                    builtin_tools=typed_tool_output if opts.builtin_tools else None,
-                    max_new_tokens=opts.max_new_tokens, sampling=sampling, stops=opts.stop, compile=opts.compile)
-        if opts.prompt is None:
+    read = _read_on_rank_0 if tensor_parallel else input
+    if tensor_parallel:  # every rank holds the same full logits, so the same seed draws the same token everywhere
+        sampling = replace(sampling, seed=_shared_seed(opts.seed, device))
+    try:  # generate()'s NaN or inf logits (FloatingPointError), in a chat or a completion, end in one line too
+        if text is not None:
+            window = opts.max_seq_len or min(model.args.max_seq_len, 2048)
             try:
+                nll, ppl = perplexity(model, tokens, window, log=sys.stderr if sys.stderr.isatty() else None)
+            except ValueError as e:
+                _fail(f"--perplexity {opts.perplexity}: {e}")
+            print(f"perplexity {ppl:.4f} (mean NLL {nll:.4f} nats/token) over the {len(tokens):,} tokens of "
+                  f"{opts.perplexity}, windows of {window} tokens every {max(1, window // 2)}")
+        elif opts.explain:
+            if opts.prompt is None:
+                _fail("--explain needs --prompt")
+            dialog = [{"role": "system", "content": opts.system}] if opts.system else []
+            prompt = (ChatFormat(tokenizer).encode_dialog_prompt([*dialog, {"role": "user", "content": opts.prompt}])
+                      if opts.chat else tokenizer.encode(opts.prompt, bos=True, eos=False))
+            try:
+                print_explanation(model, tokenizer, prompt)
+            except ValueError as e:
+                _fail(str(e))
+        elif opts.chat:
+            def typed_tool_output(call: dict) -> str | None:
+                print(f"[built-in tool call: {call['name']} {json.dumps(call['arguments'])}; type its output, "
+                      "or an empty line to decline]", file=sys.stderr)
+                return read("tool> ") or None
+            chat = Chat(model, tokenizer, opts.system, tools=tools, tool_format=opts.tool_format, sampling=sampling,
+                        builtin_tools=typed_tool_output if opts.builtin_tools else None,
+                        max_new_tokens=opts.max_new_tokens, stops=opts.stop, compile=opts.compile)
+            if opts.prompt is None:
                 run_chat(chat, read)
-            except FloatingPointError as e:
-                _fail(str(e))
+            else:
+                try:
+                    chat.send(opts.prompt)
+                except ContextFullError as e:
+                    _fail(f"{e}{'; raise --max-seq-len' * (opts.max_seq_len is not None)}")
+                except KeyboardInterrupt:
+                    raise SystemExit(130) from None
+                print()
         else:
-            try:
-                chat.send(opts.prompt)
-            except FloatingPointError as e:
-                _fail(str(e))
-            except ContextFullError as e:
-                _fail(f"{e}{'; raise --max-seq-len' * (opts.max_seq_len is not None)}")
-            except KeyboardInterrupt:
-                raise SystemExit(130) from None
-            print()
-    else:
-        if opts.prompt != opts.prompt.rstrip():
-            print("llama3.py: warning: the prompt ends in whitespace; Llama 3 usually puts spaces at the start of "
-                  "the next token, so this prompt is unlike its training text", file=sys.stderr)
-        prompt = tokenizer.encode(opts.prompt, bos=True, eos=False)
-        if len(prompt) >= model.args.max_seq_len:
-            _fail(f"--prompt is {len(prompt)} tokens, too long for the {model.args.max_seq_len}-position context"
-                  + " (raise --max-seq-len)" * (opts.max_seq_len is not None))
-        try:
+            if opts.prompt != opts.prompt.rstrip():
+                print("llama3.py: warning: the prompt ends in whitespace; Llama 3 usually puts spaces at the start "
+                      "of the next token, so this prompt is unlike its training text", file=sys.stderr)
+            prompt = tokenizer.encode(opts.prompt, bos=True, eos=False)
+            if len(prompt) >= model.args.max_seq_len:
+                _fail(f"--prompt is {len(prompt)} tokens, too long for the {model.args.max_seq_len}-position context"
+                      + " (raise --max-seq-len)" * (opts.max_seq_len is not None))
             _, _, interrupted = stream(model, tokenizer, prompt, opts.max_new_tokens, sampling, stops=opts.stop,
                                        compile=opts.compile)
-        except FloatingPointError as e:
-            _fail(str(e))
-        print()
-        if interrupted:
-            raise SystemExit(130)
+            print()
+            if interrupted:
+                raise SystemExit(130)
+    except FloatingPointError as e:
+        _fail(str(e))
     if tensor_parallel:
         dist.barrier()  # no rank tears down while another still talks to it
         dist.destroy_process_group()
@@ -1745,13 +1725,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def print_explanation(model: Transformer, tokenizer: Tokenizer, prompt: list[int]) -> None:
     """--explain: one line per layer, as explain() returns it; the last line is the model's prediction."""
-    def show(ids: list[int]) -> str:
-        return repr(tokenizer.decode(ids))
-
-    rows = explain(model, prompt)
-    for i, row in enumerate(rows):
-        top = "  ".join(f"{show([t])} {100 * p:.3g}%" for t, p in row["top"])
-        attends = "  ".join(f"{show([prompt[j]])}@{j} {w:.2f}" for j, w in row["attends"][:3])
+    for i, row in enumerate(explain(model, prompt)):
+        top = "  ".join(f"{tokenizer.decode([t])!r} {100 * p:.3g}%" for t, p in row["top"])
+        attends = "  ".join(f"{tokenizer.decode([prompt[j]])!r}@{j} {w:.2f}" for j, w in row["attends"][:3])
         print(f"layer {i:2d}  next: {top}  | attends to: {attends}")
 
 
@@ -1782,8 +1758,7 @@ def run_chat(chat: Chat, read: Callable[[str], str] = input, log: TextIO | None 
     except ImportError:
         pass
     log = log or sys.stderr
-    print('chat: /reset clears the history, """ starts and ends a message of several lines, Ctrl-D quits',
-          file=log)
+    print('chat: /reset clears the history, """ starts and ends a message of several lines, Ctrl-D quits', file=log)
     while True:
         try:
             text = read_message(read)
@@ -1793,16 +1768,14 @@ def run_chat(chat: Chat, read: Callable[[str], str] = input, log: TextIO | None 
         if text.strip() == "/reset":
             chat.reset()
             print("(history cleared)", file=log)
-            continue
-        if not text.strip():
-            continue
-        try:
-            chat.send(text)
-        except ContextFullError as e:
-            print(f"{e}: /reset to start a new conversation", file=log)
-        except KeyboardInterrupt:
-            pass  # Ctrl-C ends the answer, not the chat
-        print(file=chat.out or sys.stdout)
+        elif text.strip():
+            try:
+                chat.send(text)
+            except ContextFullError as e:
+                print(f"{e}: /reset to start a new conversation", file=log)
+            except KeyboardInterrupt:
+                pass  # Ctrl-C ends the answer, not the chat
+            print(file=chat.out or sys.stdout)
 
 
 # =============================================================================
