@@ -1786,30 +1786,12 @@ def run_chat(chat: Chat, read: Callable[[str], str] = input, log: TextIO | None 
 # on the CPU: each path below is taken only on the CPU kinds where
 # benchmarks/cpu_paths.py measured it faster than torch's own kernel (figures
 # in README.md, "Performance"); on any other kind, torch's kernels run.
-#
-# - row_blocks: F.linear's fp32 product of a few rows (decode) kept one of two
-#   cores mostly idle on AMD EPYC. The same product as one matmul over a batch
-#   of 16 blocks of the weight's rows, which torch spreads over its threads
-#   block by block, ran decode's products 1.3-1.6x faster there.
-# - bf16_via_fp32: on an x86 CPU without bf16 matrix instructions (AVX512-BF16
-#   or AMX), a bf16 product of many rows ran ~4x slower than fp32. From 16 rows
-#   on (a prefill), each 4 MB block of the bf16 weight is copied to fp32 and
-#   multiplied in fp32; bf16 kernels accumulate in fp32 too, so only the
-#   summation order changes. Fewer rows are bound by memory bandwidth, where
-#   reading bf16 directly is faster.
-# - explicit_decode_*: for one decoded token, SDPA's CPU kernel was slower than
-#   the explicit product (1.6x in fp32 and 10x in bf16 on Zen 5, 1.5x in fp32
-#   on Xeon).
-# - split_prefill_*: given a mask, SDPA's CPU kernel cost 1.2x what the same
-#   work does without one; CPUAttention runs a causal prefill chunk unmasked.
 # =============================================================================
 
-# The CPU kinds each path was measured faster on (benchmarks/cpu_paths.py). A
-# kind is a vendor with the instructions the kernels use: "zen3" (AMD, AVX2
-# only), "zen5" (AMD family 26: AVX-512, AVX512-BF16), "xeon-amx" (Intel with
-# AMX). Measured slower or alike, hence left out: row blocks and bf16 via fp32 on
-# xeon-amx; bf16 decode and bf16 chunks on xeon-amx (SDPA 2.4x faster; alike).
-# The attention paths were not measured on zen3.
+# Each path's kinds. A kind is a vendor with the instructions the kernels use: "zen3" (AMD, AVX2 only), "zen5"
+# (AMD family 26: AVX-512, AVX512-BF16), "xeon-amx" (Intel with AMX). Measured slower or alike, hence left out:
+# row blocks and bf16 via fp32 on xeon-amx; bf16 decode and bf16 chunks on xeon-amx (SDPA 2.4x faster; alike).
+# The attention paths were not measured on zen3. Why each path is faster: at its function below.
 CPU_PATHS = {"row_blocks": ("zen3", "zen5"), "bf16_via_fp32": ("zen3",),
              "explicit_decode_fp32": ("zen5", "xeon-amx"), "explicit_decode_bf16": ("zen5",),
              "split_prefill_fp32": ("zen5", "xeon-amx"), "split_prefill_bf16": ("zen5",)}
@@ -1840,11 +1822,12 @@ def cpu_paths(kind: str | None) -> frozenset[str]:
 
 
 def bf16_linear_in_fp32(x: torch.Tensor, w: torch.Tensor, block_numel: int = 1 << 20) -> torch.Tensor:
-    """F.linear(x, w) for a bf16 w, computed in fp32 one block of w's rows (block_numel elements) at a time."""
+    """F.linear(x, w) for a bf16 w, computed in fp32 one block of w's rows (block_numel elements) at a time.
+    On x86 without bf16 matrix instructions (AVX512-BF16 or AMX), a bf16 product of many rows ran ~4x slower
+    than fp32; bf16 kernels accumulate in fp32 too, so only the summation order changes."""
     rows_per_block = max(1, block_numel // w.shape[1])
-    # One fp32 buffer reused for every block: a 4 MB block stays in cache, which made prefill
-    # 1.2-1.4x faster than converting the whole matrix at once. Allocating it per call cost
-    # nothing measurable against keeping one.
+    # One fp32 buffer, allocated per call (keeping one saved nothing measurable) and reused for every block:
+    # a 4 MB block stays in cache, which made prefill 1.2-1.4x faster than converting the whole matrix at once.
     buffer = torch.empty(min(w.numel(), rows_per_block * w.shape[1]), dtype=torch.float32, device=w.device)
     x32 = x.float()
     out = [F.linear(x32, buffer[: block.numel()].view(block.shape).copy_(block))
@@ -1853,7 +1836,9 @@ def bf16_linear_in_fp32(x: torch.Tensor, w: torch.Tensor, block_numel: int = 1 <
 
 
 def row_block_linear(x: torch.Tensor, w: torch.Tensor, n_blocks: int = 16) -> torch.Tensor:
-    """F.linear(x, w) as one batched matmul over n_blocks blocks of w's rows (w's rows divisible by it)."""
+    """F.linear(x, w) as one batched matmul over n_blocks blocks of w's rows (w's rows divisible by it). On AMD
+    EPYC, F.linear's fp32 product of a few rows (decode) kept one of two cores mostly idle; torch spreads this
+    matmul over its threads block by block, which ran decode's products 1.3-1.6x faster."""
     blocks = w.view(n_blocks, -1, w.shape[1]).transpose(1, 2)  # (n_blocks, in, out / n_blocks), a view
     out = torch.matmul(x.reshape(1, -1, x.shape[-1]), blocks)  # (n_blocks, rows, out / n_blocks)
     return out.transpose(0, 1).reshape(*x.shape[:-1], w.shape[0])  # (..., out)
@@ -1862,7 +1847,7 @@ def row_block_linear(x: torch.Tensor, w: torch.Tensor, n_blocks: int = 16) -> to
 class CPULinear(nn.Linear):
     """A bias-free nn.Linear that takes the paths above that its CPU kind has (`paths`)."""
 
-    FP32_FROM_ROWS = 16  # bf16 via fp32 overtook the bf16 kernel between 8 and 16 rows
+    FP32_FROM_ROWS = 16  # via fp32 overtook bf16 between 8 and 16 rows; fewer are memory-bound: bf16 reads less
     ROW_BLOCKS = 16  # 4 to 32 blocks measured alike on 2 cores
 
     def __init__(self, in_features: int, out_features: int, paths: frozenset[str] = frozenset(CPU_PATHS)):
@@ -1871,12 +1856,11 @@ class CPULinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        rows = x.numel() // x.shape[-1]
         if w.device.type != "cpu":
             return F.linear(x, w)
         # Inference only (no grad): the fp32 copy of w is not a parameter autograd could train.
-        if ("bf16_via_fp32" in self.paths and w.dtype == torch.bfloat16 and rows >= self.FP32_FROM_ROWS
-                and not torch.is_grad_enabled()):
+        if ("bf16_via_fp32" in self.paths and w.dtype == torch.bfloat16 and not torch.is_grad_enabled()
+                and x.numel() // x.shape[-1] >= self.FP32_FROM_ROWS):  # x's rows
             return bf16_linear_in_fp32(x, w)
         if "row_blocks" in self.paths and w.dtype == torch.float32 and w.shape[0] % self.ROW_BLOCKS == 0:
             return row_block_linear(x, w, self.ROW_BLOCKS)
@@ -1884,9 +1868,8 @@ class CPULinear(nn.Linear):
 
 
 class CPUAttention(Attention):
-    """Attention whose SDPA setting takes its CPU kind's routes (`paths`): the explicit
-    product for one decoded token, and for a causal prefill chunk two unmasked kernel calls
-    merged by their softmax sums. Any other case takes part 1's own sdpa()."""
+    """Attention whose SDPA setting takes its CPU kind's routes (`paths`): the explicit product for one decoded
+    token, two unmasked kernel calls merged by their softmax sums for a causal prefill chunk, else part 1's sdpa()."""
 
     paths = frozenset(CPU_PATHS)  # use_cpu_speed_paths sets each instance's
 
@@ -1895,8 +1878,8 @@ class CPUAttention(Attention):
         past = k.shape[2] - T  # cached positions before this chunk
         if q.device.type != "cpu":  # a model moved with .to() after loading
             return super().sdpa(q, k, v, mask)
-        # One query has only S scores to store, so fusing saves nothing. explicit() is the
-        # definition, so it is exact for any mask.
+        # One decoded token has only S scores to store, so fusing saves nothing: SDPA's CPU kernel was slower
+        # than explicit(), the definition, which is exact for any mask.
         dtype = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(q.dtype)
         if T == 1 and f"explicit_decode_{dtype}" in self.paths:
             return self.explicit(q, k, v, mask)
@@ -1904,25 +1887,21 @@ class CPUAttention(Attention):
         flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
         if T == 1 or f"split_prefill_{dtype}" not in self.paths or flash is None or not is_causal_mask(mask, past):
             return super().sdpa(q, k, v, mask)
-        # Under the causal mask every query sees the `past` cached keys, and its own chunk's
-        # keys up to itself. Given a mask, the kernel reads it for every block of every head:
-        # 512-token chunks of a 16K prompt took 1.2x one causal call. So each part goes
-        # unmasked: the chunk's own keys with is_causal (its top-left triangle is right when
-        # queries and keys are the same T positions), the past with no mask; 1.03-1.05x one causal call (README.md, long prompts).
-        # The chunk's own K/V heads are copied n_rep times (T positions, little to copy): stacking
-        # query heads as rows, as below, would misplace the causal triangle.
+        # Under the causal mask each query sees the `past` cached keys and its chunk's keys up to itself. Given a
+        # mask, the kernel reads it for every block of every head (1.2x one causal call; README.md, long prompts),
+        # so each part goes unmasked: the chunk's own keys with is_causal (its top-left triangle is right for T
+        # queries over the same T keys), the past with no mask. The own K/V heads are copied n_rep times (T
+        # positions, little to copy): stacking query heads as rows, as below, would misplace the triangle.
         own_k, own_v = (x[:, :, past:].repeat_interleave(self.n_rep, 1) for x in (k, v))  # (B, n_heads, T, hd)
         out, lse = flash(q, own_k, own_v, 0.0, True)  # (B, n_heads, T, head_dim); lse (B, n_heads, T) fp32
         if past == 0:
             return out
-        # No mask over the past, so each group's n_rep query heads can be rows against
-        # their one K/V head, as in explicit().
+        # No mask over the past: each group's n_rep query heads are rows against their K/V head, as in explicit().
         grouped = q.reshape(B, self.n_kv_heads, self.n_rep * T, head_dim)
         out_past, lse_past = flash(grouped, k[:, :, :past], v[:, :, :past], 0.0, False)
-        # Each call normalised its softmax by its own sum Z of exp(scores), lse = log Z.
-        # Over all keys, the two outputs mix in proportion to their Z: the past's share is
-        # Z_past / (Z_past + Z_own) = sigmoid(lse_past - lse). In bf16 or fp16 the two partial
-        # outputs are rounded before the mix: up to one more unit in the last place.
+        # Each call normalised its softmax by its own sum Z of exp(scores), lse = log Z; over all keys the past's
+        # share is Z_past / (Z_past + Z_own) = sigmoid(lse_past - lse). In bf16 or fp16 the partial outputs are
+        # rounded before the mix: up to one more unit in the last place.
         share = torch.sigmoid(lse_past.reshape(B, self.n_heads, T) - lse).unsqueeze(-1)  # (B, n_heads, T, 1)
         out_past = out_past.reshape(B, self.n_heads, T, head_dim)
         return torch.lerp(out.float(), out_past.float(), share).to(q.dtype)  # (B, n_heads, T, head_dim)
@@ -1939,21 +1918,17 @@ def is_causal_mask(mask: torch.Tensor | None, past: int) -> bool:
 
 
 def use_cpu_speed_paths(model: nn.Module, paths: frozenset[str] | None = None) -> nn.Module:
-    """Swap every plain bias-free nn.Linear in model for a CPULinear holding the same weight,
-    and every Attention for a CPUAttention (the same module with another sdpa method).
-
-    paths: the CPU_PATHS to take; default: those measured faster on this CPU's kind
-    (none on a kind never measured, and then nothing is swapped).
-    Returns model, changed in place. Layers of other classes (tensor parallelism's) stay.
-    """
+    """Swap every plain bias-free nn.Linear in model for a CPULinear holding the same weight, and every Attention
+    for a CPUAttention (the same module with another sdpa method), taking `paths` (default: the CPU_PATHS of this
+    CPU's kind; none, so no swap, on a kind never measured). Returns model, changed in place; layers of other
+    classes (tensor parallelism's) stay."""
     paths = cpu_paths(cpu_kind()) if paths is None else frozenset(paths)
     if not paths:
         return model
-    for module in model.modules():
-        if type(module) is Attention:
-            module.__class__ = CPUAttention  # same parameters and state; only the method differs
-            module.paths = paths
     for parent in list(model.modules()):
+        if type(parent) is Attention:
+            parent.__class__ = CPUAttention  # same parameters and state; only the method differs
+            parent.paths = paths
         for name, child in parent.named_children():
             if type(child) is nn.Linear and child.bias is None:
                 with torch.device("meta"):  # no storage: the weight is the old layer's
@@ -1966,27 +1941,22 @@ def use_cpu_speed_paths(model: nn.Module, paths: frozenset[str] | None = None) -
 # =============================================================================
 # Appendix B: tensor parallelism: torchrun --nproc-per-node N llama3.py --ckpt DIR ...
 #
-# 70B needs ~140 GB in bf16 and 405B ~810 GB, beyond one GPU. Split N ways the
-# way Meta trained (Megatron-LM, Shoeybi et al. 2019), each of N processes holds
-# 1/N of every matrix and the blocks need one all-reduce per sub-layer:
+# 70B needs ~140 GB in bf16 and 405B ~810 GB, beyond one GPU. Split N ways as
+# Meta trained (Megatron-LM, Shoeybi et al. 2019), each of N processes holds 1/N
+# of every matrix, and each sub-layer needs one all-reduce:
 #
-#        x (replicated)                        x (replicated)
-#     ___|___ ... ___                       ___|___ ... ___
-#    wq,wk,wv rows r       column-parallel  w1,w3 rows r           rank r holds a
-#    (rank r's heads)      (no talk)        (1/N of hidden_dim)    horizontal strip
-#        |  attention on own heads             |  silu(w1 x) * w3 x
-#    wo columns r          row-parallel     w2 columns r           a vertical strip:
-#        |                 partial sums         |                  partial sums
-#    all-reduce (sum) ----> x + attention   all-reduce (sum) ----> h + ffn
+#   x (replicated on N ranks)            x (replicated on N ranks)
+#   | wq,wk,wv rows: rank r's heads      | w1,w3 rows: 1/N of hidden_dim   column-parallel: rank r holds
+#   | attention on its own heads         | silu(w1 x) * w3 x               a horizontal strip, no talk
+#   | wo columns: partial sums           | w2 columns: partial sums        row-parallel: a vertical strip
+#   all-reduce (sum) -> x + attention    all-reduce (sum) -> h + ffn
 #
-# tok_embeddings and output are split by vocabulary: each rank embeds the
-# tokens in its vocabulary range (zeros elsewhere, then an all-reduce sums
-# them), and computes logits for its range, gathered into the full row. Norms
-# are replicated. With more ranks than K/V heads (405B on 16 GPUs, 8 K/V heads)
-# each K/V head is replicated on N / n_kv_heads ranks, as Meta's 16-shard
-# release does. shard_model swaps in the three classes below, so the
-# single-process model of part 1 has no branch for any of this. The
-# command line joins the process group with the helpers at the end.
+# tok_embeddings and output are split by vocabulary: each rank embeds the tokens
+# in its range (zeros elsewhere; an all-reduce sums them) and computes their
+# logits, gathered into the full row. Norms are replicated. With more ranks than
+# K/V heads (405B on 16 GPUs, 8 K/V heads) each K/V head is replicated on
+# N / n_kv_heads ranks, as Meta's 16-shard release does. shard_model swaps in
+# the classes below, so part 1 has no branch for this; torchrun's helpers follow.
 # =============================================================================
 
 
@@ -2012,9 +1982,8 @@ class VocabParallelEmbedding(nn.Embedding):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         local = tokens - self.start
         outside = (local < 0) | (local >= self.num_embeddings)
-        h = F.embedding(local.clamp(0, self.num_embeddings - 1), self.weight)  # (B, T, dim)
-        h = h.masked_fill(outside[..., None], 0.0)
-        dist.all_reduce(h)
+        h = F.embedding(local.clamp(0, self.num_embeddings - 1), self.weight).masked_fill(outside[..., None], 0.0)
+        dist.all_reduce(h)  # (B, T, dim): each token's row from the rank that holds it
         return h
 
 
@@ -2032,13 +2001,9 @@ class VocabParallelOutput(nn.Linear):
 
 
 def shard_model(model: Transformer, rank: int, world_size: int) -> dict[str, tuple[int | None, int, int]]:
-    """Turn a model built on the "meta" device into rank's 1/world_size part of it.
-
-    Returns, for each state_dict name, the slice of the full tensor this rank
-    holds: (dim, start, stop), or (None, 0, 0) for a replicated norm.
-    """
-    a = model.args
-    n_kv = a.n_kv_heads
+    """Turn a model built on the "meta" device into rank's 1/world_size part of it. Returns, for each state_dict
+    name, the slice of the full tensor this rank holds: (dim, start, stop), or (None, 0, 0) for a replicated norm."""
+    a, n_kv = model.args, model.args.n_kv_heads
     if a.n_heads % world_size or (n_kv % world_size and world_size % n_kv):
         raise ValueError(f"{world_size} processes can't split n_heads={a.n_heads}, n_kv_heads={n_kv}: use a "
                          f"number that divides n_heads and divides or is a multiple of n_kv_heads")
@@ -2048,38 +2013,31 @@ def shard_model(model: Transformer, rank: int, world_size: int) -> dict[str, tup
     heads, kv_heads = a.n_heads // world_size, max(1, n_kv // world_size)
     kv_start = rank * n_kv // world_size  # with replicated K/V heads, rank r reads head r // (N / n_kv_heads)
     hidden, vocab, hd = a.ffn_hidden_dim // world_size, a.vocab_size // world_size, a.head_dim
-    slices = {}
     with torch.device("meta"):
-        for i, layer in enumerate(model.layers):
-            att, ffn, pre = layer.attention, layer.feed_forward, f"layers.{i}."
+        for layer in model.layers:
+            att, ffn = layer.attention, layer.feed_forward
             att.n_heads, att.n_kv_heads, att.n_rep = heads, kv_heads, heads // kv_heads
             att.wq, att.wo = nn.Linear(a.dim, heads * hd, bias=False), RowParallelLinear(heads * hd, a.dim)
-            att.wk = nn.Linear(a.dim, kv_heads * hd, bias=False)
-            att.wv = nn.Linear(a.dim, kv_heads * hd, bias=False)
-            ffn.w1 = nn.Linear(a.dim, hidden, bias=False)
-            ffn.w3 = nn.Linear(a.dim, hidden, bias=False)
+            att.wk, att.wv = nn.Linear(a.dim, kv_heads * hd, bias=False), nn.Linear(a.dim, kv_heads * hd, bias=False)
+            ffn.w1, ffn.w3 = nn.Linear(a.dim, hidden, bias=False), nn.Linear(a.dim, hidden, bias=False)
             ffn.w2 = RowParallelLinear(hidden, a.dim)
-            # This rank's query-head rows of wq (columns of wo) and K/V-head rows of wk, wv.
-            q_rows = (rank * heads * hd, (rank + 1) * heads * hd)
-            kv_rows = (kv_start * hd, (kv_start + kv_heads) * hd)
-            slices.update({pre + "attention.wq.weight": (0, *q_rows), pre + "attention.wk.weight": (0, *kv_rows),
-                           pre + "attention.wv.weight": (0, *kv_rows), pre + "attention.wo.weight": (1, *q_rows),
-                           pre + "feed_forward.w1.weight": (0, rank * hidden, (rank + 1) * hidden),
-                           pre + "feed_forward.w3.weight": (0, rank * hidden, (rank + 1) * hidden),
-                           pre + "feed_forward.w2.weight": (1, rank * hidden, (rank + 1) * hidden),
-                           pre + "attention_norm.weight": (None, 0, 0), pre + "ffn_norm.weight": (None, 0, 0)})
         model.tok_embeddings = VocabParallelEmbedding(vocab, a.dim, start=rank * vocab)
         model.output = VocabParallelOutput(a.dim, vocab)
         if a.tie_word_embeddings:
             model.output.weight = model.tok_embeddings.weight
-    slices.update({"tok_embeddings.weight": (0, rank * vocab, (rank + 1) * vocab),
-                   "output.weight": (0, rank * vocab, (rank + 1) * vocab), "norm.weight": (None, 0, 0)})
-    return slices
+    # This rank's [start, stop) of rows (dim 0) or columns (dim 1): its query heads' rows of wq (columns of wo),
+    # its K/V heads' rows of wk and wv, its share of the SwiGLU width and of the vocabulary.
+    q, kv = (rank * heads * hd, (rank + 1) * heads * hd), (kv_start * hd, (kv_start + kv_heads) * hd)
+    hid, voc = (rank * hidden, (rank + 1) * hidden), (rank * vocab, (rank + 1) * vocab)
+    per_layer = {"attention.wq": (0, *q), "attention.wk": (0, *kv), "attention.wv": (0, *kv), "attention.wo": (1, *q),
+                 "feed_forward.w1": (0, *hid), "feed_forward.w3": (0, *hid), "feed_forward.w2": (1, *hid),
+                 "attention_norm": (None, 0, 0), "ffn_norm": (None, 0, 0)}
+    slices = {f"layers.{i}.{name}.weight": s for i in range(len(model.layers)) for name, s in per_layer.items()}
+    return slices | {"tok_embeddings.weight": (0, *voc), "output.weight": (0, *voc), "norm.weight": (None, 0, 0)}
 
 
 def _join_process_group(device: torch.device) -> torch.device:
-    """Under torchrun: join the process group (nccl on GPUs, one GPU per process; gloo
-    on CPU). Rank 0 alone prints."""
+    """Under torchrun: join the process group (nccl on GPUs, one GPU per process; gloo on CPU); only rank 0 prints."""
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -2092,7 +2050,6 @@ def _join_process_group(device: torch.device) -> torch.device:
 def _shared_seed(seed: int | None, device: torch.device) -> int:
     """Rank 0's seed (a random one if none was given), the same on every rank."""
     import random
-
     box = torch.tensor([seed if seed is not None else random.randrange(2**62)], device=device)
     dist.broadcast(box, src=0)
     return int(box)
@@ -2112,20 +2069,18 @@ def _read_on_rank_0(prompt: str) -> str:
     return box[0]
 
 
-
 # =============================================================================
 # Appendix C: compiled decoding for GPUs (--compile)
 #
-# A decode step launches ~20 small kernels per layer, and on a GPU launching
-# them can take longer than running them. CUDA graphs record a whole step once
-# and replay it with one launch, but only for fixed shapes and memory
-# addresses, while part 1's step reads a cache slice that grows by one
-# position per token. So this step, like gpt-fast's, attends over the whole
-# preallocated cache, with a mask of the positions written so far, takes its
-# position as a tensor and writes K/V in place. torch.compile with mode
-# "reduce-overhead" records it as a CUDA graph. It is compiled once per model
-# (kept as model.compiled_decode) over one cache the model keeps
-# (static_cache), and replayed by every later generate call.
+# A decode step launches ~20 small kernels per layer; on a GPU launching them
+# can take longer than running them. A CUDA graph records a whole step once and
+# replays it with one launch, but only for fixed shapes and memory addresses,
+# while part 1's step reads a cache slice that grows by one position per token.
+# So this step, like gpt-fast's, attends over the whole preallocated cache with
+# a mask of the positions written so far, takes its position as a tensor and
+# writes K/V in place. torch.compile's "reduce-overhead" mode records it as a
+# CUDA graph, once per model, over one cache the model keeps (static_cache);
+# every later generate call replays it.
 # =============================================================================
 
 
@@ -2152,13 +2107,9 @@ def decode_step_static(model: Transformer, token: torch.Tensor, pos: torch.Tenso
 
 
 def static_cache(model: Transformer, batch_size: int, length: int) -> list[KVCache]:
-    """The one decode cache a model keeps for compiled generation (gpt-fast's setup_caches).
-
-    A new cache means new shapes and addresses, so a recompile or a new CUDA-graph
-    recording. This one is replaced only when a request outgrows it: at least 4096
-    positions, doubling, up to max_seq_len. Positions past the current one are masked,
-    so what an earlier request left there is never read.
-    """
+    """The one decode cache a model keeps for compiled generation (gpt-fast's setup_caches), replaced only when a
+    request outgrows it (at least 4096 positions, doubling, up to max_seq_len): new shapes and addresses mean a
+    recompile or a new CUDA-graph recording. Positions past the current one are masked: leftovers are never read."""
     cache = getattr(model, "decode_cache", None)
     if cache is None or cache[0].k.shape[0] != batch_size or cache[0].k.shape[2] < length:
         grown = 2 * cache[0].k.shape[2] if cache is not None else 0
