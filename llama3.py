@@ -813,26 +813,28 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
     remap_every = max(64 * 2**20, sum(v.numel() for v in expected.values()) * 2 // 64)
     state, read_bytes = {}, 0
     if quantized:
-        malloc_mmap_threshold(2 << 20)  # (appendix D) until the loop ends
-    for name, want in expected.items():
-        t = reader.tensor(name) if slices is None else reader.tensor_slice(name, *slices[name])
-        if t.shape != want.shape:
-            raise CheckpointError(f"{reader.source(name)}: {name} has shape {tuple(t.shape)}, model expects "
-                                  f"{tuple(want.shape)}: {config_hint(name, args)}")
-        if not t.is_floating_point():
-            raise CheckpointError(f"{reader.source(name)}: {name} has dtype {t.dtype}, expected a float type")
-        cast = t.to(device=device, dtype=dtype or t.dtype)
-        if name in quantized:
-            quantized[name].quantize_(cast)
-        else:  # a quantized model keeps no view of the files, so their pages can leave memory
-            state[name] = cast.clone() if quantized and cast is t else cast
-        read_bytes += t.numel() * t.element_size()
-        del t, cast
-        if read_bytes > remap_every:
-            reader.reopen()
-            read_bytes = 0
-    if quantized:
-        malloc_mmap_threshold(32 << 20)  # glibc's own ceiling for its moving threshold
+        malloc_mmap_threshold(2 << 20)  # (appendix D) until the loop ends or fails
+    try:
+        for name, want in expected.items():
+            t = reader.tensor(name) if slices is None else reader.tensor_slice(name, *slices[name])
+            if t.shape != want.shape:
+                raise CheckpointError(f"{reader.source(name)}: {name} has shape {tuple(t.shape)}, model expects "
+                                      f"{tuple(want.shape)}: {config_hint(name, args)}")
+            if not t.is_floating_point():
+                raise CheckpointError(f"{reader.source(name)}: {name} has dtype {t.dtype}, expected a float type")
+            cast = t.to(device=device, dtype=dtype or t.dtype)
+            if name in quantized:
+                quantized[name].quantize_(cast)
+            else:  # a quantized model keeps no view of the files, so their pages can leave memory
+                state[name] = cast.clone() if quantized and cast is t else cast
+            read_bytes += t.numel() * t.element_size()
+            del t, cast
+            if read_bytes > remap_every:
+                reader.reopen()
+                read_bytes = 0
+    finally:
+        if quantized:
+            malloc_mmap_threshold(32 << 20)  # glibc's own ceiling for its moving threshold
     if args.tie_word_embeddings and not quantized:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)

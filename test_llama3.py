@@ -3101,6 +3101,21 @@ def test_quantize_is_refused_in_one_line_where_the_kernel_is_missing(tmp_path, m
         load_model(cli_ckpt[0], quantize="int8")
 
 
+def test_a_failed_quantized_load_gives_back_the_allocator_setting(cli_ckpt, monkeypatch):
+    calls, real = [], llama3.CheckpointReader.tensor
+    monkeypatch.setattr(llama3, "malloc_mmap_threshold", calls.append)
+
+    def tensor(self, name):  # a file cut short after its first layer
+        if name.startswith("layers.1."):
+            raise llama3.CheckpointError(f"{name}: cut short")
+        return real(self, name)
+
+    monkeypatch.setattr(llama3.CheckpointReader, "tensor", tensor)
+    with pytest.raises(llama3.CheckpointError, match="cut short"):
+        load_model(cli_ckpt[0], dtype=torch.float32, quantize="int8")
+    assert calls == [2 << 20, 32 << 20]  # glibc's threshold set for the loop, then restored
+
+
 @pytest.mark.slow
 def test_quantize_through_the_command_line(cli_ckpt, tok):
     folder, _ = cli_ckpt
