@@ -51,7 +51,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -237,7 +237,8 @@ class KVCache:
     def __init__(self, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
-        self.k, self.v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
 
     def update(self, start_pos: int, xk: torch.Tensor, xv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store xk, xv (B, n_kv_heads, T, head_dim) at start_pos; return all S positions so far."""
@@ -250,8 +251,10 @@ class KVCache:
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.n_rep = args.n_heads // args.n_kv_heads
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.n_kv_heads
+        self.head_dim = args.head_dim
+        self.n_rep = args.n_heads // args.n_kv_heads  # query heads per K/V head
         self.use_sdpa = args.use_sdpa
         # Bias-free projections, as in every Llama.
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
@@ -265,13 +268,20 @@ class Attention(nn.Module):
         xq = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, n_heads, head_dim)
         xk = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
         xv = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
-        xq, xk = apply_rotary_emb(xq, cos, sin), apply_rotary_emb(xk, cos, sin)
+        xq = apply_rotary_emb(xq, cos, sin)
+        xk = apply_rotary_emb(xk, cos, sin)
 
-        q, k, v = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)  # (B, heads, T, head_dim)
+        # Heads first, the layout attention's products and the cache use.
+        q = xq.transpose(1, 2)  # (B, n_heads, T, head_dim)
+        k = xk.transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
+        v = xv.transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
         if cache is not None:
-            k, v = cache.update(start_pos, k, v)  # (B, n_kv_heads, S, head_dim)
+            k, v = cache.update(start_pos, k, v)  # (B, n_kv_heads, S, head_dim) each
 
-        out = self.sdpa(q, k, v, mask) if self.use_sdpa else self.explicit(q, k, v, mask)  # (B, n_heads, T, hd)
+        if self.use_sdpa:
+            out = self.sdpa(q, k, v, mask)  # (B, n_heads, T, head_dim)
+        else:
+            out = self.explicit(q, k, v, mask)  # (B, n_heads, T, head_dim)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, dim)
         return self.wo(out)
 
@@ -285,8 +295,11 @@ class Attention(nn.Module):
         q = q.reshape(B, self.n_kv_heads, self.n_rep * T, self.head_dim)  # (B, n_kv_heads, n_rep * T, head_dim)
         # In float32 at least: exp() of bf16 scores loses the small probabilities (the
         # price: a float32 copy of the visible K/V, 8 MiB a layer for 8B at 1K positions).
-        dtype, out_dtype = torch.promote_types(q.dtype, torch.float32), q.dtype
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        out_dtype = q.dtype
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        q = q.to(dtype)
+        k = k.to(dtype)
+        v = v.to(dtype)
         # The 1/sqrt(head_dim) keeps the scores' variance near 1 (Vaswani et al. 2017).
         scores = q @ k.transpose(2, 3) / math.sqrt(self.head_dim)  # (B, n_kv_heads, n_rep * T, S)
         if mask is not None:
@@ -375,10 +388,11 @@ class Transformer(nn.Module):
 
     def new_cache(self, batch_size: int, max_seq_len: int | None = None) -> list[KVCache]:
         """One KVCache per layer for batch_size sequences of up to max_seq_len positions."""
-        a, w = self.args, self.norm.weight  # in the activations' dtype and device
-        n = min(max_seq_len or a.max_seq_len, a.max_seq_len)
+        length = min(max_seq_len or self.args.max_seq_len, self.args.max_seq_len)
         n_kv_heads = self.layers[0].attention.n_kv_heads  # the heads this model's attention holds
-        return [KVCache(batch_size, n, n_kv_heads, a.head_dim, w.device, w.dtype) for _ in range(a.n_layers)]
+        like = self.norm.weight  # the activations' dtype and device
+        return [KVCache(batch_size, length, n_kv_heads, self.args.head_dim, like.device, like.dtype)
+                for _ in range(self.args.n_layers)]
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: list[KVCache] | None = None,
                 last_only: bool = False) -> torch.Tensor:
@@ -423,13 +437,21 @@ class Transformer(nn.Module):
 # -----------------------------------------------------------------------------
 # Checkpoint loading
 #
-# Three layouts, all read into Meta's tensor names:
-#   1. Meta's download: params.json + consolidated.00.pth ... consolidated.NN.pth, one file per tensor-parallel
-#      rank (1 for 8B, 8 for 70B, 8 or 16 for 405B);
-#   2. convert.py's output: params.json + model.safetensors with Meta's names;
-#   3. Hugging Face: config.json + model.safetensors, or the *.safetensors files model.safetensors.index.json lists.
-# The files are memory-mapped and each tensor is read, merged and cast on its own, then assigned into a model
-# built on the "meta" device (which allocates nothing), so the weights never exist twice in memory.
+# For a checkpoint in one file with Meta's names, loading is three lines:
+#
+#     with torch.device("meta"):  # parameters with shapes and no storage: nothing allocated, nothing initialised
+#         model = Transformer(args)
+#     state = torch.load("consolidated.00.pth", mmap=True, weights_only=True)  # the file mapped, not read
+#     model.load_state_dict(state, strict=True, assign=True)  # the parameters become the file's tensors
+#
+# Everything below makes those lines work for the three layouts Llama 3 comes in, read into Meta's names:
+#   1. Meta's download: params.json + consolidated.00.pth ... consolidated.NN.pth, one file per rank of the
+#      tensor parallelism Meta ran (1 for 8B, 8 for 70B, 8 or 16 for 405B): each matrix is merged from its slices.
+#   2. convert.py's output: params.json + model.safetensors, one file with Meta's names.
+#   3. Hugging Face: config.json + model.safetensors (or the files model.safetensors.index.json lists), with other
+#      names, and the rows of wq and wk permuted for another RoPE layout: both are mapped back.
+# 3.2 1B and 3B tie their output layer to tok_embeddings: the files store the matrix once.
+# Memory: the weights are read, merged and cast one tensor at a time, so they never exist twice in memory.
 # -----------------------------------------------------------------------------
 
 
@@ -647,7 +669,8 @@ class CheckpointReader:
             if f.name != f"consolidated.{i:02d}.pth":
                 raise CheckpointNotFoundError(f"{path}: consolidated.{i:02d}.pth is missing "
                                               f"({len(files)} shards found)")
-        self.layout, self.files = "meta", files
+        self.layout = "meta"
+        self.files = files
         self.shards = [_load_pth(f) for f in files]
         names = [k for k in self.shards[0] if k != "rope.freqs"]  # Llama 2 saved its RoPE table
         for f, shard in zip(files[1:], self.shards[1:]):
@@ -667,7 +690,10 @@ class CheckpointReader:
             files = sorted(path.glob("*.safetensors"))
         if not files:
             raise CheckpointNotFoundError(f"{path}: no *.safetensors files next to config.json")
-        self.layout, self.files, self.handles, self._where = ("hf" if hf else "safetensors"), files, [], {}
+        self.layout = "hf" if hf else "safetensors"
+        self.files = files
+        self.handles = []
+        self._where = {}  # Meta name -> (handle, the file's own name, file)
         for f in files:
             if not f.is_file():
                 raise CheckpointNotFoundError(f"{f}: listed in {index.name} but missing")
@@ -727,7 +753,8 @@ class CheckpointReader:
         if name not in self.names:
             raise CheckpointError(f"{name} missing from {self.path}")
         if self.layout == "meta":
-            pieces, offset = [], 0
+            pieces = []
+            offset = 0  # where shard p's rows (or columns) start in the merged tensor
             for p in _kv_heads_once(name, [s[name] for s in self.shards], self.args.n_kv_heads):
                 lo, hi = max(start, offset), min(stop, offset + p.shape[dim])  # the part of [start, stop) p holds
                 if lo < hi:
@@ -775,6 +802,33 @@ class SkipInit(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def read_weights(reader: CheckpointReader, expected: dict[str, torch.Tensor], device: torch.device,
+                 dtype: torch.dtype | None, slices: dict | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for each tensor `expected` names (the state_dict of the model to fill), one at a time: read,
+    checked against the expected shape, cast to dtype (None: as stored) and moved to device. slices: the part of
+    each tensor to read, for tensor parallelism (appendix B)."""
+    # Where the weights end up as copies (cast, merged, moved), remap the files every 1/64 of the checkpoint (at
+    # least 64 MiB), so the pages already read do not stay in memory beside the copies (see reopen).
+    remap_every = max(64 * 2**20, sum(v.numel() for v in expected.values()) * 2 // 64)
+    read_bytes = 0
+    for name, want in expected.items():
+        if slices is None:
+            t = reader.tensor(name)
+        else:
+            t = reader.tensor_slice(name, *slices[name])
+        if t.shape != want.shape:
+            raise CheckpointError(f"{reader.source(name)}: {name} has shape {tuple(t.shape)}, model expects "
+                                  f"{tuple(want.shape)}: {config_hint(name, reader.args)}")
+        if not t.is_floating_point():
+            raise CheckpointError(f"{reader.source(name)}: {name} has dtype {t.dtype}, expected a float type")
+        read_bytes += t.numel() * t.element_size()
+        yield name, t.to(device=device, dtype=dtype or t.dtype)
+        del t
+        if read_bytes > remap_every:
+            reader.reopen()
+            read_bytes = 0
+
+
 def load_model(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
                max_seq_len: int | None = None, rope_scaling_factor: float | None = None,
                use_sdpa: bool = True, tensor_parallel: bool = False, quantize: str | None = None) -> Transformer:
@@ -783,12 +837,14 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
     it (default: keep the checkpoint's). max_seq_len caps the positions the model addresses; rope_scaling_factor
     overrides the 3.1 factor (see LLAMA32_ROPE_FACTORS); use_sdpa: attention through SDPA (ModelArgs' default, the
     faster for prompts on every device measured) or, if False, the explicit definition. tensor_parallel: load only
-    this process's part for tensor parallelism across the processes of torch.distributed's default group (see
-    shard_model). quantize: "int8" or "int4" weights (appendix D), quantized as they are read."""
+    this process's part for tensor parallelism across the processes of torch.distributed's default group
+    (appendix B). quantize: "int8" or "int4" weights, quantized as they are read (appendix D)."""
     if dtype is not None and not isinstance(dtype, torch.dtype) or dtype in (torch.int8, torch.uint8):
         raise ValueError(f"dtype must be a torch float dtype such as torch.bfloat16, not {dtype!r}")
     if rope_scaling_factor is not None and not 0 < rope_scaling_factor < math.inf:
         raise ValueError(f"rope_scaling_factor must be > 0, not {rope_scaling_factor!r}")
+    if quantize is not None and tensor_parallel:
+        raise ValueError("quantize: quantized weights and tensor parallelism do not go together here")
     device = check_device(device or "cpu")
     reader = CheckpointReader(resolve_checkpoint(str(path)), rope_scaling_factor)
     args = reader.args
@@ -798,50 +854,28 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
                              f"{path} supports")
         args.max_seq_len = max_seq_len
     args.use_sdpa = use_sdpa
-    if quantize is not None and tensor_parallel:
-        raise ValueError("quantized weights and tensor parallelism do not go together here")
     # Parameters without storage or random init; load_state_dict(assign=True) fills them.
+    slices = None
     with torch.device("meta"), SkipInit():
         model = Transformer(args)
-        slices = shard_model(model, dist.get_rank(), dist.get_world_size()) if tensor_parallel else None  # app. B
-    expected = reader.expected_tensors(model)
-    if quantize is not None:  # appendix D
-        check_quantize(quantize, device, dtype or reader.dtype("norm.weight"))
-    quantized = quantize_model(model, quantize, device) if quantize else {}  # {checkpoint name: its module}
-    # When the weights end up as copies (cast, merged, moved), remap (see reopen) every 1/64 of the checkpoint
-    # (at least 64 MiB) so the file is not held in memory beside them.
-    remap_every = max(64 * 2**20, sum(v.numel() for v in expected.values()) * 2 // 64)
-    state, read_bytes = {}, 0
-    if quantized:
-        malloc_mmap_threshold(2 << 20)  # (appendix D) until the loop ends or fails
-    try:
-        for name, want in expected.items():
-            t = reader.tensor(name) if slices is None else reader.tensor_slice(name, *slices[name])
-            if t.shape != want.shape:
-                raise CheckpointError(f"{reader.source(name)}: {name} has shape {tuple(t.shape)}, model expects "
-                                      f"{tuple(want.shape)}: {config_hint(name, args)}")
-            if not t.is_floating_point():
-                raise CheckpointError(f"{reader.source(name)}: {name} has dtype {t.dtype}, expected a float type")
-            cast = t.to(device=device, dtype=dtype or t.dtype)
-            if name in quantized:
-                quantized[name].quantize_(cast)
-            else:  # a quantized model keeps no view of the files, so their pages can leave memory
-                state[name] = cast.clone() if quantized and cast is t else cast
-            read_bytes += t.numel() * t.element_size()
-            del t, cast
-            if read_bytes > remap_every:
-                reader.reopen()
-                read_bytes = 0
-    finally:
-        if quantized:
-            malloc_mmap_threshold(32 << 20)  # glibc's own ceiling for its moving threshold
-    if args.tie_word_embeddings and not quantized:
+        if tensor_parallel:  # appendix B: this process's part of every matrix
+            shard_model = engine_room("shard_model", "tensor_parallel")
+            slices = shard_model(model, dist.get_rank(), dist.get_world_size())
+    weights = read_weights(reader, reader.expected_tensors(model), device, dtype, slices)
+    if quantize is None:
+        state = dict(weights)
+    else:  # appendix D: quantized layers swapped in, each matrix quantized as it is read; the rest comes back
+        quantize_weights = engine_room("quantize_weights", "quantize")
+        state = quantize_weights(model, weights, quantize, device, dtype or reader.dtype("norm.weight"))
+    tied = args.tie_word_embeddings and "tok_embeddings.weight" in state  # (a quantized output has its own)
+    if tied:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)
-    if args.tie_word_embeddings and not quantized:  # one Parameter, not two views
+    if tied:  # one Parameter, not two views of one tensor
         model.output.weight = model.tok_embeddings.weight
-    if device.type == "cpu":
-        use_cpu_speed_paths(model)  # appendix A
+    speed_paths = engine_room("use_cpu_speed_paths")  # appendix A, if this file has it: on a CPU, faster kernels
+    if device.type == "cpu" and speed_paths is not None:
+        speed_paths(model)
     return model
 
 
@@ -878,7 +912,8 @@ def config_hint(name: str, args: ModelArgs) -> str:
 #   (else $HF_HOME/hub, else ~/.cache/huggingface/hub) as models--meta-llama--Llama-3.2-1B/, where refs/main names
 #   a commit and snapshots/<commit>/ holds the files, each a link into blobs/. Meta's own layout sits in original/,
 #   which transformers skips, so such a folder often has tokenizer.json and no tokenizer.model.
-# - Meta's `llama model download` keeps Llama3.2-1B in checkpoints/ under $LLAMA_STACK_CONFIG_DIR, else ~/.llama/.
+# - Meta's `llama model download` (from pip install llama-stack) keeps Llama3.2-1B in checkpoints/ under
+#   $LLAMA_STACK_CONFIG_DIR, else ~/.llama/.
 # resolve_checkpoint turns a folder, a repo id or a Meta model id into a folder; given no name, the one model found.
 # -----------------------------------------------------------------------------
 
@@ -966,8 +1001,8 @@ def resolve_checkpoint(name: str | None) -> Path:
                                           "choose one with --ckpt NAME")
         raise CheckpointNotFoundError(
             f"no model in {hf_hub_cache()} or {meta_checkpoints()}: download one with `hf download "
-            "meta-llama/Llama-3.2-1B-Instruct --exclude 'original/*'` or Meta's `llama model download "
-            "--model-id Llama3.2-1B-Instruct`, or pass --ckpt DIR, a checkpoint folder")
+            "meta-llama/Llama-3.2-1B-Instruct --exclude 'original/*'` or Meta's `llama model download --source meta "
+            "--model-id Llama3.2-1B-Instruct` (pip install llama-stack), or pass --ckpt DIR, a checkpoint folder")
     path = Path(name).expanduser()
     if path.is_dir():
         return path
@@ -1064,8 +1099,9 @@ def check_generation_args(max_new_tokens: int, temperature: float, top_p: float,
              ("top_k", top_k, top_k is None or top_k >= 1, ">= 1, or None for no limit"),
              ("repetition_penalty", repetition_penalty, repetition_penalty > 0, "> 0 (1.0 is off)"),
              ("prefill_chunk", prefill_chunk, prefill_chunk >= 1, ">= 1")]
+    whole_numbers = ("max_new_tokens", "top_k", "prefill_chunk")
     for name, value, ok, want in rules:
-        if not ok or (name in ("max_new_tokens", "top_k", "prefill_chunk") and not isinstance(value, (int, type(None)))):
+        if not ok or (name in whole_numbers and not isinstance(value, (int, type(None)))):
             raise ValueError(f"{name} must be {want}, not {value!r}")
 
 
@@ -1086,12 +1122,15 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         reuse the compiled step (appendix C). Not yet measured on a GPU; on a CPU about eager's speed (README.md)."""
     check_generation_args(max_new_tokens, temperature, top_p, top_k, repetition_penalty, prefill_chunk)
     stop_tokens = LLAMA3_STOP_TOKENS if stop_tokens is None else stop_tokens
-    B, lengths, max_seq_len = len(prompts), [len(p) for p in prompts], model.args.max_seq_len
+    B = len(prompts)
+    lengths = [len(p) for p in prompts]
+    max_seq_len = model.args.max_seq_len
     if B == 0 or min(lengths) == 0:
         raise ValueError("prompts: every prompt needs at least one token (start it with <|begin_of_text|>)")
     bad = [t for p in prompts for t in p if not 0 <= t < model.args.vocab_size]
     if bad:
-        raise ValueError(f"prompts: token id {bad[0]} is outside the model's vocabulary (0..{model.args.vocab_size - 1})")
+        raise ValueError(f"prompts: token id {bad[0]} is outside the model's vocabulary "
+                         f"(0..{model.args.vocab_size - 1})")
     if max_new_tokens == 0:
         return [[] for _ in prompts]
     if max(lengths) >= max_seq_len:
@@ -1099,11 +1138,18 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
                          "(max_seq_len)")
     device = model.tok_embeddings.weight.device
     total_len = min(max_seq_len, max(lengths) + max_new_tokens)  # clip to the model's context
-    if cache is None:  # sized to this request, not to max_seq_len; compiled: the model's own (appendix C)
-        cache, cached_len = static_cache(model, B, total_len) if compile else model.new_cache(B, total_len), 0
-    elif B != 1 or not 0 <= cached_len < lengths[0] or cache[0].k.shape[2] < total_len:
+    if cache is not None and (B != 1 or not 0 <= cached_len < lengths[0] or cache[0].k.shape[2] < total_len):
         raise ValueError("cache: a reused cache needs one prompt longer than cached_len and room for total_len "
                          "positions")
+    step = None  # the compiled decode step, or None for eager steps
+    if compile:  # appendix C: a step compiled once per model, over a cache the model keeps (unless one is given)
+        if cache is None:
+            cache = engine_room("static_cache", "compile")(model, B, total_len)
+            cached_len = 0
+        step = engine_room("compiled_decode", "compile")(model, cache)
+    if cache is None:  # sized to this request, not to max_seq_len
+        cache = model.new_cache(B, total_len)
+        cached_len = 0
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 
     # (B, total_len): the prompts, padded with 0, and where they are
@@ -1114,7 +1160,6 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     # A row ends after max_new_tokens of its own, not the longest prompt's.
     limit = torch.tensor([min(n + max_new_tokens, total_len) for n in lengths], device=device)
 
-    step = compiled_decode(model, cache) if compile else None  # appendix C
     prev_pos = cached_len
     for cur_pos in range(min(lengths), total_len):
         if cur_pos - prev_pos == 1 and step is not None:
@@ -1181,7 +1226,8 @@ def explain(model: Transformer, prompt: list[int], top: int = 5) -> list[dict]:
     tokens = torch.tensor([prompt], device=model.tok_embeddings.weight.device)  # (1, T)
     if not 0 < len(prompt) <= model.args.max_seq_len:
         raise ValueError(f"--explain needs 1 to {model.args.max_seq_len} prompt tokens, not {len(prompt)}")
-    residual, attends = [], []  # per layer: the block's output at the last position, the attention there
+    residual = []  # per layer: the block's output at the last position
+    attends = []  # per layer: the last position's attention
     hooks = [layer.register_forward_hook(lambda _m, _in, out: residual.append(out[:, -1:])) for layer in model.layers]
     hooks += [layer.attention.register_forward_pre_hook(
         lambda m, args: attends.append(last_position_attention(m, args[0], args[2], args[3]).mean(1)[0]))
@@ -1228,7 +1274,9 @@ def perplexity(model: Transformer, tokens: list[int], window: int | None = None,
         raise ValueError(f"perplexity needs 0 < stride ({stride}) <= window ({window}) <= max_seq_len "
                          f"({model.args.max_seq_len}) and a window of at least 2 tokens")
     start_time = shown = time.monotonic()
-    total, count, scored = 0.0, 0, 1  # tokens[:scored] are done; the first has nothing to be predicted from
+    total = 0.0  # summed NLL
+    count = 0  # tokens scored
+    scored = 1  # tokens[:scored] are done; the first has nothing to be predicted from
     for begin in range(0, len(tokens) - 1, stride):
         end = min(begin + window, len(tokens))
         ids = torch.tensor([tokens[begin:end]], device=model.tok_embeddings.weight.device)  # (1, end - begin)
@@ -1240,7 +1288,8 @@ def perplexity(model: Transformer, tokens: list[int], window: int | None = None,
             if lo < hi:
                 rows = logits[lo - 1 - off : hi - 1 - off].float()
                 total += F.cross_entropy(rows, ids[0, lo - begin : hi - begin], reduction="sum").item()
-                count, scored = count + hi - lo, hi
+                count += hi - lo
+                scored = hi
         if end == len(tokens):
             break
         if log is not None and time.monotonic() - shown > 1:  # a progress line, redrawn once a second
@@ -1282,7 +1331,9 @@ class StopText:
     def __init__(self, stops: list[str] | tuple[str, ...]):
         if "" in stops:
             raise ValueError("stops: an empty stop string would end every text before it starts")
-        self.stops, self.pending, self.stopped = list(stops), "", False
+        self.stops = list(stops)
+        self.pending = ""  # text received but not yet returned
+        self.stopped = False
 
     def push(self, text: str) -> str:
         """Take newly decoded text; return what is safe to print now."""
@@ -1292,16 +1343,20 @@ class StopText:
         # (end, start) of each stop string's first appearance; the earliest end completed first.
         found = [(i + len(s), i) for s in self.stops if (i := self.pending.find(s)) >= 0]
         if found:
-            self.stopped, out, self.pending = True, self.pending[: min(found)[1]], ""
+            out = self.pending[: min(found)[1]]
+            self.stopped = True
+            self.pending = ""
             return out
         # Keep the longest end of the text that a stop string starts with: the next token may complete it.
         keep = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
-        out, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
+        out = self.pending[: len(self.pending) - keep]
+        self.pending = self.pending[len(self.pending) - keep :]
         return out
 
     def finish(self) -> str:
         """The held-back text, once generation has ended without completing a stop string."""
-        out, self.pending = ("" if self.stopped else self.pending), ""
+        out = "" if self.stopped else self.pending
+        self.pending = ""
         return out
 
 
@@ -1314,9 +1369,13 @@ def stream(model: Transformer, tokenizer: Tokenizer, prompt: list[int], max_new_
     ended them, if one did), the text written, and whether Ctrl-C ended generation. Bad arguments: ValueError."""
     from tokenizer import StreamDecoder
 
-    out, log = out or sys.stdout, log or sys.stderr
-    new, shown, times = [], [], [time.perf_counter()]  # times: the start, then as each token is chosen
-    decoder, text = StreamDecoder(tokenizer), StopText(stops)
+    out = out or sys.stdout
+    log = log or sys.stderr
+    new = []  # the tokens generated
+    shown = []  # the text written
+    times = [time.perf_counter()]  # the start, then as each token is chosen
+    decoder = StreamDecoder(tokenizer)
+    text = StopText(stops)
 
     def show(piece: str) -> None:
         shown.append(piece)
@@ -1339,7 +1398,8 @@ def stream(model: Transformer, tokenizer: Tokenizer, prompt: list[int], max_new_
     except KeyboardInterrupt:
         interrupted = True
     show(text.push(decoder.finish()) + text.finish())
-    fed, n = len(prompt) - cached_len, len(new)  # a chat turn feeds only what the cache lacks
+    fed = len(prompt) - cached_len  # a chat turn feeds only what the cache lacks
+    n = len(new)
     prefilled = f", prefill {fed / (times[1] - times[0]):.1f} tok/s; {n} new token{'s' * (n > 1)}" if n else ""
     decoded = f", decode {(n - 1) / (times[-1] - times[1]):.1f} tok/s" if n > 1 else ""
     print(f"\n[{len(prompt)} prompt tokens ({fed} fed){prefilled}{decoded}{', interrupted' * interrupted}]", file=log)
@@ -1360,7 +1420,9 @@ def describe_function(fn: Callable) -> dict:
     import inspect
     import typing
 
-    doc, hints, params = inspect.getdoc(fn) or "", typing.get_type_hints(fn), {}
+    doc = inspect.getdoc(fn) or ""
+    hints = typing.get_type_hints(fn)
+    params = {}
     for p in inspect.signature(fn).parameters.values():
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
@@ -1414,12 +1476,20 @@ class Chat:
                  out: TextIO | None = None, log: TextIO | None = None):
         from tokenizer import ChatFormat, tool_prompt
 
-        self.model, self.tokenizer, self.format = model, tokenizer, ChatFormat(tokenizer)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.format = ChatFormat(tokenizer)
         self.functions = {f.__name__: f for f in tools}
-        self.builtin_tools, self.max_tool_rounds, self.out, self.log = builtin_tools, max_tool_rounds, out, log
+        self.builtin_tools = builtin_tools
+        self.max_tool_rounds = max_tool_rounds
         llama32_small = (model.args.dim, model.args.n_layers) in LLAMA32_ROPE_FACTORS
         self.tool_format = tool_format or ("python_list" if llama32_small else "json")
-        self.max_new_tokens, self.sampling, self.stops, self.compile = max_new_tokens, sampling, stops, compile
+        self.max_new_tokens = max_new_tokens
+        self.sampling = sampling
+        self.stops = stops
+        self.compile = compile
+        self.out = out
+        self.log = log
         if tools or builtin_tools:
             self.opening = tool_prompt([describe_function(f) for f in tools], self.tool_format,
                                        builtin_tools is not None, system, today or time.strftime("%d %B %Y"))
@@ -1432,7 +1502,8 @@ class Chat:
 
     def reset(self) -> None:
         """Forget the conversation (the system prompt and tools stay)."""
-        self.dialog, self.cached = list(self.opening), []
+        self.dialog = list(self.opening)
+        self.cached = []
 
     def send(self, text: str) -> dict:
         """Answer one user message; returns the assistant's message (role, content, tool_calls, stop). Raises
@@ -1469,7 +1540,8 @@ class Chat:
         if self.cache[0].k.shape[2] < need:
             bigger = self.model.new_cache(1, min(limit, max(need, 2 * self.cache[0].k.shape[2])))
             for old, new in zip(self.cache, bigger):
-                new.k[:, :, :reuse], new.v[:, :, :reuse] = old.k[:, :, :reuse], old.v[:, :, :reuse]
+                new.k[:, :, :reuse] = old.k[:, :, :reuse]
+                new.v[:, :, :reuse] = old.v[:, :, :reuse]
             self.cache = bigger
         tokens, shown, interrupted = stream(self.model, self.tokenizer, prompt, self.max_new_tokens, self.sampling,
                                             stops=self.stops, compile=self.compile, cache=self.cache,
@@ -1486,7 +1558,8 @@ class Chat:
 
     def call(self, call: dict) -> str:
         """Run one tool call; its output, or a short error text for the model to read."""
-        name, args = call["name"], call["arguments"]
+        name = call["name"]
+        args = call["arguments"]
         if name in ("brave_search", "wolfram_alpha", "photogen", "code_interpreter") and self.builtin_tools:
             output = self.builtin_tools(call)
             return "the user declined to run this tool" if output is None else output
@@ -1498,7 +1571,7 @@ class Chat:
         try:
             bound = inspect.signature(fn).bind(**args) if isinstance(args, dict) else None
         except TypeError as e:
-            bound, args = None, f"{args} ({e})"
+            return f"error: bad arguments for {name}: {args} ({e})"
         if bound is None:
             return f"error: bad arguments for {name}: {args}"
         try:
@@ -1574,10 +1647,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--device", default="auto", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
     add("--dtype", default="auto", choices=["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"],
         help="weight dtype (default: bfloat16; float16 on MPS and on GPUs without bf16)")
-    add("--sdpa", action="store_true", help="attention through F.scaled_dot_product_attention (the default; on the "
-        "CPUs where it measured faster, a decoded token takes the explicit path)")
     add("--explicit-attention", action="store_true", help="attention by its definition: scores, mask, softmax "
-        "(the same numbers, slower for long prompts)")
+        "(the same numbers, slower for long prompts); by default F.scaled_dot_product_attention computes it")
     add("--compile", action="store_true", help="torch.compile the decode step (meant for GPUs; slower than eager "
         "on the CPUs measured; the first tokens wait for compilation)")
     add("--max-seq-len", type=int, help="context positions to support (default: the model's, up to 131072 for 3.1+)")
@@ -1591,7 +1662,7 @@ def _parser() -> argparse.ArgumentParser:
         "tools (Llama 3.1+ Instruct); their docstrings and typed parameters describe them")
     add("--builtin-tools", action="store_true", help="with --chat: offer Meta's built-in tools (brave_search, "
         "wolfram_alpha, code_interpreter); you type each call's output")
-    add("--quantize", choices=QUANTIZE_MODES, default=None, help="int8 or int4 weights, quantized while loading: "
+    add("--quantize", choices=("int8", "int4"), default=None, help="int8 or int4 weights, quantized while loading: "
         "about 1/2 or 1/3 of bf16's memory, and decoding faster on CPU (appendix D)")
     add("--perplexity", metavar="FILE", help="instead of generating, print the model's perplexity on the text of "
         "FILE, in windows of --max-seq-len tokens (default 2048) every half window")
@@ -1618,8 +1689,6 @@ def main(argv: list[str] | None = None) -> None:
             _fail(f"{flag} needs --chat")
     if opts.tool_format is not None and opts.tool_format not in TOOL_FORMATS:
         _fail(f"--tool-format must be one of {', '.join(TOOL_FORMATS)}, not {opts.tool_format!r}")
-    if opts.sdpa and opts.explicit_attention:
-        _fail("--sdpa and --explicit-attention exclude each other")
     if "" in opts.stop:
         _fail("--stop needs a non-empty TEXT")
     sampling = Sampling(opts.temperature, opts.top_p, opts.top_k, opts.repetition_penalty, opts.seed)
@@ -1638,13 +1707,27 @@ def main(argv: list[str] | None = None) -> None:
     except (CheckpointError, TokenizerError) as e:
         _fail(str(e))
 
+    try:  # a flag whose appendix this copy of the file lacks: said before the model loads
+        if opts.compile:
+            engine_room("compiled_decode", "--compile")
+        if opts.quantize:
+            engine_room("quantize_weights", "--quantize")
+    except ValueError as e:
+        _fail(str(e))
     tokens = tokenizer.encode(text, bos=True, eos=False) if text is not None else []
     if text is not None and len(tokens) < 2:  # before loading a model for nothing
         _fail(f"--perplexity {opts.perplexity}: no text to score")
     device = _pick_device(opts.device)
+    read = input
     tensor_parallel = int(os.environ.get("WORLD_SIZE", "1")) > 1  # started by torchrun with N processes
-    if tensor_parallel:
-        device = _join_process_group(device)
+    if tensor_parallel:  # appendix B: this process is one of N, each holding 1/N of the model
+        try:
+            device = engine_room("join_process_group", "torchrun")(device)
+            read = engine_room("read_on_rank_0", "torchrun")
+            # Every rank holds the same full logits, so the same seed draws the same token everywhere.
+            sampling = replace(sampling, seed=engine_room("shared_seed", "torchrun")(opts.seed, device))
+        except ValueError as e:
+            _fail(str(e))
     t0 = time.perf_counter()
     try:
         model = load_model(ckpt, device, _pick_dtype(opts.dtype, device), max_seq_len=opts.max_seq_len,
@@ -1656,18 +1739,13 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"loading {ckpt} on {device}: {str(e).splitlines()[0]}")
     if model.args.vocab_size < tokenizer.n_words:
         _fail(f"{ckpt} has vocab_size={model.args.vocab_size}, fewer than the tokenizer's {tokenizer.n_words} ids")
-    n = sum(p.numel() for p in model.parameters())  # a quantized layer's weights are buffers: counted by shape
-    n += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear)))
     quantized = f" with {opts.quantize} weights" if opts.quantize else ""
-    print(f"loaded {ckpt} in {time.perf_counter() - t0:.1f}s: {n / 1e9:.2f}B parameters, "
+    print(f"loaded {ckpt} in {time.perf_counter() - t0:.1f}s: {parameter_count(model.args) / 1e9:.2f}B parameters, "
           f"{str(model.norm.weight.dtype).removeprefix('torch.')}{quantized} on {device}", file=sys.stderr)
 
     if opts.compile and device.type == "cpu":
         _note("--compile on a CPU: the compiled step decoded at 1.02-1.06x eager's speed once compiled, after "
               "8-50 s of compiling (README.md, Performance); it pays only for long generations")
-    read = _read_on_rank_0 if tensor_parallel else input
-    if tensor_parallel:  # every rank holds the same full logits, so the same seed draws the same token everywhere
-        sampling = replace(sampling, seed=_shared_seed(opts.seed, device))
     try:  # generate()'s NaN or inf logits (FloatingPointError), in a chat or a completion, end in one line too
         if text is not None:
             window = opts.max_seq_len or min(model.args.max_seq_len, 2048)
@@ -1725,6 +1803,15 @@ def main(argv: list[str] | None = None) -> None:
         dist.destroy_process_group()
 
 
+def parameter_count(args: ModelArgs) -> int:
+    """The model's parameters, from its config: however they are held (quantized, or split over processes)."""
+    attention = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads)  # wq, wo; wk, wv
+    feed_forward = 3 * args.dim * args.ffn_hidden_dim  # w1, w2, w3
+    per_layer = attention + feed_forward + 2 * args.dim  # and the two RMSNorm weights
+    embeddings = args.vocab_size * args.dim * (1 if args.tie_word_embeddings else 2)  # tok_embeddings, output
+    return args.n_layers * per_layer + embeddings + args.dim  # and the final norm
+
+
 def print_explanation(model: Transformer, tokenizer: Tokenizer, prompt: list[int]) -> None:
     """--explain: one line per layer, as explain() returns it; the last line is the model's prediction."""
     for i, row in enumerate(explain(model, prompt)):
@@ -1780,6 +1867,26 @@ def run_chat(chat: Chat, read: Callable[[str], str] = input, log: TextIO | None 
             print(file=chat.out or sys.stdout)
 
 
+# -----------------------------------------------------------------------------
+# Doors to the engine room
+#
+# The appendices below are the engine room: faster CPU kernels (A), tensor parallelism (B), compiled decoding (C)
+# and quantized weights (D). Each can be deleted, from its banner to the next, and the rest of the file still
+# loads, generates and passes its tests. So part 2 never names an appendix's functions in its code: it asks for
+# them here, by name, when a call needs one. Where the appendix is gone, a speed-up is skipped and a feature
+# (quantize=, compile=, torchrun) fails in one line that says what is missing.
+# -----------------------------------------------------------------------------
+
+
+def engine_room(name: str, needed_by: str | None = None) -> Callable | None:
+    """The appendix function called `name`. Where its appendix was deleted: None if nothing needs it (a speed-up),
+    else ValueError starting with needed_by, the argument (or flag) that asked for it."""
+    found = globals().get(name)
+    if found is None and needed_by is not None:
+        raise ValueError(f"{needed_by} needs {name}(), from an appendix deleted from this copy of llama3.py")
+    return found
+
+
 # =============================================================================
 # Appendix A: CPU speed paths
 #
@@ -1808,7 +1915,9 @@ def cpu_kind(cpuinfo: str | None = None) -> str | None:
         return None
     first = dict(line.split(":", 1) for line in info.split("\n\n")[0].splitlines() if ":" in line)
     first = {k.strip(): v.strip() for k, v in first.items()}
-    vendor, family, flags = first.get("vendor_id"), first.get("cpu family"), set(first.get("flags", "").split())
+    vendor = first.get("vendor_id")
+    family = first.get("cpu family")
+    flags = set(first.get("flags", "").split())
     if vendor == "AuthenticAMD" and family == "25" and "avx512f" not in flags:
         return "zen3"  # family 25 with AVX-512 is Zen 4: not measured
     if vendor == "AuthenticAMD" and family == "26":
@@ -2005,32 +2114,43 @@ class VocabParallelOutput(nn.Linear):
 def shard_model(model: Transformer, rank: int, world_size: int) -> dict[str, tuple[int | None, int, int]]:
     """Turn a model built on the "meta" device into rank's 1/world_size part of it. Returns, for each state_dict
     name, the slice of the full tensor this rank holds: (dim, start, stop), or (None, 0, 0) for a replicated norm."""
-    a, n_kv = model.args, model.args.n_kv_heads
+    a = model.args
+    n_kv = a.n_kv_heads
     if a.n_heads % world_size or (n_kv % world_size and world_size % n_kv):
         raise ValueError(f"{world_size} processes can't split n_heads={a.n_heads}, n_kv_heads={n_kv}: use a "
                          f"number that divides n_heads and divides or is a multiple of n_kv_heads")
     for what, n in (("vocab_size", a.vocab_size), ("SwiGLU width", a.ffn_hidden_dim)):
         if n % world_size:
             raise ValueError(f"{world_size} processes can't split {what}={n} evenly")
-    heads, kv_heads = a.n_heads // world_size, max(1, n_kv // world_size)
+    heads = a.n_heads // world_size  # this rank's query heads
+    kv_heads = max(1, n_kv // world_size)  # and K/V heads
     kv_start = rank * n_kv // world_size  # with replicated K/V heads, rank r reads head r // (N / n_kv_heads)
-    hidden, vocab, hd = a.ffn_hidden_dim // world_size, a.vocab_size // world_size, a.head_dim
+    hidden = a.ffn_hidden_dim // world_size
+    vocab = a.vocab_size // world_size
+    hd = a.head_dim
     with torch.device("meta"):
         for layer in model.layers:
-            att, ffn = layer.attention, layer.feed_forward
-            att.n_heads, att.n_kv_heads, att.n_rep = heads, kv_heads, heads // kv_heads
-            att.wq, att.wo = nn.Linear(a.dim, heads * hd, bias=False), RowParallelLinear(heads * hd, a.dim)
-            att.wk, att.wv = nn.Linear(a.dim, kv_heads * hd, bias=False), nn.Linear(a.dim, kv_heads * hd, bias=False)
-            ffn.w1, ffn.w3 = nn.Linear(a.dim, hidden, bias=False), nn.Linear(a.dim, hidden, bias=False)
-            ffn.w2 = RowParallelLinear(hidden, a.dim)
+            att = layer.attention
+            att.n_heads = heads
+            att.n_kv_heads = kv_heads
+            att.n_rep = heads // kv_heads
+            att.wq = nn.Linear(a.dim, heads * hd, bias=False)
+            att.wk = nn.Linear(a.dim, kv_heads * hd, bias=False)
+            att.wv = nn.Linear(a.dim, kv_heads * hd, bias=False)
+            att.wo = RowParallelLinear(heads * hd, a.dim)
+            layer.feed_forward.w1 = nn.Linear(a.dim, hidden, bias=False)
+            layer.feed_forward.w2 = RowParallelLinear(hidden, a.dim)
+            layer.feed_forward.w3 = nn.Linear(a.dim, hidden, bias=False)
         model.tok_embeddings = VocabParallelEmbedding(vocab, a.dim, start=rank * vocab)
         model.output = VocabParallelOutput(a.dim, vocab)
         if a.tie_word_embeddings:
             model.output.weight = model.tok_embeddings.weight
     # This rank's [start, stop) of rows (dim 0) or columns (dim 1): its query heads' rows of wq (columns of wo),
     # its K/V heads' rows of wk and wv, its share of the SwiGLU width and of the vocabulary.
-    q, kv = (rank * heads * hd, (rank + 1) * heads * hd), (kv_start * hd, (kv_start + kv_heads) * hd)
-    hid, voc = (rank * hidden, (rank + 1) * hidden), (rank * vocab, (rank + 1) * vocab)
+    q = (rank * heads * hd, (rank + 1) * heads * hd)
+    kv = (kv_start * hd, (kv_start + kv_heads) * hd)
+    hid = (rank * hidden, (rank + 1) * hidden)
+    voc = (rank * vocab, (rank + 1) * vocab)
     per_layer = {"attention.wq": (0, *q), "attention.wk": (0, *kv), "attention.wv": (0, *kv), "attention.wo": (1, *q),
                  "feed_forward.w1": (0, *hid), "feed_forward.w3": (0, *hid), "feed_forward.w2": (1, *hid),
                  "attention_norm": (None, 0, 0), "ffn_norm": (None, 0, 0)}
@@ -2038,7 +2158,7 @@ def shard_model(model: Transformer, rank: int, world_size: int) -> dict[str, tup
     return slices | {"tok_embeddings.weight": (0, *voc), "output.weight": (0, *voc), "norm.weight": (None, 0, 0)}
 
 
-def _join_process_group(device: torch.device) -> torch.device:
+def join_process_group(device: torch.device) -> torch.device:
     """Under torchrun: join the process group (nccl on GPUs, one GPU per process; gloo on CPU); only rank 0 prints."""
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -2049,7 +2169,7 @@ def _join_process_group(device: torch.device) -> torch.device:
     return device
 
 
-def _shared_seed(seed: int | None, device: torch.device) -> int:
+def shared_seed(seed: int | None, device: torch.device) -> int:
     """Rank 0's seed (a random one if none was given), the same on every rank."""
     import random
     box = torch.tensor([seed if seed is not None else random.randrange(2**62)], device=device)
@@ -2057,7 +2177,7 @@ def _shared_seed(seed: int | None, device: torch.device) -> int:
     return int(box)
 
 
-def _read_on_rank_0(prompt: str) -> str:
+def read_on_rank_0(prompt: str) -> str:
     """input() on rank 0, shared with every rank; EOFError everywhere when rank 0 sees one."""
     box = [None]
     if dist.get_rank() == 0:
@@ -2089,13 +2209,15 @@ def _read_on_rank_0(prompt: str) -> str:
 def decode_step_static(model: Transformer, token: torch.Tensor, pos: torch.Tensor,
                        cache: list[KVCache]) -> torch.Tensor:
     """model(token, pos, cache, last_only=True)[:, -1] with fixed shapes: token (B, 1), pos a 0-d tensor."""
-    B, L = token.shape[0], cache[0].k.shape[2]
+    B = token.shape[0]
+    L = cache[0].k.shape[2]  # the cache's positions
     angles = pos.float() * rope_frequencies(model.args, token.device)  # (head_dim // 2,)
     cos, sin = angles.cos()[None], angles.sin()[None]  # (1, head_dim // 2)
     visible = (torch.arange(L, device=token.device) <= pos)[None]  # (1, L): the positions written so far
     h = model.tok_embeddings(token)  # (B, 1, dim)
     for layer, c in zip(model.layers, cache):
-        a, x = layer.attention, layer.attention_norm(h)
+        a = layer.attention
+        x = layer.attention_norm(h)
         q = apply_rotary_emb(a.wq(x).view(B, 1, a.n_heads, a.head_dim), cos, sin).transpose(1, 2)
         k = apply_rotary_emb(a.wk(x).view(B, 1, a.n_kv_heads, a.head_dim), cos, sin).transpose(1, 2)
         v = a.wv(x).view(B, 1, a.n_kv_heads, a.head_dim).transpose(1, 2)  # (B, n_kv_heads, 1, head_dim)
@@ -2173,7 +2295,9 @@ def quantize_rows(in_features: int) -> int:
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w (out, in) -> q (out, in) int8 and s (out,) in w's dtype, w ~ q * s[:, None]."""
-    q, s, rows = torch.empty_like(w, dtype=torch.int8), torch.empty_like(w[:, 0]), quantize_rows(w.shape[1])
+    q = torch.empty_like(w, dtype=torch.int8)
+    s = torch.empty_like(w[:, 0])
+    rows = quantize_rows(w.shape[1])
     for r in range(0, w.shape[0], rows):
         block = w[r : r + rows].to(torch.float32, copy=True)  # (rows, in), worked on in place
         s[r : r + rows] = (block.abs().amax(dim=1) / 127).clamp(min=1e-30)  # an all-zero row gets q = 0
@@ -2184,7 +2308,8 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """w (out, in) -> codes q (out, in) int32 in 0..15 and scales_and_zeros (in / G, out, 2)
     in w's dtype, w ~ (q - 8) * s + z with each group's s and z (the kernels' layout)."""
-    q, rows = torch.empty_like(w, dtype=torch.int32), quantize_rows(w.shape[1])
+    q = torch.empty_like(w, dtype=torch.int32)
+    rows = quantize_rows(w.shape[1])
     sz = torch.empty(w.shape[1] // group_size, w.shape[0], 2, dtype=w.dtype, device=w.device)
     for r in range(0, w.shape[0], rows):
         groups = w[r : r + rows].to(torch.float32, copy=True).unflatten(1, (-1, group_size))  # (rows, in / G, G)
@@ -2192,7 +2317,8 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
         s = ((hi - lo) / 15).clamp(min=1e-30).to(w.dtype)
         z = (lo + 8 * s.float()).to(w.dtype)  # s and z as stored; the codes are rounded against them
         codes = groups.sub_(z.float()[..., None]).div_(s.float()[..., None]).add_(8).round_().clamp_(0, 15)
-        q[r : r + rows], sz[:, r : r + rows] = codes.flatten(1), torch.stack([s, z], -1).transpose(0, 1)
+        q[r : r + rows] = codes.flatten(1)
+        sz[:, r : r + rows] = torch.stack([s, z], -1).transpose(0, 1)
     return q, sz
 
 
@@ -2201,7 +2327,8 @@ class Int8Linear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features = in_features
+        self.out_features = out_features
         # Not in state_dict: they are made from the checkpoint's weight by quantize_().
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8), persistent=False)
         self.register_buffer("scales", torch.empty(out_features), persistent=False)
@@ -2241,13 +2368,14 @@ class Int4Linear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
-        self.in_features, self.out_features, self.block, self.filled = in_features, out_features, None, 0
+        self.in_features = in_features
+        self.out_features = out_features
+        self.block = None  # on CPU, int4_cpu_block(): rows can be packed and read a block at a time
         self.register_buffer("weight", torch.empty(0, dtype=torch.uint8), persistent=False)  # set by quantize_
         self.register_buffer("scales_and_zeros", torch.empty(0), persistent=False)
 
     def quantize_(self, w: torch.Tensor) -> None:
-        """Quantize w (rows, in_features) into the rows not yet filled: all of them, or on CPU
-        a part at a time (FusedFeedForward's w1, then w3)."""
+        """Quantize and pack w (out_features, in_features)."""
         if w.device.type != "cpu":  # CUDA's kernel takes two codes a byte, the first in the high half
             q, self.scales_and_zeros = quantize_int4(w, self.GROUP_SIZE)
             self.weight = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8),
@@ -2256,17 +2384,16 @@ class Int4Linear(nn.Module):
         # On CPU, a layout of row blocks packs a few rows at a time, into tensors made once
         # (pieces kept between the temporaries would fragment the heap): the int32 codes
         # of a whole output layer (1 GB for 1B) never exist.
-        N, K = self.out_features, self.in_features
-        if self.filled in (0, N):
-            self.block, self.filled = (int4_cpu_block() if N % 64 == 0 else None), 0
-            self.weight = torch.empty(N, K // 2, dtype=torch.uint8)
-            self.scales_and_zeros = torch.empty(K // self.GROUP_SIZE, N, 2, dtype=w.dtype)
-        first, self.filled, step = self.filled, self.filled + w.shape[0], quantize_rows(K) if self.block else N
-        for r in range(0, w.shape[0], step):
-            q, sz = quantize_int4(w[r : r + step], self.GROUP_SIZE)
-            rows = slice(first + r, first + r + q.shape[0])
-            self.weight[rows] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-            self.scales_and_zeros[:, rows] = sz
+        N = self.out_features
+        K = self.in_features
+        self.block = int4_cpu_block() if N % 64 == 0 else None
+        self.weight = torch.empty(N, K // 2, dtype=torch.uint8)
+        self.scales_and_zeros = torch.empty(K // self.GROUP_SIZE, N, 2, dtype=w.dtype)
+        step = quantize_rows(K) if self.block else N
+        for r in range(0, N, step):
+            q, sz = quantize_int4(w[r : r + step], self.GROUP_SIZE)  # codes, scales and zeros of these rows
+            self.weight[r : r + q.shape[0]] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            self.scales_and_zeros[:, r : r + q.shape[0]] = sz
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
@@ -2278,21 +2405,13 @@ class Int4Linear(nn.Module):
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows ids of the dequantized weight, (*ids.shape, in_features), read from the CPU layout."""
-        B, flat = self.block, ids.flatten()
+        B = self.block
+        flat = ids.flatten()
         p = self.weight.view(-1, self.in_features, B // 2)[flat // B, :, flat % (B // 2)]  # (n, in) bytes
         q = (p >> (4 * (flat % B >= B // 2)).to(torch.uint8)[:, None]) & 15  # each row's half of its byte
         sz = self.scales_and_zeros[:, flat].repeat_interleave(self.GROUP_SIZE, 0)  # (in, n, 2)
         w = (q.T.float() - 8) * sz[..., 0].float() + sz[..., 1].float()  # (in, n), rounded once below
         return w.T.reshape(*ids.shape, self.in_features).to(sz.dtype)
-
-
-class FusedFeedForward(FeedForward):
-    """FeedForward with w1 and w3 stacked as the rows of one int4 layer w13 (2 hidden_dim, dim):
-    on CPU one product of twice the rows ran 1.1-1.25x faster than two (README.md, Quantized weights)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)  # (B, T, hidden_dim) each: w1 x and w3 x
-        return self.w2(F.silu(gate) * up)  # (B, T, dim)
 
 
 class TiedEmbedding(nn.Module):
@@ -2348,14 +2467,13 @@ def malloc_mmap_threshold(nbytes: int) -> None:
 def quantize_model(model: Transformer, mode: str, device: torch.device) -> dict[str, nn.Module]:
     """Swap model's block matrices and output layer for Int8Linear or Int4Linear (mode), with
     no weights yet; a tied embedding reads the output's rows (TiedEmbedding). Returns
-    {checkpoint name of a weight: the module whose quantize_() takes it}; load_model feeds
-    them in checkpoint order (w1 before w3)."""
-    cls, tied = (Int8Linear if mode == "int8" else Int4Linear), model.args.tie_word_embeddings
+    {checkpoint name of a weight: the module whose quantize_() takes it}."""
+    layer_class = Int8Linear if mode == "int8" else Int4Linear
+    tied = model.args.tie_word_embeddings
     block = int4_cpu_block() if mode == "int4" and device.type == "cpu" else None  # rows readable and packable
-    fuse = block is not None and model.args.ffn_hidden_dim % 64 == 0  # FusedFeedForward
-    names = ["attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w2"]
-    names += [] if fuse else ["feed_forward.w1", "feed_forward.w3"]
-    swaps = {f"layers.{i}.{name}": cls for i in range(model.args.n_layers) for name in names}
+    names = ["attention.wq", "attention.wk", "attention.wv", "attention.wo",
+             "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
+    swaps = {f"layers.{i}.{name}": layer_class for i in range(model.args.n_layers) for name in names}
     # A tied output stays int8 where int4 rows cannot be read (CUDA's layout, or another CPU's).
     swaps["output"] = Int4Linear if mode == "int4" and (block or not tied) else Int8Linear
     fed = {}
@@ -2365,16 +2483,36 @@ def quantize_model(model: Transformer, mode: str, device: torch.device) -> dict[
             old = model.get_submodule(path)
             setattr(model.get_submodule(parent) if parent else model, attr, new(old.in_features, old.out_features))
             fed[f"{path}.weight"] = model.get_submodule(path)
-        for i, layer in enumerate(model.layers if fuse else []):
-            ffn = layer.feed_forward
-            ffn.__class__, ffn.w13 = FusedFeedForward, Int4Linear(ffn.w1.in_features, 2 * ffn.w1.out_features)
-            del ffn.w1, ffn.w3
-            fed[f"layers.{i}.feed_forward.w1.weight"] = fed[f"layers.{i}.feed_forward.w3.weight"] = ffn.w13
     if tied:  # the checkpoint stores the output's weight as the embedding's
         model.tok_embeddings = TiedEmbedding(model.output)
         fed["tok_embeddings.weight"] = fed.pop("output.weight")
     return fed
 
+
+def quantize_weights(model: Transformer, weights: Iterator[tuple[str, torch.Tensor]], mode: str,
+                     device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """load_model's way in (quantize=mode): check that this torch runs mode on device in dtype, swap in the
+    quantized layers (quantize_model), quantize each matrix as `weights` yields it, and return the other
+    tensors (norms, an untied embedding) for load_state_dict, as copies: no view keeps the files in memory."""
+    check_quantize(mode, device, dtype)
+    fed = quantize_model(model, mode, device)
+    state = {}
+    malloc_mmap_threshold(2 << 20)  # until the loop ends or fails
+    try:
+        for name, w in weights:
+            if name in fed:
+                fed[name].quantize_(w)
+            else:
+                state[name] = w.clone()
+            del w  # before the next read, which may remap the files
+    finally:
+        malloc_mmap_threshold(32 << 20)  # glibc's own ceiling for its moving threshold
+    return state
+
+
+# =============================================================================
+# Run as a script (after the appendices, so that they are defined when main runs)
+# =============================================================================
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)  # torch is loaded: Ctrl-C raises again
