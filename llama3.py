@@ -1261,12 +1261,18 @@ def explain(model: Transformer, prompt: list[int], top: int = 5) -> list[dict]:
 # -----------------------------------------------------------------------------
 
 
+# Not the whole context by default: a 3.1 model's 131,072 positions would need 16 GiB of 8B's KV cache per window,
+# and a perplexity compares with another only at the same window.
+PERPLEXITY_WINDOW = 2048
+
+
 def perplexity(model: Transformer, tokens: list[int], window: int | None = None, stride: int | None = None,
                chunk: int = 512, log: TextIO | None = None) -> tuple[float, float]:
     """(mean NLL in nats, perplexity) of the tokens scored, each predicted from those before it. window: tokens per
-    window (default: max_seq_len); stride: tokens between window starts (default window // 2). Windows run through
-    the KV cache `chunk` tokens at a time, so only `chunk` rows of logits exist at once. log: gets a progress line."""
-    window = window or model.args.max_seq_len
+    window (default: PERPLEXITY_WINDOW, or max_seq_len if smaller; --perplexity's too); stride: tokens between window
+    starts (default window // 2). Windows run through the KV cache `chunk` tokens at a time, so only `chunk` rows of
+    logits exist at once. log: gets a progress line."""
+    window = window or min(PERPLEXITY_WINDOW, model.args.max_seq_len)
     stride = stride or max(1, window // 2)
     if len(tokens) < 2:
         raise ValueError(f"perplexity needs at least 2 tokens, not {len(tokens)}")
@@ -1748,7 +1754,7 @@ def main(argv: list[str] | None = None) -> None:
               "8-50 s of compiling (README.md, Performance); it pays only for long generations")
     try:  # generate()'s NaN or inf logits (FloatingPointError), in a chat or a completion, end in one line too
         if text is not None:
-            window = opts.max_seq_len or min(model.args.max_seq_len, 2048)
+            window = opts.max_seq_len or min(PERPLEXITY_WINDOW, model.args.max_seq_len)  # perplexity()'s default
             try:
                 nll, ppl = perplexity(model, tokens, window, log=sys.stderr if sys.stderr.isatty() else None)
             except ValueError as e:
@@ -1892,44 +1898,47 @@ def engine_room(name: str, needed_by: str | None = None) -> Callable | None:
 #
 # Part 1's nn.Linear and SDPA are the whole story on a GPU. On a CPU, torch's
 # own kernels leave speed on the table in some cases, and which cases depends
-# on the CPU: each path below is taken only on the CPU kinds where
-# benchmarks/cpu_paths.py measured it faster than torch's own kernel (figures
-# in README.md, "Performance"); on any other kind, torch's kernels run.
+# on the instructions the CPU has: each path below is taken only at the levels
+# where benchmarks/cpu_paths.py measured it faster than torch's own kernel
+# (figures in benchmarks/README.md); elsewhere torch's kernels run.
 # =============================================================================
 
-# Each path's kinds. A kind is a vendor with the instructions the kernels use: "zen3" (AMD, AVX2 only), "zen5"
-# (AMD family 26: AVX-512, AVX512-BF16), "xeon-amx" (Intel with AMX). Measured slower or alike, hence left out:
-# row blocks and bf16 via fp32 on xeon-amx; bf16 decode and bf16 chunks on xeon-amx (SDPA 2.4x faster; alike).
-# The attention paths were not measured on zen3. Why each path is faster: at its function below.
-CPU_PATHS = {"row_blocks": ("zen3", "zen5"), "bf16_via_fp32": ("zen3",),
-             "explicit_decode_fp32": ("zen5", "xeon-amx"), "explicit_decode_bf16": ("zen5",),
-             "split_prefill_fp32": ("zen5", "xeon-amx"), "split_prefill_bf16": ("zen5",)}
+# A level is the instruction set torch's CPU kernels use on this machine, lowest first:
+#   avx2         AVX2 and FMA, no AVX-512: most laptops (Intel Core, AMD Zen 2 and 3); bf16 products are emulated
+#   avx512       AVX-512 without bf16 instructions (Intel Skylake to Ice Lake servers); bf16 products converted
+#   avx512_bf16  AVX512-BF16 without AMX (AMD Zen 4 and 5, Intel Cooper Lake)
+#   amx          AMX-BF16 tiles (Intel Sapphire Rapids and later)
+# Each path's levels, each measured there (by capping a higher level, where the level's CPU was not at hand; see
+# cpu_level): row blocks and bf16 via fp32 at no level with bf16 instructions; the attention paths not at avx2.
+CPU_LEVELS = ("avx2", "avx512", "avx512_bf16", "amx")
+CPU_PATHS = {"row_blocks": ("avx2", "avx512_bf16"), "bf16_via_fp32": ("avx2", "avx512"),
+             "explicit_decode_fp32": ("avx512_bf16", "amx"), "explicit_decode_bf16": ("avx512_bf16",),
+             "split_prefill_fp32": ("avx512_bf16", "amx"), "split_prefill_bf16": ("avx512_bf16",)}
+# What oneDNN's cap (ONEDNN_MAX_CPU_ISA) allows, by the start of its value; AVX10.1 includes AVX512-BF16.
+ONEDNN_CAPS = {"SSE": "avx2", "AVX2": "avx2", "AVX512_CORE_BF16": "avx512_bf16", "AVX512_CORE_AMX": "amx",
+               "AVX10_1_512_AMX": "amx", "AVX10_1_512": "avx512_bf16", "AVX512": "avx512"}
 
 
-def cpu_kind(cpuinfo: str | None = None) -> str | None:
-    """This CPU's kind in CPU_PATHS, from /proc/cpuinfo (or the text given); None for a kind
-    never measured, or where there is no /proc/cpuinfo (macOS, Windows)."""
-    try:
-        info = cpuinfo if cpuinfo is not None else Path("/proc/cpuinfo").read_text()
-    except OSError:
+def cpu_level() -> str | None:
+    """This machine's level in CPU_LEVELS, as torch's kernels will see it: the lowest of the CPU's own instructions,
+    ATen's (ATEN_CPU_CAPABILITY caps it) and oneDNN's, whose bf16 products decide the bf16 levels
+    (ONEDNN_MAX_CPU_ISA caps it). None for a CPU without AVX2 (ARM, Apple, an old x86): never measured."""
+    capability = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2" or "DEFAULT" on x86
+    if capability not in ("AVX2", "AVX512"):
         return None
-    first = dict(line.split(":", 1) for line in info.split("\n\n")[0].splitlines() if ":" in line)
-    first = {k.strip(): v.strip() for k, v in first.items()}
-    vendor = first.get("vendor_id")
-    family = first.get("cpu family")
-    flags = set(first.get("flags", "").split())
-    if vendor == "AuthenticAMD" and family == "25" and "avx512f" not in flags:
-        return "zen3"  # family 25 with AVX-512 is Zen 4: not measured
-    if vendor == "AuthenticAMD" and family == "26":
-        return "zen5"
-    if vendor == "GenuineIntel" and "amx_bf16" in flags:
-        return "xeon-amx"
-    return None
+    level = capability.lower()
+    if level == "avx512" and getattr(torch.cpu, "_is_amx_tile_supported", bool)():
+        level = "amx"
+    elif level == "avx512" and getattr(torch.cpu, "_is_avx512_bf16_supported", bool)():
+        level = "avx512_bf16"
+    onednn = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    cap = next((lvl for prefix, lvl in ONEDNN_CAPS.items() if onednn.startswith(prefix)), level)
+    return min(level, cap, key=CPU_LEVELS.index)
 
 
-def cpu_paths(kind: str | None) -> frozenset[str]:
-    """The paths of CPU_PATHS measured faster on this CPU kind; none for None."""
-    return frozenset(path for path, kinds in CPU_PATHS.items() if kind in kinds)
+def cpu_paths(level: str | None) -> frozenset[str]:
+    """The paths of CPU_PATHS measured faster at this level; none for None."""
+    return frozenset(path for path, levels in CPU_PATHS.items() if level in levels)
 
 
 def bf16_linear_in_fp32(x: torch.Tensor, w: torch.Tensor, block_numel: int = 1 << 20) -> torch.Tensor:
@@ -1956,7 +1965,7 @@ def row_block_linear(x: torch.Tensor, w: torch.Tensor, n_blocks: int = 16) -> to
 
 
 class CPULinear(nn.Linear):
-    """A bias-free nn.Linear that takes the paths above that its CPU kind has (`paths`)."""
+    """A bias-free nn.Linear that takes the paths above that its CPU level has (`paths`)."""
 
     FP32_FROM_ROWS = 16  # via fp32 overtook bf16 between 8 and 16 rows; fewer are memory-bound: bf16 reads less
     ROW_BLOCKS = 16  # 4 to 32 blocks measured alike on 2 cores
@@ -1979,7 +1988,7 @@ class CPULinear(nn.Linear):
 
 
 class CPUAttention(Attention):
-    """Attention whose SDPA setting takes its CPU kind's routes (`paths`): the explicit product for one decoded
+    """Attention whose SDPA setting takes its CPU level's routes (`paths`): the explicit product for one decoded
     token, two unmasked kernel calls merged by their softmax sums for a causal prefill chunk, else part 1's sdpa()."""
 
     paths = frozenset(CPU_PATHS)  # use_cpu_speed_paths sets each instance's
@@ -2031,9 +2040,9 @@ def is_causal_mask(mask: torch.Tensor | None, past: int) -> bool:
 def use_cpu_speed_paths(model: nn.Module, paths: frozenset[str] | None = None) -> nn.Module:
     """Swap every plain bias-free nn.Linear in model for a CPULinear holding the same weight, and every Attention
     for a CPUAttention (the same module with another sdpa method), taking `paths` (default: the CPU_PATHS of this
-    CPU's kind; none, so no swap, on a kind never measured). Returns model, changed in place; layers of other
+    CPU's level; none, so no swap, on a CPU never measured). Returns model, changed in place; layers of other
     classes (tensor parallelism's) stay."""
-    paths = cpu_paths(cpu_kind()) if paths is None else frozenset(paths)
+    paths = cpu_paths(cpu_level()) if paths is None else frozenset(paths)
     if not paths:
         return model
     for parent in list(model.modules()):
@@ -2373,6 +2382,16 @@ class Int4Linear(nn.Module):
         self.block = None  # on CPU, int4_cpu_block(): rows can be packed and read a block at a time
         self.register_buffer("weight", torch.empty(0, dtype=torch.uint8), persistent=False)  # set by quantize_
         self.register_buffer("scales_and_zeros", torch.empty(0), persistent=False)
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> nn.Module:
+        """Refuse a move to another kind of device (.to, .cuda, .cpu): its kernel would read this layout as other
+        numbers. (A model moved that way is left partly moved: load it again on the device it is for.)"""
+        here = self.weight.device
+        there = fn(torch.empty(0, dtype=torch.uint8, device=here)).device
+        if there.type != here.type:
+            raise ValueError(f"int4 weights packed for {here.type} cannot move to {there.type}, whose kernel "
+                             f"reads another layout: load the model with device={there.type!r}, quantize='int4'")
+        return super()._apply(fn, recurse)
 
     def quantize_(self, w: torch.Tensor) -> None:
         """Quantize and pack w (out_features, in_features)."""
