@@ -26,7 +26,6 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -225,6 +224,68 @@ def reference_attention(q, k, v, mask) -> torch.Tensor:
     k, v = (x.double().repeat_interleave(n_rep, dim=1) for x in (k, v))
     scores = q.double() @ k.transpose(2, 3) / q.shape[-1] ** 0.5 + mask.double()
     return torch.softmax(scores, dim=-1) @ v
+
+
+def check_attention_paths_for_any_mask(kind: type, T: int, past: int) -> None:
+    """kind(args)'s explicit() and sdpa() give the float64 definition for T queries after `past` cached positions
+    under a caller's own masks: causal, padding, a window, and one mask per row (Attention; appendix A's too)."""
+    torch.manual_seed(1)
+    args = tiny_args()
+    S = past + T
+    q = torch.randn(2, args.n_heads, T, args.head_dim)
+    k, v = torch.randn(2, args.n_kv_heads, S, args.head_dim), torch.randn(2, args.n_kv_heads, S, args.head_dim)
+    causal = torch.hstack([torch.zeros(T, past), torch.full((T, T), float("-inf")).triu(1)])
+    padding = causal.clone()
+    padding[1:, 0] = float("-inf")  # every query but the first ignores position 0
+    pos, key = past + torch.arange(T)[:, None], torch.arange(S)  # (T, 1) query positions, (S,) key positions
+    window = torch.zeros(T, S).masked_fill((key > pos) | (key < pos - 2), float("-inf"))  # the last 3 positions
+    per_row = torch.stack([causal, padding])[:, None]  # (B, 1, T, S): another mask for each sequence
+    for mask in (causal, padding, window, per_row):
+        assert not mask.isinf().all(-1).any()  # no query without a key: its softmax would be NaN
+        want = reference_attention(q, k, v, mask)
+        attention = kind(args)
+        paths = {"explicit": attention.explicit, "sdpa": attention.sdpa}
+        for path, fn in paths.items():
+            got = fn(q, k, v, mask)
+            torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5,
+                                       msg=lambda m, n=kind.__name__, p=path: f"{n}.{p}: {m}")
+
+
+def check_half_precision_attention(kind: type, dtype: torch.dtype) -> None:
+    """kind(args)'s explicit() and sdpa() on dtype (bf16, fp16) tensors give the float64 definition on the same
+    rounded inputs to within one rounding of the output (Attention; appendix A's too)."""
+    args = tiny_args(dim=128, n_heads=4, n_kv_heads=2)
+    torch.manual_seed(3)
+    q = (torch.randn(2, 4, 9, 32) * 3).to(dtype)  # scale 3: peaked softmaxes, where bf16 exp() loses mass
+    k, v = (torch.randn(2, 2, 9, 32) * 3).to(dtype), torch.randn(2, 2, 9, 32).to(dtype)
+    mask = torch.full((9, 9), float("-inf")).triu(1)
+    want = reference_attention(q, k, v, mask)
+    attention = kind(args)
+    for path in (attention.explicit, attention.sdpa):
+        got = path(q, k, v, mask.to(dtype))
+        assert got.dtype == dtype
+        # One rounding of outputs of magnitude up to ~2.5: half an ulp at 2-4 is eps.
+        torch.testing.assert_close(got.double(), want, atol=2 * torch.finfo(dtype).eps, rtol=0)
+
+
+def check_chunked_prefill_then_decode(model: Transformer) -> None:
+    """model, holding random_model(tiny_args())'s weights, prefills 25 tokens in chunks of 7 through its cache, then
+    decodes 15 more: every position's logits equal one full forward pass of the definition (explicit attention)."""
+    tokens = torch.randint(0, 256, (2, 40))
+    cache = model.new_cache(2, 40)
+    with torch.no_grad():
+        full = random_model(tiny_args())(tokens)  # (B, 40, vocab_size), the same weights, explicit
+        last = llama3.prefill(model, tokens[:, :25], 0, cache, chunk=7)  # chunks of 7, 7, 7 and 4
+        torch.testing.assert_close(last, full[:, 24], atol=1e-5, rtol=1e-5)
+        for t in range(25, 40):
+            torch.testing.assert_close(model(tokens[:, t : t + 1], t, cache)[:, 0], full[:, t], atol=1e-5, rtol=1e-5)
+
+
+def as_loaded(model: Transformer, folder: Path, **kw) -> Transformer:
+    """model as load_model gives it back on this machine (the layers and products it picks, appendix A's on a CPU),
+    by writing it to folder in Meta's layout and loading that: how tests outside an appendix compare to the bit."""
+    save_meta_shards(model, folder, 1)
+    return load_model(folder, **kw)
 
 
 def on(device: str):
@@ -632,45 +693,15 @@ def test_sdpa_path_matches_teaching_path_in_prefill_and_decode():
 @pytest.mark.parametrize("T, past", [(5, 0), (4, 6), (1, 9)])
 def test_every_attention_path_gives_the_definition_for_any_mask(T, past):
     # A caller's own mask (padding, a window, one per row) must give the definition's
-    # result on every path: explicit(), SDPA, and the CPU routes that load_model swaps in.
-    torch.manual_seed(1)
-    args = tiny_args()
-    S = past + T
-    q = torch.randn(2, args.n_heads, T, args.head_dim)
-    k, v = torch.randn(2, args.n_kv_heads, S, args.head_dim), torch.randn(2, args.n_kv_heads, S, args.head_dim)
-    causal = torch.hstack([torch.zeros(T, past), torch.full((T, T), float("-inf")).triu(1)])
-    padding = causal.clone()
-    padding[1:, 0] = float("-inf")  # every query but the first ignores position 0
-    pos, key = past + torch.arange(T)[:, None], torch.arange(S)  # (T, 1) query positions, (S,) key positions
-    window = torch.zeros(T, S).masked_fill((key > pos) | (key < pos - 2), float("-inf"))  # the last 3 positions
-    per_row = torch.stack([causal, padding])[:, None]  # (B, 1, T, S): another mask for each sequence
-    for mask in (causal, padding, window, per_row):
-        assert not mask.isinf().all(-1).any()  # no query without a key: its softmax would be NaN
-        want = reference_attention(q, k, v, mask)
-        for name, attention in (("explicit", llama3.Attention(args)), ("cpu", llama3.CPUAttention(args))):
-            paths = {"explicit": attention.explicit, "sdpa": attention.sdpa}
-            for path, fn in paths.items():
-                got = fn(q, k, v, mask)
-                torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5,
-                                           msg=lambda m, n=name, p=path: f"{n}.{p}: {m}")
+    # result on every path: explicit() and SDPA (appendix A checks its CPU routes the same way).
+    check_attention_paths_for_any_mask(llama3.Attention, T, past)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_attention_is_computed_in_float32_and_rounded_once(dtype):
     # explicit() and SDPA on bf16/fp16 tensors must give the float64 definition on the same
     # rounded inputs to within one rounding of the output: the softmax in at least float32.
-    args = tiny_args(dim=128, n_heads=4, n_kv_heads=2)
-    torch.manual_seed(3)
-    q = (torch.randn(2, 4, 9, 32) * 3).to(dtype)  # scale 3: peaked softmaxes, where bf16 exp() loses mass
-    k, v = (torch.randn(2, 2, 9, 32) * 3).to(dtype), torch.randn(2, 2, 9, 32).to(dtype)
-    mask = torch.full((9, 9), float("-inf")).triu(1)
-    want = reference_attention(q, k, v, mask)
-    for attention in (llama3.Attention(args), llama3.CPUAttention(args)):
-        for path in (attention.explicit, attention.sdpa):
-            got = path(q, k, v, mask.to(dtype))
-            assert got.dtype == dtype
-            # One rounding of outputs of magnitude up to ~2.5: half an ulp at 2-4 is eps.
-            torch.testing.assert_close(got.double(), want, atol=2 * torch.finfo(dtype).eps, rtol=0)
+    check_half_precision_attention(llama3.Attention, dtype)
 
 
 def test_cache_takes_the_weights_dtype_and_the_requested_size():
@@ -710,22 +741,12 @@ def test_cached_chunks_match_full_recompute():
         torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("attention", ["explicit", "sdpa", "cpu paths"])
+@pytest.mark.parametrize("attention", ["explicit", "sdpa"])
 def test_cached_decode_after_a_chunked_prefill_matches_full_recompute(attention):
     # generate feeds long prompts in chunks through the cache; every position's logits
     # must be those of one full forward pass of the definition, through the prefill and
-    # the decode after it.
-    model = random_model(tiny_args(use_sdpa=attention != "explicit"))
-    if attention == "cpu paths":
-        model = llama3.use_cpu_speed_paths(model, ALL_CPU_PATHS)
-    tokens = torch.randint(0, 256, (2, 40))
-    cache = model.new_cache(2, 40)
-    with torch.no_grad():
-        full = random_model(tiny_args())(tokens)  # (B, 40, vocab_size), the same weights, explicit
-        last = llama3.prefill(model, tokens[:, :25], 0, cache, chunk=7)  # chunks of 7, 7, 7 and 4
-        torch.testing.assert_close(last, full[:, 24], atol=1e-5, rtol=1e-5)
-        for t in range(25, 40):
-            torch.testing.assert_close(model(tokens[:, t : t + 1], t, cache)[:, 0], full[:, t], atol=1e-5, rtol=1e-5)
+    # the decode after it. (Appendix A: the same for the CPU routes.)
+    check_chunked_prefill_then_decode(random_model(tiny_args(use_sdpa=attention != "explicit")))
 
 
 # -----------------------------------------------------------------------------
@@ -780,6 +801,7 @@ def test_logits_are_causal():
 
 
 def test_last_only_returns_the_last_positions_logits():
+    # Sampling reads only the last position: last_only skips the (T, vocab) product and must not change that row.
     model = random_model(tiny_args())
     tokens = torch.randint(0, 256, (2, 9))
     with torch.no_grad():
@@ -787,12 +809,14 @@ def test_last_only_returns_the_last_positions_logits():
 
 
 def test_bf16_model_returns_float32_logits():
+    # Softmax and sampling over 128K entries need float32 logits whatever the weights' dtype.
     model = random_model(tiny_args()).to(torch.bfloat16)
     with torch.no_grad():
         assert model(torch.randint(0, 256, (1, 5))).dtype == torch.float32
 
 
 def test_positions_past_max_seq_len_are_an_error():
+    # Past max_seq_len the cache has no room and RoPE was never trained there: fail loudly, naming the limit.
     model = random_model(tiny_args(max_seq_len=8))
     with pytest.raises(ValueError, match="max_seq_len=8"):
         model(torch.zeros(1, 9, dtype=torch.long))
@@ -840,6 +864,7 @@ def test_model_imports_with_only_torch_installed(tmp_path):
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_on_device_logits_match_cpu_and_cached_decode_matches_recompute(device):
+    # On a GPU (benchmarks/gpu_check.sh) the model must give the CPU's logits, and its cache the full pass's.
     dev = on(device)
     cpu = random_model(tiny_args(use_sdpa=True))
     model = copy.deepcopy(cpu).to(dev)
@@ -857,6 +882,7 @@ def test_on_device_logits_match_cpu_and_cached_decode_matches_recompute(device):
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_on_device_sdpa_equals_explicit_and_half_precision_stays_close(device):
+    # On each device SDPA must be a pure speed choice, and bf16/fp16 weights must stay near float32's answer.
     dev = on(device)
     explicit = random_model(tiny_args()).to(dev)
     sdpa = copy.deepcopy(explicit)
@@ -923,12 +949,14 @@ def test_hf_config_rope_formats_agree():
 @pytest.mark.parametrize("key, value", [("hidden_act", "gelu"), ("attention_bias", True), ("mlp_bias", True),
                                         ("quantization_config", {"quant_method": "bitsandbytes"})])
 def test_hf_config_refuses_what_it_cannot_run(key, value):
+    # A config.json part 1 cannot compute (another activation, biases, quantized) fails at load, not as wrong text.
     config = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 256, key: value}
     with pytest.raises(llama3.CheckpointError, match=f"config.json: {key} is"):
         llama3.args_from_hf_config(config)
 
 
 def test_hf_config_notes_the_keys_it_ignores(capsys):
+    # Keys llama3.py does not use are named on stderr: silence could hide a setting that matters.
     config = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 256,
               "hidden_act": "silu", "transformers_version": "4.45", "sliding_window": 4096}
     llama3.args_from_hf_config(config)
@@ -945,9 +973,9 @@ def test_meta_shards_merge_to_the_same_model(tmp_path, n_shards):
     for name, t in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], t), name
     tokens = torch.randint(0, 256, (1, 20))
-    llama3.use_cpu_speed_paths(model)  # load_model's products, so the logits can be equal to the bit
+    whole = as_loaded(model, tmp_path / "whole", use_sdpa=False)  # load_model's products: logits equal to the bit
     with torch.no_grad():
-        assert torch.equal(loaded(tokens), model(tokens))
+        assert torch.equal(loaded(tokens), whole(tokens))
 
 
 @pytest.mark.parametrize("n_heads, n_kv_heads, tied, factor, shard", [
@@ -1016,6 +1044,7 @@ def test_hf_checkpoint_with_a_saved_rope_table_loads(tmp_path):
 
 
 def test_load_model_casts_to_dtype():
+    # dtype must reach every parameter, or products mix dtypes and memory is not what was asked for.
     model = load_model(GOLDEN, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
 
@@ -1029,12 +1058,13 @@ def test_casting_a_built_model_keeps_rope_in_float32(tmp_path):
     tokens = torch.randint(0, 256, (1, 300))
     for dtype in (torch.bfloat16, torch.float16):
         loaded = load_model(tmp_path, dtype=dtype, use_sdpa=False)
-        cast = llama3.use_cpu_speed_paths(copy.deepcopy(model).to(dtype))  # load_model's products
+        cast = load_model(tmp_path, use_sdpa=False).to(dtype)  # built in float32 (load_model's products), then cast
         with torch.no_grad():
             assert torch.equal(cast(tokens), loaded(tokens)), dtype
 
 
 def test_sdpa_default_is_the_same_for_model_args_and_load_model(tmp_path):
+    # A library user and the command line must run the same attention path unless they ask otherwise.
     save_meta_shards(random_model(tiny_args()), tmp_path, 1)
     assert ModelArgs().use_sdpa is True
     assert load_model(tmp_path).layers[0].attention.use_sdpa is True
@@ -1042,6 +1072,7 @@ def test_sdpa_default_is_the_same_for_model_args_and_load_model(tmp_path):
 
 
 def test_rope_scaling_factor_can_be_overridden(tmp_path):
+    # A params.json without the 3.1 factor gets the release default; a user can override it and cap max_seq_len.
     save_meta_shards(random_model(tiny_args()), tmp_path, 1)
     params = json.loads((tmp_path / "params.json").read_text())
     del params["rope_scaling_factor"]
@@ -1067,6 +1098,7 @@ def test_loading_skips_random_init_and_the_compiler_stack(tmp_path):
 
 
 def test_missing_directory_and_config_are_clear_errors(tmp_path):
+    # A new user's first mistakes (wrong folder, wrong level of it) must say what is missing.
     with pytest.raises(FileNotFoundError, match="no such checkpoint directory"):
         load_model(tmp_path / "nope")
     with pytest.raises(ValueError, match="no params.json .* or config.json"):
@@ -1077,6 +1109,7 @@ def test_missing_directory_and_config_are_clear_errors(tmp_path):
 
 
 def test_params_that_dont_match_the_tensors_name_the_tensor_and_both_shapes(tmp_path):
+    # A params.json of another size must name the tensor, both shapes and the config numbers behind them.
     save_meta_shards(random_model(tiny_args()), tmp_path, 1)
     params = json.loads((tmp_path / "params.json").read_text())
     params["n_kv_heads"] = 4
@@ -1089,6 +1122,7 @@ def test_params_that_dont_match_the_tensors_name_the_tensor_and_both_shapes(tmp_
 
 
 def test_missing_tensor_error_names_key_and_file(tmp_path):
+    # A checkpoint missing a tensor must say which and where, not fail inside load_state_dict.
     save_meta_shards(random_model(tiny_args()), tmp_path, 1)
     sd = torch.load(tmp_path / "consolidated.00.pth", weights_only=True)
     del sd["layers.1.feed_forward.w3.weight"]
@@ -1098,6 +1132,7 @@ def test_missing_tensor_error_names_key_and_file(tmp_path):
 
 
 def test_truncated_pth_error_names_the_file(tmp_path):
+    # An interrupted download leaves a short file: the error must name it, so it can be fetched again.
     save_meta_shards(random_model(tiny_args()), tmp_path, 2)
     f = tmp_path / "consolidated.01.pth"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
@@ -1106,6 +1141,7 @@ def test_truncated_pth_error_names_the_file(tmp_path):
 
 
 def test_missing_shard_is_named(tmp_path):
+    # 70B and 405B come in 8 or 16 shards; a missing one must be named, not merged into a wrong model.
     save_meta_shards(random_model(tiny_args()), tmp_path, 4)
     (tmp_path / "consolidated.02.pth").unlink()
     with pytest.raises(FileNotFoundError, match=r"consolidated\.02\.pth is missing"):
@@ -1113,6 +1149,7 @@ def test_missing_shard_is_named(tmp_path):
 
 
 def test_truncated_safetensors_error_names_the_file(tmp_path):
+    # The same for a Hugging Face download cut short: name the file to fetch again.
     ref = hf_model(tiny_args())
     ref.save_pretrained(tmp_path)
     f = tmp_path / "model.safetensors"
@@ -1135,6 +1172,7 @@ def test_torch_load_is_only_called_with_weights_only(tmp_path):
 
 
 def test_the_library_refuses_bad_values_with_a_value_error_naming_them(cli_ckpt, tok):
+    # A program calling the library gets a ValueError naming the bad value, not a failure deep inside torch.
     folder, model = cli_ckpt
     for kw, fragment in (({"dtype": "bf16"}, "dtype must be a torch float dtype"),
                          ({"device": "gpu"}, "device 'gpu'"), ({"device": "cuda:99"}, "device cuda:99"),
@@ -1191,6 +1229,7 @@ def test_discovery_lists_only_llama3_text_models_among_a_caches_neighbours(tmp_p
 
 
 def test_load_model_takes_a_repo_id_from_the_cache(tmp_path, downloads, monkeypatch, cli_ckpt):
+    # A library user names a downloaded model as on the command line: by its Hugging Face repo id.
     home = make_home(tmp_path, downloads, hf=True, meta=False)
     for key in [k for k in os.environ if k.startswith(("HF_", "LLAMA_STACK_"))]:
         monkeypatch.delenv(key)
@@ -1241,6 +1280,7 @@ def test_every_way_of_naming_a_model_gives_the_same_text(tmp_path, downloads):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["several", "none", "offline_repo", "unknown_name", "quantized", "no_tokenizer"])
 def test_model_lookup_failures_are_one_line_with_exit_2(tmp_path, downloads, case):
+    # Every way a lookup can fail ends in one line that says what to do, never a traceback.
     home, args, culprit = make_home(tmp_path, downloads, hf=True, meta=True), ["--prompt", "hi"], None
     if case == "several":
         culprit = "test-org/Tiny-Llama-3, Tiny-Llama3-Meta"
@@ -1270,6 +1310,7 @@ def test_model_lookup_failures_are_one_line_with_exit_2(tmp_path, downloads, cas
 
 
 def test_temperature_zero_is_argmax():
+    # temperature 0 is greedy decoding: the exact argmax whatever top_k and top_p say, so greedy runs repeat.
     torch.manual_seed(0)
     logits = torch.randn(4, 100)
     assert torch.equal(llama3.sample(logits, temperature=0.0), logits.argmax(-1))
@@ -1288,6 +1329,7 @@ def test_top_p_keeps_the_token_that_crosses_p():
 
 
 def test_top_k_samples_only_the_k_most_likely():
+    # top-k must cut the tail exactly: a token outside the k most likely is never drawn.
     logits = torch.log(torch.tensor([[0.1, 0.4, 0.05, 0.3, 0.15]])).repeat(3000, 1)
     gen = torch.Generator().manual_seed(0)
     drawn = llama3.sample(logits, temperature=1.0, top_p=1.0, top_k=2, generator=gen)
@@ -1296,6 +1338,7 @@ def test_top_k_samples_only_the_k_most_likely():
 
 @pytest.mark.slow
 def test_temperature_flattens_the_distribution():
+    # Sampling draws from softmax(logits / T): frequencies must match it for T below and above 1.
     logits = torch.tensor([[2.0, 0.0]]).repeat(4000, 1)
     gen = torch.Generator().manual_seed(0)
     cold = (llama3.sample(logits, 0.5, 1.0, generator=gen) == 0).float().mean()
@@ -1304,6 +1347,7 @@ def test_temperature_flattens_the_distribution():
 
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
+    # Hugging Face's rule in exact arithmetic: dividing a negative logit would raise its probability instead.
     logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
     out = llama3.apply_repetition_penalty(logits, torch.tensor([[0, 1, 1]]), 2.0)  # token 1 seen twice: once
     assert out.tolist() == [[1.0, -4.0, 1.0, 0.5]]
@@ -1344,6 +1388,7 @@ def test_default_stop_tokens_are_the_tokenizers(tok):
     ("max_new_tokens", -1), ("temperature", -0.5), ("temperature", float("nan")), ("top_p", 0.0), ("top_p", 1.5),
     ("top_k", 0), ("repetition_penalty", 0.0), ("prefill_chunk", 0), ("cached_len", -1)])
 def test_generate_raises_value_error_naming_each_bad_argument(argument, value):
+    # Each out-of-range argument is refused up front by name, rather than misbehaving during sampling.
     model = random_model(tiny_args())
     extra = {"cache": model.new_cache(1, 16)} if argument == "cached_len" else {}
     with pytest.raises(ValueError, match=rf"^{argument}|^cache"):
@@ -1351,6 +1396,7 @@ def test_generate_raises_value_error_naming_each_bad_argument(argument, value):
 
 
 def test_seed_makes_sampling_repeatable():
+    # A seed must reproduce a sampled run exactly, and another seed give another run.
     model = random_model(tiny_args())
     prompts = [[1, 2, 3], [4, 5]]
     a = llama3.generate(model, prompts, 12, temperature=1.0, top_p=0.95, seed=7, stop_tokens=[])
@@ -1373,6 +1419,7 @@ def test_batched_greedy_equals_one_at_a_time():
 
 
 def test_each_row_stops_on_its_own_stop_token():
+    # In a batch, one row's stop token must end that row only, and is not returned.
     model = random_model(tiny_args())
     prompts = [[5, 9, 2], [7] * 11]
     free = llama3.generate(model, prompts, 10, temperature=0, stop_tokens=[])
@@ -1419,6 +1466,7 @@ def test_a_stopped_row_streams_nothing_more_and_generation_ends_when_all_rows_st
 
 
 def test_on_token_returning_true_ends_that_row_only():
+    # The command line's stop strings end a row through on_token's return value; other rows must go on.
     model = random_model(tiny_args())
     prompts = [[5, 9, 2], [7] * 11]
     free = llama3.generate(model, prompts, 10, temperature=0, stop_tokens=[])
@@ -1428,6 +1476,7 @@ def test_on_token_returning_true_ends_that_row_only():
 
 
 def test_on_token_streams_every_new_token_in_order():
+    # Streaming must show what generate returns: every new token of each row, once, in order.
     model = random_model(tiny_args())
     seen = {0: [], 1: []}
     out = llama3.generate(model, [[3, 4], [5, 6, 7, 8]], 6, temperature=0, stop_tokens=[],
@@ -1436,6 +1485,7 @@ def test_on_token_streams_every_new_token_in_order():
 
 
 def test_max_new_tokens_is_clipped_to_the_context():
+    # A request past the context is cut at max_seq_len instead of failing; a prompt that fills it is refused.
     model = random_model(tiny_args(max_seq_len=16))
     assert len(llama3.generate(model, [[1] * 10], 100, temperature=0, stop_tokens=[])[0]) == 6
     with pytest.raises(ValueError, match="16-position context"):
@@ -1473,10 +1523,7 @@ import json, sys, torch, llama3
 def peak():  # VmHWM: this process's peak resident memory, in bytes
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
 n = int(sys.argv[1])
-torch.manual_seed(0)
-args = llama3.ModelArgs(dim=256, n_layers=8, n_heads=8, n_kv_heads=8, vocab_size=256, max_seq_len=n + 1,
-                        use_sdpa=True)  # load_model's default
-model = llama3.use_cpu_speed_paths(llama3.Transformer(args).eval())
+model = llama3.load_model(sys.argv[2], max_seq_len=n + 1)  # as a user runs it: SDPA, and this CPU's paths
 llama3.generate(model, [[1] * 16], 1, temperature=0)  # load the kernels; a longer warm-up would hide growth
 before = peak()
 llama3.generate(model, [[i % 256 for i in range(n)]], 1, temperature=0)
@@ -1486,11 +1533,15 @@ print(json.dumps(peak() - before))
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads peak memory from Linux's /proc")
-def test_prefill_memory_grows_linearly_with_the_prompt():
+def test_prefill_memory_grows_linearly_with_the_prompt(tmp_path):
     # No (prompt x prompt) tensor may exist: doubling the prompt may about double what its
     # prefill adds (measured 1.8x). The old full (T, T) mask made it 2.5x (272 -> 681 MB).
+    torch.manual_seed(0)
+    args = ModelArgs(dim=256, n_layers=8, n_heads=8, n_kv_heads=8, vocab_size=256, max_seq_len=8193)
+    save_meta_shards(Transformer(args).eval(), tmp_path, 1)
+
     def added(n: int) -> int:
-        r = run_python(PREFILL_MEMORY, str(n))
+        r = run_python(PREFILL_MEMORY, str(n), str(tmp_path))
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout)
 
@@ -1561,6 +1612,7 @@ def test_explained_attention_reproduces_the_attention_output():
 
 @pytest.mark.parametrize("window, stride", [(100, 100), (40, 16), (40, 40), (33, 7)])
 def test_perplexity_equals_transformers_loss_on_the_same_tokens(window, stride):
+    # Perplexities compare only when computed as transformers documents: the same windows, the same tokens scored.
     args = tiny_args(max_seq_len=128)
     ref = hf_model(args, seed=4)
     with torch.no_grad():
@@ -1574,6 +1626,7 @@ def test_perplexity_equals_transformers_loss_on_the_same_tokens(window, stride):
 
 
 def test_perplexity_refuses_what_it_cannot_score():
+    # Inputs with nothing to score, or windows the model cannot hold, are refused rather than given a number.
     model = random_model(tiny_args())
     with pytest.raises(ValueError, match="at least 2 tokens"):
         llama3.perplexity(model, [1])
@@ -1591,6 +1644,7 @@ def test_perplexity_refuses_what_it_cannot_score():
 
 
 def test_stop_text_holds_back_a_possible_stop_and_cuts_at_the_first(tok):
+    # Streamed text must never show the start of a stop string that then completes, nor lose text that was not one.
     st = llama3.StopText(["END", "xyz"])
     assert st.push("abcE") == "abc"  # "E" may begin END: held back
     assert st.push("N") == ""
@@ -1634,6 +1688,7 @@ def test_stop_text_ends_at_the_first_stop_to_complete_whatever_the_pieces(text, 
 
 
 def test_stream_reports_bad_arguments_as_exceptions_not_exits(tok):
+    # stream() is library code: bad arguments raise; they never exit the caller's program.
     model = random_model(tiny_args(vocab_size=128256, dim=32, n_heads=2, n_kv_heads=1))
     with pytest.raises(ValueError, match="^top_k"):
         llama3.stream(model, tok, [1, 2], 4, llama3.Sampling(top_k=0), out=io.StringIO(), log=io.StringIO())
@@ -1697,6 +1752,7 @@ def test_chat_cache_grows_past_8192_positions_and_keeps_the_history(tok, monkeyp
 
 
 def test_tools_file_offers_its_public_functions_only(tmp_path):
+    # --tools FILE offers only FILE's own public functions, each described from its signature and docstring.
     (tmp_path / "tools.py").write_text(
         "import os\nfrom math import sqrt\n\ndef add(a: int, b: int = 2) -> int:\n    '''Add two numbers.\n\n"
         "    a: the first\n    b: the second\n    '''\n    return a + b\n\ndef _helper():\n    pass\n")
@@ -1756,6 +1812,7 @@ def test_chat_calls_a_python_function_and_feeds_exactly_llama_models_tokens(tok,
     ('<function=divide>["a"]</function>', None),  # not an argument object: no call at all, an answer
 ])
 def test_a_bad_call_goes_back_to_the_model_as_an_error_and_the_chat_goes_on(tok, monkeypatch, answer, error):
+    # A wrong call (unknown name, bad arguments, an exception) is the model's error to read, not a crash.
     def divide(a: float, b: float) -> float:
         """Divide a by b."""
         return a / b
@@ -1824,6 +1881,7 @@ def test_cli_greedy_output_equals_transformers_continuation(cli_ckpt, tok):
 
 @pytest.mark.slow
 def test_cli_sdpa_gives_the_same_greedy_text(cli_ckpt):
+    # --sdpa is a speed flag: the greedy text must not change with it.
     folder, _ = cli_ckpt
     common = ["--ckpt", str(folder), "--prompt", "Once upon a time", "--temperature", "0", "--max-new-tokens", "8"]
     a, b = run_cli(*common), run_cli(*common, "--sdpa")
@@ -1842,6 +1900,7 @@ def test_dtype_auto_picks_float16_on_gpus_without_bf16(monkeypatch):
 
 @pytest.mark.slow
 def test_cli_warns_about_a_prompt_ending_in_whitespace(cli_ckpt):
+    # A trailing space is a token rarely seen before a word: the user is warned why the text may read oddly.
     folder, _ = cli_ckpt
     r = run_cli("--ckpt", str(folder), "--prompt", "Hello ", "--max-new-tokens", "2", "--seed", "1")
     assert r.returncode == 0 and "warning: the prompt ends in whitespace" in r.stderr
@@ -1882,6 +1941,7 @@ def test_cli_stop_strings_cut_the_text_before_the_first_appearance(cli_ckpt, tok
 @pytest.mark.slow
 @pytest.mark.parametrize("n", [0, 1, 2])
 def test_the_stats_line_is_right_for_0_1_and_2_tokens(cli_ckpt, n):
+    # The timing line must handle the edge counts without dividing by zero or printing nan.
     folder, _ = cli_ckpt
     r = run_cli("--ckpt", str(folder), "--prompt", "Hello", "--temperature", "0", "--max-new-tokens", str(n))
     stats = r.stderr.strip().splitlines()[-1]
@@ -1891,6 +1951,7 @@ def test_the_stats_line_is_right_for_0_1_and_2_tokens(cli_ckpt, n):
 
 @pytest.mark.slow
 def test_a_run_that_fills_the_context_says_so(cli_ckpt, tok):
+    # A completion cut short by the context must say so, or it looks as if the model chose to stop.
     folder, _ = cli_ckpt
     prompt = "one two three four five six seven eight nine ten " * 11  # ~111 of the 128 positions
     n = len(tok.encode(prompt.rstrip(), bos=True, eos=False))
@@ -1935,6 +1996,7 @@ def test_cli_explain_prints_explains_numbers(cli_ckpt, tok):
 
 @pytest.mark.slow
 def test_perplexity_through_the_command_line(cli_ckpt, tok, tmp_path):
+    # --perplexity prints the library's numbers for the file, and refuses bad input in one line before loading.
     folder, _ = cli_ckpt
     text = "The quick brown fox jumps over the lazy dog. " * 20
     (tmp_path / "text.txt").write_text(text)
@@ -1957,6 +2019,7 @@ def test_perplexity_through_the_command_line(cli_ckpt, tok, tmp_path):
 
 @pytest.mark.slow
 def test_chat_with_prompt_answers_once_and_exits(cli_ckpt):
+    # --chat --prompt is the scriptable chat: one answer on stdout, then exit 0.
     folder, _ = cli_ckpt
     r = run_cli("--ckpt", str(folder), "--chat", "--prompt", "Hi", "--max-new-tokens", "3", "--temperature", "0")
     assert r.returncode == 0, r.stderr
@@ -1964,12 +2027,14 @@ def test_chat_with_prompt_answers_once_and_exits(cli_ckpt):
 
 
 def test_a_message_of_several_lines_goes_between_triple_quotes(tok, monkeypatch):
+    # A message of several lines (code, a list) is typed between triple quotes, blank lines and indents kept.
     chat, _, _ = tool_chat(tok, monkeypatch, ["One.<|eot_id|>", "Two.<|eot_id|>"])
     llama3.run_chat(chat, scripted_input(['"""', "first line", "", "  third line", '"""', "next"]), log=io.StringIO())
     assert [m["content"] for m in chat.dialog if m["role"] == "user"] == ["first line\n\n  third line", "next"]
 
 
 def test_triple_quotes_may_share_lines_with_text_and_ctrl_d_sends_what_was_typed(tok, monkeypatch):
+    # Quotes on the text's own lines work too, and Ctrl-D inside a message sends it rather than losing it.
     chat, _, _ = tool_chat(tok, monkeypatch, ["One.<|eot_id|>", "Two.<|eot_id|>", "Three.<|eot_id|>"])
     lines = ['"""one line"""', '"""first', 'last"""', '"""', "typed, then Ctrl-D"]
     llama3.run_chat(chat, scripted_input(lines), log=io.StringIO())
@@ -1979,6 +2044,7 @@ def test_triple_quotes_may_share_lines_with_text_and_ctrl_d_sends_what_was_typed
 
 @pytest.mark.slow
 def test_ctrl_c_at_the_chat_prompt_ends_quietly_with_130(cli_ckpt):
+    # Ctrl-C is how people leave a chat: exit 130 as a shell program does, with no traceback.
     import signal
     import time
 
@@ -2017,6 +2083,7 @@ def test_ctrl_c_while_torch_loads_ends_quietly_with_130(script):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing", "syntax", "empty", "no_chat", "format"])
 def test_cli_tools_errors_are_one_line_with_exit_2(cli_ckpt, tmp_path, case):
+    # Each mistake with --tools (missing, broken or empty file, no --chat, bad format) is one line, exit 2.
     folder, _ = cli_ckpt
     tools = tmp_path / "tools.py"
     tools.write_text({"syntax": "def f(:\n", "empty": "x = 1\n"}.get(case, "def f(a: int) -> int:\n    return a\n"))
@@ -2047,6 +2114,7 @@ def test_cli_chat_whose_tools_fill_the_context_says_so_in_one_line(cli_ckpt, tmp
 @pytest.mark.parametrize("case", ["no_ckpt", "missing_dir", "no_config", "truncated", "mismatch", "no_tokenizer",
                                   "long_prompt"])
 def test_cli_bad_input_exits_2_with_one_line_naming_the_culprit(cli_ckpt, tmp_path, case):
+    # Bad input ends with one line naming the culprit and exit 2, never a traceback.
     import shutil
 
     folder, _ = cli_ckpt
@@ -2085,6 +2153,7 @@ def test_cli_bad_input_exits_2_with_one_line_naming_the_culprit(cli_ckpt, tmp_pa
 
 @pytest.mark.slow
 def test_a_folder_without_a_checkpoint_is_named_before_its_tokenizer(tmp_path):
+    # An empty folder's problem is the missing checkpoint, not the tokenizer that would be found missing first.
     one_line_error(run_cli("--ckpt", str(tmp_path), "--prompt", "Hi"), str(tmp_path), "no params.json")
 
 
@@ -2103,6 +2172,7 @@ def test_a_folder_without_a_checkpoint_is_named_before_its_tokenizer(tmp_path):
     (["--chat", "--tools", "params.json"], ["params.json: not a Python file"]),
 ])
 def test_bad_values_are_one_line_naming_the_flag(cli_ckpt, flags, fragments):
+    # Each bad flag value is refused in one line that names the flag and what it takes.
     folder, _ = cli_ckpt
     flags = [str(folder / f) if f == "params.json" else f for f in flags]
     one_line_error(run_cli("--ckpt", str(folder), "--prompt", "Hello", *flags), *fragments)
@@ -2111,6 +2181,7 @@ def test_bad_values_are_one_line_naming_the_flag(cli_ckpt, flags, fragments):
 @pytest.mark.slow
 @pytest.mark.parametrize("temperature, dtype", [("0", "bf16"), ("0.8", "fp16")])
 def test_nan_weights_end_generation_with_one_line_naming_the_cause(cli_ckpt, tmp_path, temperature, dtype):
+    # NaN logits give garbage or a crash in sampling: the user is told why (and, in fp16, what to try).
     folder, model = cli_ckpt
     bad = copy.deepcopy(model)
     with torch.no_grad():
@@ -2212,6 +2283,7 @@ def test_stream_decoder_never_splits_a_character(tok):
 
 
 def test_stream_decoder_flushes_an_unfinished_character_like_decode(tok):
+    # Generation can stop inside a character's bytes: the stream must end with what decode() shows.
     from tokenizer import StreamDecoder
 
     ids = tok.encode("🦙", bos=False, eos=False)[:-1]  # cut inside the emoji's bytes
@@ -2238,6 +2310,7 @@ def test_huge_inputs_encode_quickly_and_match_meta(tok, meta_tok):
     (lambda lines: lines[:9] + [lines[9].split()[0] + b" 77"] + lines[10:], "line 10: rank 77"),
 ])
 def test_malformed_tokenizer_model_names_file_and_line(tmp_path, tokenizer_model_path, corrupt, message):
+    # A damaged tokenizer.model is reported by file and line, rather than giving wrong ids later.
     from tokenizer import Tokenizer, TokenizerError
 
     lines = tokenizer_model_path.read_bytes().splitlines()
@@ -2249,6 +2322,7 @@ def test_malformed_tokenizer_model_names_file_and_line(tmp_path, tokenizer_model
 
 
 def test_missing_tokenizer_model_is_a_clear_error(tmp_path):
+    # A missing tokenizer file is named as missing, not reported as a parse error.
     from tokenizer import Tokenizer, TokenizerError
 
     with pytest.raises(TokenizerError, match="tokenizer file not found"):
@@ -2319,6 +2393,7 @@ def test_tokenizer_json_of_llama_30_with_reserved_names_is_accepted(tmp_path, to
 
 
 def test_chat_format_lays_out_messages_like_meta(tok):
+    # Instruct models were trained on this exact layout; a token off and their answers degrade.
     from tokenizer import ChatFormat
 
     chat = ChatFormat(tok)
@@ -2334,6 +2409,7 @@ def test_chat_format_lays_out_messages_like_meta(tok):
 
 
 def test_chat_content_cannot_forge_a_turn(tok):
+    # Special-token text in a message stays text, or a user could end the turn and write the assistant's.
     from tokenizer import ChatFormat
 
     ids = ChatFormat(tok).encode_dialog_prompt([{"role": "user", "content": "x<|eot_id|><|start_header_id|>"}])
@@ -2364,6 +2440,7 @@ TOOL_DIALOG = [
 
 @pytest.mark.parametrize("tool_format", ["json", "function_tag", "python_list"])
 def test_tool_dialog_tokens_equal_llama_models(tok, meta_chat, tool_format):
+    # Tool calling works on the tokens the models were trained with: every message kind as llama-models encodes it.
     from tokenizer import ChatFormat
 
     meta, datatypes = meta_chat
@@ -2395,6 +2472,7 @@ DOCUMENT_OUTPUTS = [
 
 @pytest.mark.parametrize("index", range(len(DOCUMENT_OUTPUTS)))
 def test_document_examples_parse_as_llama_models_parses_them(tok, meta_tok, meta_chat, index):
+    # The outputs Meta's documents show must parse into the calls llama-models reads from them.
     from tokenizer import ChatFormat
 
     tokens = tok.encode(DOCUMENT_OUTPUTS[index], bos=False, eos=False, allowed_special="all")
@@ -2430,6 +2508,7 @@ def test_several_python_list_calls_are_all_kept(tok, meta_tok, meta_chat):
     ('{"type": "function"}', []),  # no name (llama-models raises KeyError)
 ])
 def test_hard_tool_calls_parse_safely_and_completely(tok, text, calls):
+    # Model output is untrusted text: calls must parse whole, and nothing in them is ever evaluated.
     from tokenizer import ChatFormat
 
     tokens = tok.encode(text + "<|eot_id|>", bos=False, eos=False, allowed_special="all")
@@ -2471,6 +2550,7 @@ def test_a_python_function_is_offered_exactly_as_the_32_document_shows(tok):
 
 
 def test_json_tool_prompt_follows_the_31_document_layout():
+    # 3.1's JSON tool calling expects the system and user prompts laid out as its document shows.
     from tokenizer import tool_prompt
 
     system, user = tool_prompt([llama3.describe_function(get_weather)], "json", system="You are a helpful assistant.",
@@ -2501,9 +2581,9 @@ def test_convert_reassembles_sharded_weights_exactly(tmp_path, n_shards):
     for name, t in model.state_dict().items():
         assert torch.equal(converted.state_dict()[name], t), name
     tokens = torch.randint(0, 256, (2, 30))
-    llama3.use_cpu_speed_paths(model)  # load_model's products, so the logits can be equal to the bit
+    whole = as_loaded(model, tmp_path / "whole", use_sdpa=False)  # load_model's products: logits equal to the bit
     with torch.no_grad():
-        assert torch.equal(converted(tokens), model(tokens))
+        assert torch.equal(converted(tokens), whole(tokens))
 
 
 def test_converted_params_json_states_every_number(tmp_path):
@@ -2552,6 +2632,7 @@ def test_convert_takes_every_name_the_cli_takes_and_carries_the_tokenizer(tmp_pa
 
 @pytest.mark.slow
 def test_convert_never_modifies_src_and_copies_the_tokenizer(tmp_path):
+    # The source may be the user's only copy of a large download: convert must never write to it.
     save_meta_shards(random_model(tiny_args()), tmp_path / "src", 2)
     (tmp_path / "src" / "tokenizer.model").write_text("stand-in")
     before = tree_digest(tmp_path / "src")
@@ -2564,6 +2645,7 @@ def test_convert_never_modifies_src_and_copies_the_tokenizer(tmp_path):
 
 @pytest.mark.slow
 def test_convert_refuses_to_overwrite_without_force(tmp_path):
+    # An earlier conversion is not replaced by accident; --force replaces it.
     save_meta_shards(random_model(tiny_args()), tmp_path / "src", 1)
     assert run_convert(str(tmp_path / "src"), str(tmp_path / "dst")).returncode == 0
     before = tree_digest(tmp_path / "dst")
@@ -2635,6 +2717,7 @@ def test_convert_runs_without_the_resource_module_and_reads_macos_bytes(tmp_path
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["truncated", "missing_shard", "shape", "unknown", "dtype", "no_config"])
 def test_convert_bad_input_exits_2_and_leaves_no_output(tmp_path, case):
+    # A failed conversion says why in one line and leaves no half-written folder that looks usable.
     src, dst = tmp_path / "src", tmp_path / "dst"
     save_meta_shards(random_model(tiny_args()), src, 4)
     culprit = None
@@ -2679,6 +2762,7 @@ def test_convert_bad_input_exits_2_and_leaves_no_output(tmp_path, case):
 
 @pytest.mark.slow
 def test_convert_refuses_nan_weights_naming_the_tensor(tmp_path):
+    # A corrupt weight stops the conversion by name, rather than being copied into a model that prints garbage.
     model = random_model(tiny_args())
     with torch.no_grad():
         model.layers[1].feed_forward.w2.weight[3, 5] = float("nan")
@@ -2692,6 +2776,7 @@ def test_convert_refuses_nan_weights_naming_the_tensor(tmp_path):
 
 @pytest.mark.slow
 def test_convert_notes_replicated_norms_that_disagree(tmp_path):
+    # Shards hold equal copies of each norm; a difference means a damaged shard, so it is reported.
     save_meta_shards(random_model(tiny_args()), tmp_path / "src", 2)
     s = torch.load(tmp_path / "src" / "consolidated.01.pth", weights_only=True)
     s["norm.weight"] = s["norm.weight"] + 1.0
@@ -2726,16 +2811,38 @@ CPUINFO = {  # the first processor block of /proc/cpuinfo, as far as cpu_kind re
 
 @pytest.mark.parametrize("name", list(CPUINFO))
 def test_cpu_kind_names_only_the_kinds_measured(name):
+    # Paths are taken only where measured faster, so a CPU is told apart by its first processor's block alone.
     kind = llama3.cpu_kind(CPUINFO[name] + "\n" + CPUINFO["arm"])  # only the first processor counts
     assert kind == (name if name in ("zen3", "zen5", "xeon-amx") else None)
 
 
 def test_a_cpu_kind_never_measured_runs_torchs_own_kernels():
+    # On a CPU kind never measured nothing is swapped: part 1's modules and torch's own kernels run.
     model = random_model(tiny_args(use_sdpa=True))
     assert llama3.use_cpu_speed_paths(model, llama3.cpu_paths(None)) is model
     assert type(model.layers[0].attention) is llama3.Attention and type(model.output) is torch.nn.Linear
     assert llama3.cpu_paths("xeon-amx") == {"explicit_decode_fp32", "split_prefill_fp32"}  # measured faster there
     assert llama3.cpu_paths("zen3") == {"row_blocks", "bf16_via_fp32"}
+
+
+@pytest.mark.parametrize("T, past", [(5, 0), (4, 6), (1, 9)])
+def test_cpu_attention_gives_the_definition_for_any_mask(T, past):
+    # part 1's test_every_attention_path_gives_the_definition_for_any_mask for the CPU routes that load_model
+    # swaps in: a caller's own mask must not be mistaken for the causal one the split prefill assumes.
+    check_attention_paths_for_any_mask(llama3.CPUAttention, T, past)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_attention_in_half_precision_is_computed_in_float32_and_rounded_once(dtype):
+    # part 1's half-precision test for the CPU routes: their softmax too in at least float32.
+    check_half_precision_attention(llama3.CPUAttention, dtype)
+
+
+def test_cpu_paths_cached_decode_after_a_chunked_prefill_matches_full_recompute():
+    # part 1's chunked-prefill test through every CPU route (split chunks, explicit decode, row blocks):
+    # generate's path on a CPU must give the definition's logits at every position.
+    check_chunked_prefill_then_decode(llama3.use_cpu_speed_paths(random_model(tiny_args(use_sdpa=True)),
+                                                                 ALL_CPU_PATHS))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -2866,6 +2973,8 @@ def test_fp32_product_in_row_blocks_matches_f_linear(shape):
 def test_cpu_speed_paths_are_safe_with_two_threads_and_any_default_dtype():
     # The speed paths keep no state between calls: two threads may share one model, and
     # a user's torch.set_default_dtype must not change what they compute.
+    import threading
+
     torch.manual_seed(0)
     model = llama3.use_cpu_speed_paths(random_model(tiny_args()).bfloat16(), ALL_CPU_PATHS)
     prompts = [torch.randint(0, 256, (2, 24)) for _ in range(4)]  # 48 rows: the fp32 path
@@ -2960,6 +3069,7 @@ def test_tensor_parallel_matches_one_process(tmp_path, world, layout):
 
 
 def test_tensor_parallel_rejects_a_world_size_that_does_not_divide_the_heads():
+    # Heads cannot be split unevenly: say so up front, naming the numbers, rather than fail in a collective.
     with torch.device("meta"):
         model = Transformer(tiny_args(n_heads=4, n_kv_heads=2))
     with pytest.raises(ValueError, match="3 processes can't split n_heads=4"):
@@ -3021,6 +3131,7 @@ def test_compiled_decode_matches_eager():
 @pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_on_device_compiled_decode_matches_eager(device):
+    # --compile on a GPU (CUDA graphs) must give eager's greedy tokens, as on the CPU.
     dev = on(device)
     model = random_model(tiny_args(use_sdpa=True)).to(dev)
     prompts = [[1, 2, 3], [9, 8, 7, 6, 5]]
@@ -3090,6 +3201,7 @@ def dequantized_copy(model: Transformer, quantized: Transformer) -> Transformer:
 
 
 def test_int8_moves_each_weight_by_at_most_half_its_rows_step():
+    # Round to nearest per row: no weight moves by more than half its row's step, outliers and zero rows included.
     torch.manual_seed(0)
     w = torch.randn(48, 96) * torch.logspace(-3, 1, 48)[:, None]  # rows of very different sizes
     w[5] = 0  # an all-zero row
@@ -3104,6 +3216,7 @@ def test_int8_moves_each_weight_by_at_most_half_its_rows_step():
 
 
 def test_int4_moves_each_weight_by_at_most_half_its_groups_step():
+    # The same for int4's groups, each with its own scale and zero point, constant groups exact.
     torch.manual_seed(0)
     w = torch.randn(40, 128) * torch.logspace(-3, 1, 40)[:, None] + 0.5  # groups not centred on zero
     w[3, :32] = 1.25  # a constant group: range 0
@@ -3124,6 +3237,7 @@ def test_int4_moves_each_weight_by_at_most_half_its_groups_step():
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quantized_layers_compute_the_product_with_their_dequantized_weight(mode, dtype):
+    # The kernels compute x @ W^T for the dequantized W to their own rounding: all error is then the weights'.
     torch.manual_seed(0)
     w, x = torch.randn(96, 128).to(dtype), torch.randn(2, 5, 128).to(dtype)
     layer = llama3.Int8Linear(128, 96) if mode == "int8" else llama3.Int4Linear(128, 96)
@@ -3211,6 +3325,7 @@ def test_a_quantized_model_is_part_1_with_the_quantized_weights(tmp_path, mode, 
 
 
 def test_a_tied_int4_model_keeps_an_int8_output_where_int4_rows_cannot_be_read(tmp_path, monkeypatch):
+    # Where int4's packed layout cannot be read back as embedding rows, a tied model still works (int8 output).
     monkeypatch.setattr(llama3, "int4_cpu_block", lambda: None)  # as on a CPU with another layout
     model = random_model(tiny_args(tie_word_embeddings=True))
     model.output.weight = model.tok_embeddings.weight
@@ -3224,6 +3339,7 @@ def test_a_tied_int4_model_keeps_an_int8_output_where_int4_rows_cannot_be_read(t
 
 
 def test_quantize_is_refused_in_one_line_where_the_kernel_is_missing(tmp_path, monkeypatch, cli_ckpt):
+    # A torch without the kernel, or a kernel reading another layout, is refused rather than giving wrong numbers.
     def missing(*a):
         raise NotImplementedError("Could not run 'aten::_weight_int4pack_mm_for_cpu' with arguments\nmore")
 
@@ -3240,6 +3356,7 @@ def test_quantize_is_refused_in_one_line_where_the_kernel_is_missing(tmp_path, m
 
 
 def test_a_failed_quantized_load_gives_back_the_allocator_setting(cli_ckpt, monkeypatch):
+    # A library user's process outlives a failed load: glibc's mmap threshold must be given back.
     calls, real = [], llama3.CheckpointReader.tensor
     monkeypatch.setattr(llama3, "malloc_mmap_threshold", calls.append)
 
@@ -3256,6 +3373,7 @@ def test_a_failed_quantized_load_gives_back_the_allocator_setting(cli_ckpt, monk
 
 @pytest.mark.slow
 def test_quantize_through_the_command_line(cli_ckpt, tok):
+    # --quantize int4 gives the library's greedy text and says what ran; an unknown mode is one line.
     folder, _ = cli_ckpt
     prompt = tok.encode("The capital of France is", bos=True, eos=False)
     want = llama3.generate(load_model(folder, dtype=torch.float32, quantize="int4"), [prompt], 8, temperature=0)[0]
