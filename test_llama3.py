@@ -1228,6 +1228,47 @@ def test_discovery_lists_only_llama3_text_models_among_a_caches_neighbours(tmp_p
     assert r.returncode == 0 and "using test-org/Tiny-Llama-3" in r.stderr, r.stderr
 
 
+def test_discovery_tells_llama3_from_models_that_share_its_vocabulary(tmp_path, monkeypatch):
+    # Llama 3's 128,256-token vocabulary is not Llama 3's alone: Meta's vision models (a params.json with
+    # vision_chunk_size) and other architectures built on it (NVIDIA's Nemotron-51B, model_type nemotron-nas)
+    # have it too, and part 1 cannot run them. With no --ckpt, only the Llama 3 text models may be found: each
+    # of the three checks (vocabulary, model_type, vision keys) is the only one that leaves a neighbour out.
+    home = tmp_path / "home"
+    hub, meta = home / ".cache" / "huggingface" / "hub", home / ".llama" / "checkpoints"
+    stand_in = tmp_path / "stand-in"
+    stand_in.write_bytes(b"")  # weights and tokenizers are never read to find a model
+
+    def hf_repo(repo_id: str, config: dict) -> Path:
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        files = {"config.json": tmp_path / "config.json", "model.safetensors": stand_in, "tokenizer.json": stand_in}
+        return hub_cache_repo(hub, repo_id, files)
+
+    def meta_folder(model_id: str, params: dict) -> Path:  # as `llama model download` leaves it
+        folder = meta / model_id
+        folder.mkdir(parents=True)
+        (folder / "params.json").write_text(json.dumps(params))
+        for name in ("consolidated.00.pth", "tokenizer.model", "checklist.chk"):
+            shutil.copy(stand_in, folder / name)
+        return folder
+
+    text = {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256,
+            "ffn_dim_multiplier": 1.3, "multiple_of": 1024, "norm_eps": 1e-05, "rope_theta": 500000.0,
+            "use_scaled_rope": True}
+    want = [("meta-llama/Llama-3.1-8B-Instruct", hf_repo("meta-llama/Llama-3.1-8B-Instruct", {
+                "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256})),
+            ("Llama3.1-8B-Instruct", meta_folder("Llama3.1-8B-Instruct", text))]
+    hf_repo("nvidia/Llama-3_1-Nemotron-51B-Instruct", {"architectures": ["DeciLMForCausalLM"],
+                                                       "model_type": "nemotron-nas", "vocab_size": 128256})
+    hf_repo("meta-llama/Llama-2-7b-hf", {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                                         "vocab_size": 32000})
+    meta_folder("Llama3.2-11B-Vision", {**text, "vision_chunk_size": 560, "vision_max_num_chunks": 4,
+                                        "vision_num_cross_attention_layers": 8})
+    for key in [k for k in os.environ if k.startswith(("HF_", "HUGGINGFACE_", "LLAMA_STACK_"))]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("HOME", str(home))
+    assert sorted(llama3.downloaded_models()) == sorted(want)
+
+
 def test_load_model_takes_a_repo_id_from_the_cache(tmp_path, downloads, monkeypatch, cli_ckpt):
     # A library user names a downloaded model as on the command line: by its Hugging Face repo id.
     home = make_home(tmp_path, downloads, hf=True, meta=False)
@@ -1393,6 +1434,17 @@ def test_generate_raises_value_error_naming_each_bad_argument(argument, value):
     extra = {"cache": model.new_cache(1, 16)} if argument == "cached_len" else {}
     with pytest.raises(ValueError, match=rf"^{argument}|^cache"):
         llama3.generate(model, [[1, 2, 3]], **{"max_new_tokens": 4, argument: value, **extra})
+
+
+def test_prompt_ids_are_checked_against_the_vocabulary_at_both_ends():
+    # An id outside the embedding's rows fails deep inside torch on a CPU and may read garbage on a GPU:
+    # generate must take exactly the ids 0 .. vocab_size - 1 and refuse the ones just outside, by name.
+    model = random_model(tiny_args())  # vocab_size 256
+    last = model.args.vocab_size - 1
+    assert len(llama3.generate(model, [[0, last]], 1, temperature=0, stop_tokens=[])[0]) == 1
+    for bad in (model.args.vocab_size, -1):
+        with pytest.raises(ValueError, match=rf"token id {bad} is outside the model's vocabulary \(0\.\.{last}\)"):
+            llama3.generate(model, [[1, bad]], 1, temperature=0, stop_tokens=[])
 
 
 def test_seed_makes_sampling_repeatable():
