@@ -86,7 +86,8 @@ def write_safetensors(reader: llama3.CheckpointReader, entries: list, file: Path
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, dtype, shape in entries:
         size = dtype.itemsize * (torch.Size(shape).numel())
-        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the format pads the header so the data starts 8-byte aligned

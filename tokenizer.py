@@ -60,11 +60,13 @@ def load_bpe_ranks(path: str | Path) -> dict[bytes, int]:
     for lineno, line in enumerate(lines, 1):
         parts = line.split()
         if len(parts) != 2 or not parts[1].isdigit():
-            raise TokenizerError(f"{path} line {lineno}: expected '<base64 token> <rank>', got {line[:60].decode(errors='replace')!r}")
+            got = line[:60].decode(errors="replace")
+            raise TokenizerError(f"{path} line {lineno}: expected '<base64 token> <rank>', got {got!r}")
         try:
             token = base64.b64decode(parts[0], validate=True)
         except ValueError:
-            raise TokenizerError(f"{path} line {lineno}: invalid base64 {parts[0][:60].decode(errors='replace')!r}") from None
+            got = parts[0][:60].decode(errors="replace")
+            raise TokenizerError(f"{path} line {lineno}: invalid base64 {got!r}") from None
         if int(parts[1]) != lineno - 1 or token in ranks:
             raise TokenizerError(f"{path} line {lineno}: rank {int(parts[1])} out of order or token repeated")
         ranks[token] = lineno - 1
@@ -173,7 +175,8 @@ def check_special_tokens(path: Path, added: dict[int, str]) -> None:
 # -----------------------------------------------------------------------------
 
 PAT_STR = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
 NAMED_SPECIAL_TOKENS = [
@@ -457,7 +460,7 @@ You SHOULD NOT include any other text in the response.
 
 Here is a list of functions in JSON format that you can invoke.
 
-"""
+"""  # noqa: E501 (llama-models' text, verbatim)
 
 
 def tool_prompt(functions: list[dict], tool_format: str, builtin_tools: bool = False, system: str | None = None,

@@ -3,6 +3,7 @@
     python benchmarks/bench.py [--rounds 3] [--dtypes fp32,bf16] [--new-tokens 32] [--device cpu|cuda]
     python benchmarks/bench.py --long 1024,4096,16384 [--rounds 1]    (long prompts)
     python benchmarks/bench.py --quantize [--dtypes bf16]              (bf16, int8, int4: ours only)
+    python benchmarks/bench.py --dtype-vs-fp32 --isa all              (bf16 against fp32, ours, per level)
 
 Creates once, in a temporary folder (or --ckpt-dir, kept for the next run), a
 random bf16 checkpoint in Llama 3.2 1B shape in the Hugging Face layout
@@ -21,6 +22,11 @@ prints per side the time to the first token (load + prefill) and the peak RSS
 above the weights, with the ratios ours / transformers.
 With --quantize, the sides are ours with bf16, int8 and int4 weights (appendix D),
 and the ratios are to the unquantized side.
+With --dtype-vs-fp32, the sides are ours in each of --dtypes against ours in fp32,
+with the ratios bf16 / fp32 of prefill time and decode speed.
+--isa caps torch's kernels in the sides' processes as a CPU of that level would run
+them (avx2, avx512 without bf16, avx512_bf16 without AMX; none: this CPU as it is),
+or runs each level this CPU can show in turn (all).
 transformers is needed for its side only; without it, ours runs alone.
 """
 
@@ -36,6 +42,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# The environment that caps torch's kernels (ATen's, oneDNN's, MKL's) at each level of llama3.CPU_LEVELS.
+ISA_CAPS = {"avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
+            "avx512": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "MKL_ENABLE_INSTRUCTIONS": "AVX512"},
+            "avx512_bf16": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16", "MKL_ENABLE_INSTRUCTIONS": "AVX512"},
+            "none": {}}
 SHAPE = {"dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "vocab": 128256, "hidden": 8192}
 
 
@@ -196,7 +207,8 @@ def run_child(side: str, opts, dtype: str) -> dict:
     cmd = [sys.executable, __file__, "--child", side, "--ckpt-dir", str(opts.ckpt_dir), "--dtypes", dtype,
            "--device", opts.device, "--prompt-len", str(opts.prompt_len), "--new-tokens", str(opts.new_tokens),
            "--threads", str(opts.threads)]
-    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    env = {**os.environ, **ISA_CAPS[getattr(opts, "isa", "none")]}
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if r.returncode:
         sys.exit(f"{side} {dtype} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -213,6 +225,8 @@ def main() -> None:
     p.add_argument("--ckpt-dir", type=Path, default=None, help="where the random checkpoint lives (kept)")
     p.add_argument("--long", default=None, help="long-prompt mode: prompt lengths, e.g. 1024,4096,16384")
     p.add_argument("--quantize", action="store_true", help="ours with bf16, int8 and int4 weights")
+    p.add_argument("--dtype-vs-fp32", action="store_true", help="ours in each dtype against ours in fp32")
+    p.add_argument("--isa", default="none", choices=[*ISA_CAPS, "all"], help="cap torch's kernels at this level")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     opts = p.parse_args()
     if opts.child:
@@ -238,6 +252,10 @@ def main() -> None:
         sides = ["ours", "ours-int8", "ours-int4"]
     baseline = "ours" if opts.quantize else "transformers"
     import torch
+    if opts.dtype_vs_fp32:
+        for isa in (isa_runs() if opts.isa == "all" else [opts.isa]):
+            dtype_vs_fp32(argparse.Namespace(**{**vars(opts), "isa": isa}))
+        return
 
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     cpu = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "CPU")
@@ -280,7 +298,8 @@ def main() -> None:
                 return statistics.median(x[key] for x in rs)
 
             pct = f"{100 * med('decode_tok_s') / (bw / med('weights_gb')):.0f}%" if bw else "-"
-            row = (f"| {side} | {med('weights_gb'):.2f} | {med('load_s'):.2f} | {med('load_rss_gb'):.2f} | {med('prefill_ms'):.0f} | "
+            row = (f"| {side} | {med('weights_gb'):.2f} | {med('load_s'):.2f} | {med('load_rss_gb'):.2f} | "
+                   f"{med('prefill_ms'):.0f} | "
                    f"{med('decode_tok_s'):.2f} | {pct} | {100 * med('decode_tok_s') / ceiling:.0f}% | "
                    f"{med('peak_rss_gb'):.2f} |")
             if opts.device == "cuda":
@@ -295,6 +314,40 @@ def main() -> None:
                           f" rounds {', '.join(f'{x:.2f}' for x in ratios)})")
     if tmp:
         tmp.cleanup()
+
+
+def level_under(isa: str) -> str:
+    """llama3.cpu_level() in a process whose kernels are capped at isa."""
+    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); import llama3; print(llama3.cpu_level())"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env={**os.environ, **ISA_CAPS[isa]})
+    return r.stdout.strip()
+
+
+def isa_runs() -> list[str]:
+    """The caps that show a level below this CPU's own, lowest first, then "none" (the CPU as it is)."""
+    own = level_under("none")
+    return [isa for isa in ("avx2", "avx512", "avx512_bf16") if level_under(isa) == isa != own] + ["none"]
+
+
+def dtype_vs_fp32(opts) -> None:
+    """Ours in each of opts.dtypes against ours in fp32, alternating, under opts.isa's cap."""
+    print(f"\n## kernels capped at {opts.isa} (llama3.cpu_level() there: {level_under(opts.isa)}), "
+          f"prompt {opts.prompt_len} tokens, {opts.new_tokens} new tokens")
+    for dtype in [d for d in opts.dtypes.split(",") if d != "fp32"]:
+        runs = {"fp32": [], dtype: []}
+        for r in range(opts.rounds):
+            for d in runs if r % 2 == 0 else list(runs)[::-1]:
+                runs[d].append(run_child("ours", opts, d))
+        for d, rs in runs.items():
+            print(f"{d}: prefill {statistics.median(x['prefill_ms'] for x in rs):.0f} ms, decode "
+                  f"{statistics.median(x['decode_tok_s'] for x in rs):.2f} tok/s, peak RSS "
+                  f"{statistics.median(x['peak_rss_gb'] for x in rs):.2f} GB")
+        prefill = [a["prefill_ms"] / b["prefill_ms"] for a, b in zip(runs[dtype], runs["fp32"])]
+        decode = [a["decode_tok_s"] / b["decode_tok_s"] for a, b in zip(runs[dtype], runs["fp32"])]
+        print(f"{dtype} / fp32: prefill time {statistics.median(prefill):.2f}x (rounds "
+              f"{', '.join(f'{x:.2f}' for x in prefill)}), decode speed {statistics.median(decode):.2f}x (rounds "
+              f"{', '.join(f'{x:.2f}' for x in decode)})")
 
 
 def long_prompts(opts, sides: list[str]) -> None:

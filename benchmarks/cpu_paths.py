@@ -1,6 +1,6 @@
 """The choices appendix A and generate make on a CPU, timed side by side (run by hand).
 
-    python benchmarks/cpu_paths.py [--rounds 7]
+    python benchmarks/cpu_paths.py [--rounds 7] [--isa avx2|avx512|avx512_bf16|none|all]
 
 On the Llama 3.2 1B shape, alternating the two sides of each choice and
 printing medians, with the ratio of the medians of each round:
@@ -13,11 +13,14 @@ printing medians, with the ratio of the medians of each round:
 With --quantized, instead: the products of all 16 layers and the output layer
 (so no weight stays in cache), in bf16 against appendix D's int8 and int4
 (groups of 32, 64 and 128), for 1 row (decode) and 128 rows (prefill).
+--isa caps torch's kernels as a CPU of that level would run them (bench.py's ISA_CAPS);
+all runs each level this CPU can show, lowest first, each in a process of its own.
 """
 
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +29,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import ISA_CAPS, isa_runs
+
 import llama3
 
 DIM, HIDDEN, N_HEADS, N_KV_HEADS, HEAD_DIM = 2048, 8192, 32, 8, 64
@@ -71,12 +76,20 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--long-prompt", type=int, default=16384, help="the last attention comparison's prompt length")
     p.add_argument("--quantized", action="store_true", help="bf16 against int8 and int4 products instead")
+    p.add_argument("--isa", default="none", choices=[*ISA_CAPS, "all"], help="cap torch's kernels at this level")
     opts = p.parse_args()
+    if os.environ.get("CPU_PATHS_CAPPED") is None:  # run each level in a process started under its cap
+        for isa in isa_runs() if opts.isa == "all" else [opts.isa]:
+            argv = [a for a in sys.argv[1:] if a not in ("--isa", opts.isa)]
+            print(f"\n## kernels capped at {isa}", flush=True)
+            subprocess.run([sys.executable, __file__, *argv], check=True,
+                           env={**os.environ, **ISA_CAPS[isa], "CPU_PATHS_CAPPED": isa})
+        return
     torch.manual_seed(0)
     if opts.quantized:
         return quantized(opts.rounds)
-    print(f"# {os.cpu_count()} threads; torch {torch.__version__}; CPU kind: "
-          f"{llama3.cpu_kind()}; ratios are (first side's time) / (this side's time), so > 1 is faster")
+    print(f"# {os.cpu_count()} threads; torch {torch.__version__}; level "
+          f"{llama3.cpu_level()}; ratios are (first side's time) / (this side's time), so > 1 is faster")
     shapes = [(N_HEADS * HEAD_DIM, DIM), (N_KV_HEADS * HEAD_DIM, DIM), (HIDDEN, DIM), (DIM, HIDDEN)]
     with torch.inference_mode():
         ws = [torch.randn(s) * 0.02 for s in shapes]
@@ -119,7 +132,7 @@ def main() -> None:
 
 def quantized(rounds: int) -> None:
     """One decode step's products (16 layers, then the output layer), bf16 against int8 and int4."""
-    print(f"# {os.cpu_count()} threads; torch {torch.__version__}; CPU kind: {llama3.cpu_kind()}; "
+    print(f"# {os.cpu_count()} threads; torch {torch.__version__}; level: {llama3.cpu_level()}; "
           "ratios are (bf16's time) / (this side's time), so > 1 is faster")
     shapes = [(N_HEADS * HEAD_DIM, DIM), (N_KV_HEADS * HEAD_DIM, DIM), (N_KV_HEADS * HEAD_DIM, DIM),
               (DIM, N_HEADS * HEAD_DIM), (HIDDEN, DIM), (DIM, HIDDEN), (HIDDEN, DIM)] * 16

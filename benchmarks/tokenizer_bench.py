@@ -20,14 +20,16 @@ from tokenizer import Tokenizer
 
 def corpus(seed: int = 0) -> str:
     rng = random.Random(seed)
-    words = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "llamas", "graze", "in", "the", "Andes", "and", "models", "predict", "the", "next", "token", "one", "at", "a", "time"]
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "llamas", "graze", "in",
+             "the", "Andes", "and", "models", "predict", "the", "next", "token", "one", "at", "a", "time"]
     parts = []
     for _ in range(4000):
         kind = rng.random()
         if kind < 0.5:
             parts.append(" ".join(rng.choice(words) for _ in range(120)).capitalize() + ". ")
         elif kind < 0.7:
-            parts.append(f"def f_{rng.randint(0, 999)}(x):\n    return [i ** 2 for i in range(x)]  # {rng.randint(0, 10**6)}\n\n")
+            parts.append(f"def f_{rng.randint(0, 999)}(x):\n"
+                         f"    return [i ** 2 for i in range(x)]  # {rng.randint(0, 10**6)}\n\n")
         elif kind < 0.85:
             parts.append("日本語のテキストと中文文本和한국어 텍스트 " * 10)
         elif kind < 0.95:

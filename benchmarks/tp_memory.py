@@ -37,7 +37,8 @@ def worker(ckpt: str, new_tokens: int, out: str) -> None:
     rank = dist.get_rank() if world > 1 else 0
     held = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     Path(f"{out}.{rank}").write_text(json.dumps({
-        "rank": rank, "weights_gb": held / 1e9, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}))  # Linux: KiB
+        "rank": rank, "weights_gb": held / 1e9,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}))  # Linux: KiB
     if world > 1:
         dist.destroy_process_group()
 
