@@ -1677,6 +1677,18 @@ def test_perplexity_equals_transformers_loss_on_the_same_tokens(window, stride):
     assert nll == pytest.approx(want, rel=1e-5) and ppl == pytest.approx(math.exp(want), rel=1e-5)
 
 
+def test_perplexity_window_defaults_to_the_command_lines_not_the_whole_context():
+    # One default for the library and --perplexity (2,048 tokens, or max_seq_len if less): the same text must get
+    # the same number from both, and a 3.1 model's 131,072-position window would need 16 GiB of 8B's cache.
+    model = random_model(tiny_args(max_seq_len=4096))
+    tokens = torch.randint(0, 256, (2600,), generator=torch.Generator().manual_seed(6)).tolist()
+    default = llama3.perplexity(model, tokens)
+    assert default == llama3.perplexity(model, tokens, window=2048, stride=1024)
+    assert default != llama3.perplexity(model, tokens, window=4096)  # the whole context scores otherwise
+    short = random_model(tiny_args(max_seq_len=64))
+    assert llama3.perplexity(short, tokens[:200]) == llama3.perplexity(short, tokens[:200], window=64, stride=32)
+
+
 def test_perplexity_refuses_what_it_cannot_score():
     # Inputs with nothing to score, or windows the model cannot hold, are refused rather than given a number.
     model = random_model(tiny_args())
@@ -1931,15 +1943,6 @@ def test_cli_greedy_output_equals_transformers_continuation(cli_ckpt, tok):
     assert "prefill" in r.stderr and "decode" in r.stderr and "tok/s" in r.stderr
 
 
-@pytest.mark.slow
-def test_cli_sdpa_gives_the_same_greedy_text(cli_ckpt):
-    # --sdpa is a speed flag: the greedy text must not change with it.
-    folder, _ = cli_ckpt
-    common = ["--ckpt", str(folder), "--prompt", "Once upon a time", "--temperature", "0", "--max-new-tokens", "8"]
-    a, b = run_cli(*common), run_cli(*common, "--sdpa")
-    assert a.returncode == b.returncode == 0 and a.stdout == b.stdout
-
-
 def test_dtype_auto_picks_float16_on_gpus_without_bf16(monkeypatch):
     # V100 and T4 have no bf16: float16 there, bf16 on newer GPUs and on CPU.
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
@@ -2160,6 +2163,15 @@ def test_cli_chat_whose_tools_fill_the_context_says_so_in_one_line(cli_ckpt, tmp
                 "--temperature", "0", "--max-new-tokens", "4")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.splitlines()[-1].endswith("fills the 128-token context") and "max-seq-len" not in r.stderr
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_parameter_count_follows_from_the_config(tied):
+    # The "loaded" line counts parameters from the config, so a quantized or tensor-parallel model (whose weights
+    # are buffers, or split over processes) reports the model's size: it must equal the plain model's count.
+    args = tiny_args(tie_word_embeddings=tied, n_kv_heads=1)
+    model = llama3.Transformer(args)
+    assert llama3.parameter_count(args) == sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.slow
@@ -2851,30 +2863,71 @@ def cpu_linear(in_features: int, out_features: int, paths: frozenset = ALL_CPU_P
     return llama3.use_cpu_speed_paths(parent, paths)[0]
 
 
-CPUINFO = {  # the first processor block of /proc/cpuinfo, as far as cpu_kind reads it
-    "zen3": "vendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\nflags\t\t: fpu sse2 avx avx2 fma\n",
-    "zen4": "vendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nflags\t\t: avx2 avx512f avx512_bf16\n",
-    "zen5": "vendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\nflags\t\t: avx2 avx512f avx512_bf16\n",
-    "xeon-amx": "vendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 143\nflags\t\t: avx512f amx_bf16 amx_int8\n",
-    "xeon-avx512": "vendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 85\nflags\t\t: avx2 avx512f\n",
-    "arm": "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd\nCPU implementer\t: 0x41\n",
-}
+# The environment that caps torch's kernels at each level (benchmarks/bench.py's ISA_CAPS).
+ISA_CAPS = {"avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
+            "avx512": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "MKL_ENABLE_INSTRUCTIONS": "AVX512"}}
 
 
-@pytest.mark.parametrize("name", list(CPUINFO))
-def test_cpu_kind_names_only_the_kinds_measured(name):
-    # Paths are taken only where measured faster, so a CPU is told apart by its first processor's block alone.
-    kind = llama3.cpu_kind(CPUINFO[name] + "\n" + CPUINFO["arm"])  # only the first processor counts
-    assert kind == (name if name in ("zen3", "zen5", "xeon-amx") else None)
+def level_in_a_process(**env: str) -> str:
+    """llama3.cpu_level() in a fresh interpreter with env added (torch reads its caps at import)."""
+    r = subprocess.run([sys.executable, "-c", "import llama3; print(llama3.cpu_level())"], cwd=HERE,
+                       capture_output=True, text=True, check=True, env={**os.environ, **env})
+    return r.stdout.strip()
 
 
-def test_a_cpu_kind_never_measured_runs_torchs_own_kernels():
-    # On a CPU kind never measured nothing is swapped: part 1's modules and torch's own kernels run.
+@pytest.mark.slow
+def test_capping_torchs_kernels_makes_the_level_that_of_a_lower_cpu():
+    # Every level is measured and tested on one machine by capping torch's kernels: under the caps the code must
+    # choose as it would on that CPU. A cap cannot raise the level, so each is at most the machine's own.
+    own = level_in_a_process()
+    if own is None or own == "None":
+        pytest.skip("this CPU has no AVX2: no level to cap")  # not x86 with AVX2: nothing to route
+    order = llama3.CPU_LEVELS
+    assert own in order
+    for isa, env in ISA_CAPS.items():
+        want = min(isa, own, key=order.index)
+        assert level_in_a_process(**env) == want, isa
+    assert level_in_a_process(ONEDNN_MAX_CPU_ISA="AVX512_CORE_BF16") == min("avx512_bf16", own, key=order.index)
+    assert level_in_a_process(ATEN_CPU_CAPABILITY="default") == "None"  # below AVX2: torch's kernels only
+
+
+@pytest.mark.parametrize("level, paths", [
+    # Each level's paths as measured there (benchmarks/README.md); bf16 via fp32 only without bf16 instructions.
+    ("avx2", {"row_blocks", "bf16_via_fp32"}),
+    ("avx512", {"bf16_via_fp32"}),
+    ("avx512_bf16", {"row_blocks", "explicit_decode_fp32", "explicit_decode_bf16", "split_prefill_fp32",
+                     "split_prefill_bf16"}),
+    ("amx", {"explicit_decode_fp32", "split_prefill_fp32"}),
+    (None, set()),
+])
+def test_each_level_takes_the_paths_measured_faster_there(level, paths):
+    # Routing by level, the level given: no such CPU is needed to check where each path runs.
+    assert llama3.cpu_paths(level) == paths
+
+
+def test_a_cpu_never_measured_runs_torchs_own_kernels():
+    # Below AVX2 (ARM, Apple) nothing is swapped: part 1's modules and torch's own kernels run.
     model = random_model(tiny_args(use_sdpa=True))
     assert llama3.use_cpu_speed_paths(model, llama3.cpu_paths(None)) is model
     assert type(model.layers[0].attention) is llama3.Attention and type(model.output) is torch.nn.Linear
-    assert llama3.cpu_paths("xeon-amx") == {"explicit_decode_fp32", "split_prefill_fp32"}  # measured faster there
-    assert llama3.cpu_paths("zen3") == {"row_blocks", "bf16_via_fp32"}
+
+
+@pytest.mark.parametrize("level", ["avx2", "avx512"])
+def test_bf16_prompts_without_bf16_instructions_run_in_float32_and_decoding_in_bf16(monkeypatch, level):
+    # At the levels without bf16 instructions the default dtype's prompt goes through fp32 products (bf16's are
+    # emulated there, several times slower) while a decoded token reads the bf16 weights (half the bytes).
+    model = llama3.use_cpu_speed_paths(random_model(tiny_args()).bfloat16(), llama3.cpu_paths(level))
+    calls = []
+    original = llama3.bf16_linear_in_fp32
+    monkeypatch.setattr(llama3, "bf16_linear_in_fp32", lambda x, w: calls.append(x.shape[-2]) or original(x, w))
+    prompt = torch.randint(0, 256, (1, 20))
+    cache = model.new_cache(1, 24)
+    with torch.no_grad():
+        model(prompt, 0, cache)
+        assert calls and set(calls) == {20}
+        calls.clear()
+        model(torch.tensor([[5]]), 20, cache)
+    assert calls == []
 
 
 @pytest.mark.parametrize("T, past", [(5, 0), (4, 6), (1, 9)])
@@ -2899,9 +2952,9 @@ def test_cpu_paths_cached_decode_after_a_chunked_prefill_matches_full_recompute(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_each_cpu_path_runs_only_where_it_is_listed(monkeypatch, dtype):
-    # On the Intel kind a bf16 decoded token goes through SDPA (1.85x faster there), fp32 through
+    # At the amx level a bf16 decoded token goes through SDPA (1.85x faster there), fp32 through
     # the explicit product; fp32 products never take row blocks there.
-    model = llama3.use_cpu_speed_paths(random_model(tiny_args(use_sdpa=True)).to(dtype), llama3.cpu_paths("xeon-amx"))
+    model = llama3.use_cpu_speed_paths(random_model(tiny_args(use_sdpa=True)).to(dtype), llama3.cpu_paths("amx"))
     explicit, blocks, original = [], [], llama3.Attention.explicit
     monkeypatch.setattr(llama3.Attention, "explicit", lambda self, *a: explicit.append(1) or original(self, *a))
     monkeypatch.setattr(llama3, "row_block_linear", lambda *a: blocks.append(1))
@@ -3247,8 +3300,7 @@ def dequantized_copy(model: Transformer, quantized: Transformer) -> Transformer:
             continue
         if isinstance(module, (llama3.Int8Linear, llama3.Int4Linear)):
             mode = "int8" if isinstance(module, llama3.Int8Linear) else "int4"
-            for part in [name[:-2] + "1", name[:-2] + "3"] if name.endswith(".w13") else [name]:
-                out.get_submodule(part).weight.data.copy_(dequantize(model.get_submodule(part).weight.data, mode)[0])
+            out.get_submodule(name).weight.data.copy_(dequantize(model.get_submodule(name).weight.data, mode)[0])
     return out
 
 
@@ -3333,13 +3385,9 @@ def test_int4_packs_in_row_blocks_and_reads_back_rows_as_the_kernel_multiplies()
     torch.testing.assert_close(layer.rows(ids).float(), deq[ids], atol=0, rtol=2**-8)  # one bf16 rounding
     x = torch.eye(1024).bfloat16()  # x @ W^T = W^T: the kernel's view of every weight
     torch.testing.assert_close(layer(x).float().T, deq, atol=0, rtol=2**-7)
-    # Quantized in two parts (FusedFeedForward's w1, then w3), split inside a chunk: the same layer.
-    parts = llama3.Int4Linear(1024, 2112)
-    parts.quantize_(w[:640])
-    parts.quantize_(w[640:])
-    assert torch.equal(parts.weight, layer.weight) and torch.equal(parts.scales_and_zeros, layer.scales_and_zeros)
-    parts.quantize_(w[640:])  # a call after the layer is full starts again at row 0
-    assert torch.equal(parts.weight[:1472], layer.weight[640:]) and parts.filled == 1472
+    # A second quantize_ replaces the whole layer: nothing of the first stays.
+    layer.quantize_(w.flip(0))
+    torch.testing.assert_close(layer.rows(ids).float(), deq.flip(0)[ids], atol=0, rtol=2**-8)
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -3354,12 +3402,10 @@ def test_a_quantized_model_is_part_1_with_the_quantized_weights(tmp_path, mode, 
     hf_from_meta(model).save_pretrained(tmp_path)
     quantized = load_model(tmp_path, dtype=torch.float32, quantize=mode)
     kind = llama3.Int8Linear if mode == "int8" else llama3.Int4Linear
-    # int4 on this CPU: w1 and w3 stacked as one layer (FusedFeedForward), which part 1's w1, w3 must match.
-    ffn = ("feed_forward.w13",) if mode == "int4" else ("feed_forward.w1", "feed_forward.w3")
+    ffn = ("feed_forward.w1", "feed_forward.w3")
     assert all(isinstance(layer.get_submodule(m), kind) for layer in quantized.layers
                for m in ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w2", *ffn))
-    assert all(type(layer.feed_forward) is (llama3.FusedFeedForward if mode == "int4" else llama3.FeedForward)
-               for layer in quantized.layers)
+    assert all(type(layer.feed_forward) is llama3.FeedForward for layer in quantized.layers)  # part 1's module tree
     assert isinstance(quantized.output, kind)  # int4 too: this CPU's layout lets the tied embedding read it
     if tied:
         assert isinstance(quantized.tok_embeddings, llama3.TiedEmbedding)
@@ -3424,6 +3470,17 @@ def test_a_failed_quantized_load_gives_back_the_allocator_setting(cli_ckpt, monk
 
 
 @pytest.mark.slow
+def test_an_int4_model_refuses_to_move_to_another_kind_of_device(cli_ckpt):
+    # int4 codes are packed in the layout of the device that packed them; another device's kernel would read them
+    # as other numbers, so .to() refuses in one line rather than compute garbage (int8's plain layout may move).
+    folder, _ = cli_ckpt
+    int4 = load_model(folder, quantize="int4")
+    with pytest.raises(ValueError, match="int4 weights packed for cpu cannot move to meta"):
+        int4.to("meta")
+    int8 = load_model(folder, quantize="int8")
+    assert int8.to("meta").output.weight.device.type == "meta"
+
+
 def test_quantize_through_the_command_line(cli_ckpt, tok):
     # --quantize int4 gives the library's greedy text and says what ran; an unknown mode is one line.
     folder, _ = cli_ckpt
@@ -3474,4 +3531,110 @@ def test_loading_int4_takes_less_memory_than_the_bf16_weights(tmp_path):
 # The file's shape
 # =============================================================================
 
-# (A test that deletes each appendix, from llama3.py and from this file, goes here.)
+RULE = "# " + "=" * 77  # the first and last line of a part's banner, in llama3.py and here
+# Each appendix: what a command line needs it for, and the one line that says so when it is gone.
+APPENDIX_FLAGS = {"A": None, "B": (["--max-new-tokens", "2"], {"WORLD_SIZE": "2"}, "torchrun"),
+                  "C": (["--compile"], {}, "--compile"), "D": (["--quantize", "int8"], {}, "--quantize")}
+
+
+def without_part(source: str, title: str) -> str:
+    """source less the part whose banner's title starts with `title`: from that banner to the next one."""
+    start = source.index(f"{RULE}\n# {title}")
+    end = source.index(f"\n\n{RULE}\n", start + len(RULE)) + 2
+    return source[:start] + source[end:]
+
+
+def copy_without(folder: Path, appendices: str) -> Path:
+    """The project's files in folder, with the appendices named (letters) cut from llama3.py and from the tests."""
+    folder.mkdir()
+    for name in ("tokenizer.py", "convert.py", "pyproject.toml"):
+        shutil.copy(HERE / name, folder / name)
+    shutil.copytree(HERE / "testdata", folder / "testdata")
+    for name in ("llama3.py", "test_llama3.py"):
+        text = (HERE / name).read_text()
+        for letter in appendices:
+            text = without_part(text, f"Appendix {letter}:")
+        (folder / name).write_text(text)
+    return folder
+
+
+def undefined_names(folder: Path) -> str:
+    """ruff's report of names used but defined nowhere (what a deleted appendix would leave behind)."""
+    require("ruff")
+    r = subprocess.run([sys.executable, "-m", "ruff", "check", "--select", "F821,F822", "--no-cache",
+                        "llama3.py", "test_llama3.py"], cwd=folder, capture_output=True, text=True, check=False)
+    return "" if r.returncode == 0 else r.stdout + r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("appendix", list(APPENDIX_FLAGS))
+def test_each_appendix_can_be_deleted_and_the_rest_still_generates(tmp_path, cli_ckpt, appendix):
+    # A copy-user may delete any appendix from its banner to the next: what is left must name nothing that is gone,
+    # load and generate the same greedy text from the command line and the library, and refuse the appendix's own
+    # flag in one line.
+    folder, _ = cli_ckpt
+    copy = copy_without(tmp_path / "copy", appendix)
+    assert f"# Appendix {appendix}:" not in (copy / "llama3.py").read_text()
+    assert undefined_names(copy) == ""
+    greedy = ["--ckpt", str(folder), "--prompt", "Once upon a time", "--temperature", "0", "--max-new-tokens", "6"]
+    full = run_cli(*greedy)
+    cut = subprocess.run([sys.executable, str(copy / "llama3.py"), *greedy], capture_output=True, text=True,
+                         check=False, stdin=subprocess.DEVNULL, env=user_env(EMPTY_HOME), timeout=300)
+    assert full.returncode == cut.returncode == 0 and cut.stdout == full.stdout, cut.stderr
+    code = ("import sys, llama3\n"
+            "model = llama3.load_model(sys.argv[1])\n"
+            "print(llama3.generate(model, [[128000, 791, 6864]], 6, temperature=0))\n"
+            "print(type(model.output).__name__, type(model.layers[0].attention).__name__)\n")
+    cut = subprocess.run([sys.executable, "-c", code, str(folder)], cwd=copy, capture_output=True, text=True,
+                         check=False)
+    full = run_python(code, str(folder))
+    assert cut.returncode == full.returncode == 0, cut.stderr
+    tokens, classes = cut.stdout.splitlines()
+    assert tokens == full.stdout.splitlines()[0]
+    assert (classes == "Linear Attention") == (appendix == "A")  # without A, part 1's own modules run
+    if APPENDIX_FLAGS[appendix] is not None:
+        flags, env, named = APPENDIX_FLAGS[appendix]
+        r = subprocess.run([sys.executable, str(copy / "llama3.py"), *greedy, *flags], capture_output=True,
+                           text=True, check=False, stdin=subprocess.DEVNULL,
+                           env={**user_env(EMPTY_HOME), **env}, timeout=300)
+        one_line_error(r, named, "appendix deleted from this copy")
+
+
+@pytest.mark.slow
+def test_parts_1_and_2_without_any_appendix_pass_their_own_tests(tmp_path):
+    # Done when a reader can take parts 1 and 2 alone: with every appendix deleted, from llama3.py and from its
+    # tests, the remaining fast tests all pass (the slow ones run the command line, checked per appendix above).
+    copy = copy_without(tmp_path / "copy", "ABCD")
+    assert undefined_names(copy) == ""
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow", "-p", "no:cacheprovider",
+                        "test_llama3.py"], cwd=copy, capture_output=True, text=True, check=False, timeout=1200)
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert re.search(r"\d+ passed", r.stdout) and " failed" not in r.stdout
+
+
+def test_part_1_alone_builds_runs_and_loads_a_meta_state_dict(tmp_path):
+    # Part 1 (top of the file to the Part 2 banner) pasted into a fresh file, with only torch: it builds, runs
+    # forward and decodes from its cache, and loads a Meta state_dict with strict=True.
+    source = (HERE / "llama3.py").read_text()
+    part_1 = source[: source.index(f"{RULE}\n# Part 2: running it")]
+    (tmp_path / "model.py").write_text(part_1)
+    model = random_model(tiny_args())
+    torch.save(model.state_dict(), tmp_path / "consolidated.00.pth")
+    code = ("import sys\n"
+            "sys.modules['tiktoken'] = None\nsys.modules['safetensors'] = None\n"
+            "import torch\nfrom model import ModelArgs, Transformer\n"
+            f"args = ModelArgs(**{vars(tiny_args())!r})\n"
+            "model = Transformer(args)\n"
+            "state = torch.load('consolidated.00.pth', mmap=True, weights_only=True)\n"
+            "model.load_state_dict(state, strict=True)\n"
+            "tokens = torch.tensor([[1, 2, 3, 4]])\n"
+            "cache = model.new_cache(1, 8)\n"
+            "model(tokens[:, :3], 0, cache)\n"
+            "step = model(tokens[:, 3:], 3, cache)\n"
+            "torch.save((model(tokens), step), 'out.pt')\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    full, step = torch.load(tmp_path / "out.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(full, model(torch.tensor([[1, 2, 3, 4]])), atol=0, rtol=0)
+    torch.testing.assert_close(step[:, 0], full[:, 3], atol=1e-5, rtol=1e-5)  # cached decode: summation order only
