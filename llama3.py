@@ -73,9 +73,10 @@ if TYPE_CHECKING:  # type names only: the model runs without tiktoken
 # -----------------------------------------------------------------------------
 # Configuration
 #
-# Field names are the keys of Meta's params.json, so a params.json maps onto
-# ModelArgs one to one. The defaults describe Llama 3 8B. The readers of
-# params.json and config.json live with checkpoint loading, in part 2.
+# The first ten fields are named like the keys of Meta's params.json, so one
+# maps onto ModelArgs directly; the rest come from the other configs or the
+# caller (max_seq_len, SwiGLU width, tied embeddings, the 3.1 constants, the
+# attention kernel). The defaults describe Llama 3 8B.
 # -----------------------------------------------------------------------------
 
 
@@ -223,7 +224,8 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 # The KV cache keeps the keys and values of past positions, so decoding token
 # t costs one row of work instead of t. The caller sizes it to its request
 # (Transformer.new_cache; Meta allocates the maximum in __init__), stored
-# (B, n_kv_heads, S, head_dim), the layout attention reads: nothing transposes it.
+# (B, n_kv_heads, max_seq_len, head_dim), the layout attention reads: nothing
+# transposes it; a call reads positions [0, S) of it.
 #
 # Meta's code copies each cached K/V head n_rep times (repeat_kv) so that every
 # query head has its own. We stack each group's n_rep query heads as extra rows
@@ -291,7 +293,8 @@ class Attention(nn.Module):
         that broadcasts to (B, n_heads, T, S), such as Transformer.forward's causal (T, S)."""
         B, _, T, _ = q.shape
         S = k.shape[2]  # q (B, n_heads, T, head_dim); k, v (B, n_kv_heads, S, head_dim)
-        # Query head h reads K/V head h // n_rep: group the query heads by K/V head.
+        # Query head h reads K/V head h // n_rep, so the n_rep adjacent heads of a group share one: reshaped, each
+        # group's heads are stacked as n_rep blocks of T rows against their K/V head (head h is block h % n_rep).
         q = q.reshape(B, self.n_kv_heads, self.n_rep * T, self.head_dim)  # (B, n_kv_heads, n_rep * T, head_dim)
         # In float32 at least: exp() of bf16 scores loses the small probabilities (the
         # price: a float32 copy of the visible K/V, 8 MiB a layer for 8B at 1K positions).
@@ -303,7 +306,8 @@ class Attention(nn.Module):
         # The 1/sqrt(head_dim) keeps the scores' variance near 1 (Vaswani et al. 2017).
         scores = q @ k.transpose(2, 3) / math.sqrt(self.head_dim)  # (B, n_kv_heads, n_rep * T, S)
         if mask is not None:
-            scores = (scores.view(B, self.n_heads, T, S) + mask).view_as(scores)  # head h = row block h
+            # Viewed per head again, (B, n_heads, T, S), so a (T, S) mask broadcasts over every head.
+            scores = (scores.view(B, self.n_heads, T, S) + mask).view_as(scores)
         probs = F.softmax(scores, dim=-1)
         return (probs @ v).to(out_dtype).view(B, self.n_heads, T, self.head_dim)
 
@@ -341,7 +345,7 @@ class FeedForward(nn.Module):
 # Transformer block
 #
 # Pre-norm residual block: normalise, transform, add back. Keeping the residual
-# stream itself un-normalised lets gradients pass straight through 32 to 126
+# stream itself un-normalised lets gradients pass straight through 16 to 126
 # layers, which is why every Llama normalises the input of each sub-layer.
 # -----------------------------------------------------------------------------
 
@@ -433,6 +437,32 @@ class Transformer(nn.Module):
 # =============================================================================
 # Part 2: running it
 # =============================================================================
+
+# -----------------------------------------------------------------------------
+# Doors to the engine room
+#
+# The appendices at the end of the file are the engine room: faster CPU kernels (A), tensor parallelism (B),
+# compiled decoding (C) and quantized weights (D). Each can be deleted, from its banner to the next, and the rest of
+# the file still loads, generates and passes its tests. So part 2 never names an appendix's functions in its code:
+# it asks engine_room for them by name when a call needs one, and ENGINE_ROOM lists every name it may ask for.
+# Where the appendix is gone, a speed-up is skipped and a feature (quantize=, compile=, torchrun) fails in one
+# line that says what is missing.
+# -----------------------------------------------------------------------------
+
+ENGINE_ROOM = {"use_cpu_speed_paths": "A", "shard_model": "B", "join_process_group": "B", "read_on_rank_0": "B",
+               "shared_seed": "B", "static_cache": "C", "compiled_decode": "C", "quantize_weights": "D"}
+
+
+def engine_room(name: str, needed_by: str | None = None) -> Callable | None:
+    """The function `name` of appendix ENGINE_ROOM[name]. Where that appendix was deleted: None if nothing needs
+    it (a speed-up), else ValueError starting with needed_by, the argument (or flag) that asked for it."""
+    assert name in ENGINE_ROOM, name  # every way into an appendix is listed above
+    found = globals().get(name)
+    if found is None and needed_by is not None:
+        raise ValueError(f"{needed_by} needs {name}(), from appendix {ENGINE_ROOM[name]}, which was deleted from "
+                         "this copy of llama3.py")
+    return found
+
 
 # -----------------------------------------------------------------------------
 # Checkpoint loading
@@ -802,6 +832,31 @@ class SkipInit(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def check_device(device: torch.device | str) -> torch.device:
+    """device as a torch.device; ValueError unless torch knows it and this machine has it."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {str(device)!r}: expected cpu, cuda, cuda:N or mps") from None
+    have = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not have.get(device.type, False):
+        raise ValueError(f"device {device}: this machine has no such device (torch {torch.__version__} sees none)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def config_hint(name: str, args: ModelArgs) -> str:
+    """Which config numbers determine the expected shape of tensor `name`."""
+    heads = f"dim={args.dim}, n_heads={args.n_heads}"
+    kv_heads = f"{heads}, n_kv_heads={args.n_kv_heads}"
+    ffn = f"dim={args.dim}, SwiGLU width {args.ffn_hidden_dim}"
+    vocab = f"vocab_size={args.vocab_size}, dim={args.dim}"
+    hints = {"wq": heads, "wk": kv_heads, "wv": kv_heads, "wo": heads, "w1": ffn, "w2": ffn, "w3": ffn,
+             "tok_embeddings": vocab, "output": vocab}
+    return "the config says " + hints.get(name.removesuffix(".weight").rsplit(".", 1)[-1], f"dim={args.dim}")
+
+
 def read_weights(reader: CheckpointReader, expected: dict[str, torch.Tensor], device: torch.device,
                  dtype: torch.dtype | None, slices: dict | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for each tensor `expected` names (the state_dict of the model to fill), one at a time: read,
@@ -839,7 +894,7 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
     faster for prompts on every device measured) or, if False, the explicit definition. tensor_parallel: load only
     this process's part for tensor parallelism across the processes of torch.distributed's default group
     (appendix B). quantize: "int8" or "int4" weights, quantized as they are read (appendix D)."""
-    if dtype is not None and not isinstance(dtype, torch.dtype) or dtype in (torch.int8, torch.uint8):
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a torch float dtype such as torch.bfloat16, not {dtype!r}")
     if rope_scaling_factor is not None and not 0 < rope_scaling_factor < math.inf:
         raise ValueError(f"rope_scaling_factor must be > 0, not {rope_scaling_factor!r}")
@@ -877,31 +932,6 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
     if device.type == "cpu" and speed_paths is not None:
         speed_paths(model)
     return model
-
-
-def check_device(device: torch.device | str) -> torch.device:
-    """device as a torch.device; ValueError unless torch knows it and this machine has it."""
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device {str(device)!r}: expected cpu, cuda, cuda:N or mps") from None
-    have = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not have.get(device.type, False):
-        raise ValueError(f"device {device}: this machine has no such device (torch {torch.__version__} sees none)")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
-def config_hint(name: str, args: ModelArgs) -> str:
-    """Which config numbers determine the expected shape of tensor `name`."""
-    heads = f"dim={args.dim}, n_heads={args.n_heads}"
-    kv_heads = f"{heads}, n_kv_heads={args.n_kv_heads}"
-    ffn = f"dim={args.dim}, SwiGLU width {args.ffn_hidden_dim}"
-    vocab = f"vocab_size={args.vocab_size}, dim={args.dim}"
-    hints = {"wq": heads, "wk": kv_heads, "wv": kv_heads, "wo": heads, "w1": ffn, "w2": ffn, "w3": ffn,
-             "tok_embeddings": vocab, "output": vocab}
-    return "the config says " + hints.get(name.removesuffix(".weight").rsplit(".", 1)[-1], f"dim={args.dim}")
 
 
 # -----------------------------------------------------------------------------
@@ -1079,19 +1109,24 @@ def sample(logits: torch.Tensor, temperature: float = 0.6, top_p: float = 0.9, t
 LLAMA3_STOP_TOKENS = (128001, 128008, 128009)
 
 
+# Prompt positions fed per forward: 512 rows keep the matrix products as fast as one call, and memory grows with
+# the chunk, not the prompt (see prefill).
+PREFILL_CHUNK = 512
+
+
 def prefill(model: Transformer, tokens: torch.Tensor, start_pos: int, cache: list[KVCache],
-            chunk: int = 512) -> torch.Tensor:
+            chunk: int = PREFILL_CHUNK) -> torch.Tensor:
     """Feed tokens (B, T) at start_pos through the cache, `chunk` positions per call -> the last position's logits
     (B, vocab_size). Each chunk attends to the cache and itself through a (chunk, S) mask, so a 128K-token prompt
     needs memory in proportion to its length. 512 rows keep the matrix products as fast as one call; on CPU the
-    chunks' attention costs 1.03-1.05x one causal call (appendix A, CPUAttention)."""
+    chunks' attention costs 1.03-1.05x one causal call (appendix A)."""
     for i in range(0, tokens.shape[1], chunk):
         logits = model(tokens[:, i : i + chunk], start_pos + i, cache, last_only=True)  # (B, 1, vocab_size)
     return logits[:, -1]
 
 
 def check_generation_args(max_new_tokens: int, temperature: float, top_p: float, top_k: int | None,
-                          repetition_penalty: float, prefill_chunk: int = 512) -> None:
+                          repetition_penalty: float, prefill_chunk: int = PREFILL_CHUNK) -> None:
     """Raise ValueError, starting with the argument's name, for the first value out of range."""
     rules = [("max_new_tokens", max_new_tokens, max_new_tokens >= 0, "an int >= 0"),
              ("temperature", temperature, 0 <= temperature < math.inf, ">= 0 and finite (0 is greedy)"),
@@ -1110,7 +1145,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
              top_p: float = 0.9, top_k: int | None = None, stop_tokens: list[int] | tuple[int, ...] | None = None,
              seed: int | None = None, on_token: Callable[[int, int], bool | None] | None = None,
              cache: list[KVCache] | None = None, cached_len: int = 0, compile: bool = False,
-             repetition_penalty: float = 1.0, prefill_chunk: int = 512) -> list[list[int]]:
+             repetition_penalty: float = 1.0, prefill_chunk: int = PREFILL_CHUNK) -> list[list[int]]:
     """Continue each prompt (a list of token ids) by up to max_new_tokens tokens -> each prompt's new tokens, without
     the stop token that ended it. Raises ValueError naming the argument that is out of range.
     stop_tokens: ids that end a row (default LLAMA3_STOP_TOKENS; [] never stops). seed: makes sampling repeatable.
@@ -1119,7 +1154,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     prefill_chunk: the prompt is fed this many positions at a time (see prefill).
     cache, cached_len: reuse a cache holding prompts[0][:cached_len] (batch size 1; the chat keeps one across turns).
     compile: decode steps run compiled, with CUDA graphs on a GPU, through one cache the model keeps, so later calls
-        reuse the compiled step (appendix C). Not yet measured on a GPU; on a CPU about eager's speed (README.md)."""
+        reuse the compiled step (appendix C). Meant for GPUs, not yet measured on one; on a CPU 1.02-1.06x eager's
+        speed after 8-50 s of compiling (benchmarks/README.md)."""
     check_generation_args(max_new_tokens, temperature, top_p, top_k, repetition_penalty, prefill_chunk)
     stop_tokens = LLAMA3_STOP_TOKENS if stop_tokens is None else stop_tokens
     B = len(prompts)
@@ -1225,7 +1261,7 @@ def explain(model: Transformer, prompt: list[int], top: int = 5) -> list[dict]:
     to most, averaged over heads."""
     tokens = torch.tensor([prompt], device=model.tok_embeddings.weight.device)  # (1, T)
     if not 0 < len(prompt) <= model.args.max_seq_len:
-        raise ValueError(f"--explain needs 1 to {model.args.max_seq_len} prompt tokens, not {len(prompt)}")
+        raise ValueError(f"explain needs 1 to {model.args.max_seq_len} prompt tokens, not {len(prompt)}")
     residual = []  # per layer: the block's output at the last position
     attends = []  # per layer: the last position's attention
     hooks = [layer.register_forward_hook(lambda _m, _in, out: residual.append(out[:, -1:])) for layer in model.layers]
@@ -1267,7 +1303,7 @@ PERPLEXITY_WINDOW = 2048
 
 
 def perplexity(model: Transformer, tokens: list[int], window: int | None = None, stride: int | None = None,
-               chunk: int = 512, log: TextIO | None = None) -> tuple[float, float]:
+               chunk: int = PREFILL_CHUNK, log: TextIO | None = None) -> tuple[float, float]:
     """(mean NLL in nats, perplexity) of the tokens scored, each predicted from those before it. window: tokens per
     window (default: PERPLEXITY_WINDOW, or max_seq_len if smaller; --perplexity's too); stride: tokens between window
     starts (default window // 2). Windows run through the KV cache `chunk` tokens at a time, so only `chunk` rows of
@@ -1655,8 +1691,8 @@ def _parser() -> argparse.ArgumentParser:
         help="weight dtype (default: bfloat16; float16 on MPS and on GPUs without bf16)")
     add("--explicit-attention", action="store_true", help="attention by its definition: scores, mask, softmax "
         "(the same numbers, slower for long prompts); by default F.scaled_dot_product_attention computes it")
-    add("--compile", action="store_true", help="torch.compile the decode step (meant for GPUs; slower than eager "
-        "on the CPUs measured; the first tokens wait for compilation)")
+    add("--compile", action="store_true", help="torch.compile the decode step (meant for GPUs; on a CPU about "
+        "eager's speed; the first tokens wait for compilation)")
     add("--max-seq-len", type=int, help="context positions to support (default: the model's, up to 131072 for 3.1+)")
     add("--rope-scaling-factor", type=float, help="override the Llama 3.1 RoPE scaling factor (8; 32 for 3.2 1B/3B)")
     add("--tokenizer", default=None, help="tokenizer.model or tokenizer.json (default: CKPT's tokenizer.model, "
@@ -1871,26 +1907,6 @@ def run_chat(chat: Chat, read: Callable[[str], str] = input, log: TextIO | None 
             except KeyboardInterrupt:
                 pass  # Ctrl-C ends the answer, not the chat
             print(file=chat.out or sys.stdout)
-
-
-# -----------------------------------------------------------------------------
-# Doors to the engine room
-#
-# The appendices below are the engine room: faster CPU kernels (A), tensor parallelism (B), compiled decoding (C)
-# and quantized weights (D). Each can be deleted, from its banner to the next, and the rest of the file still
-# loads, generates and passes its tests. So part 2 never names an appendix's functions in its code: it asks for
-# them here, by name, when a call needs one. Where the appendix is gone, a speed-up is skipped and a feature
-# (quantize=, compile=, torchrun) fails in one line that says what is missing.
-# -----------------------------------------------------------------------------
-
-
-def engine_room(name: str, needed_by: str | None = None) -> Callable | None:
-    """The appendix function called `name`. Where its appendix was deleted: None if nothing needs it (a speed-up),
-    else ValueError starting with needed_by, the argument (or flag) that asked for it."""
-    found = globals().get(name)
-    if found is None and needed_by is not None:
-        raise ValueError(f"{needed_by} needs {name}(), from an appendix deleted from this copy of llama3.py")
-    return found
 
 
 # =============================================================================

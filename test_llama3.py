@@ -904,6 +904,11 @@ def test_on_device_sdpa_equals_explicit_and_half_precision_stays_close(device):
 # =============================================================================
 
 # -----------------------------------------------------------------------------
+# Doors to the engine room: tested at the end ("The file's shape"), where each appendix is deleted in turn
+# -----------------------------------------------------------------------------
+
+
+# -----------------------------------------------------------------------------
 # Checkpoint loading
 # -----------------------------------------------------------------------------
 
@@ -2257,10 +2262,6 @@ def test_nan_weights_end_generation_with_one_line_naming_the_cause(cli_ckpt, tmp
     assert ("try --dtype bfloat16" in r.stderr) == (dtype == "fp16")  # the overflow hint only where it can be one
 
 
-# -----------------------------------------------------------------------------
-# Doors to the engine room
-# -----------------------------------------------------------------------------
-
 # =============================================================================
 # Companion files: tokenizer.py and convert.py
 # =============================================================================
@@ -3566,6 +3567,20 @@ def undefined_names(folder: Path) -> str:
     return "" if r.returncode == 0 else r.stdout + r.stderr
 
 
+def test_every_door_opens_onto_a_function_of_the_appendix_it_names():
+    # Part 2 reaches the appendices only through engine_room's names: each must be a function defined inside the
+    # appendix ENGINE_ROOM gives, and every appendix of the file must be reached (or be a speed-up part 2 asks for).
+    source = (HERE / "llama3.py").read_text()
+    for name, letter in llama3.ENGINE_ROOM.items():
+        start = source.index(f"{RULE}\n# Appendix {letter}:")
+        end = source.index(f"\n\n{RULE}\n", start + len(RULE))
+        assert f"\ndef {name}(" in source[start:end], name
+        assert callable(llama3.engine_room(name))
+    assert set(llama3.ENGINE_ROOM.values()) == set(APPENDIX_FLAGS)
+    with pytest.raises(AssertionError):
+        llama3.engine_room("main")  # not a door
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("appendix", list(APPENDIX_FLAGS))
 def test_each_appendix_can_be_deleted_and_the_rest_still_generates(tmp_path, cli_ckpt, appendix):
@@ -3597,7 +3612,7 @@ def test_each_appendix_can_be_deleted_and_the_rest_still_generates(tmp_path, cli
         r = subprocess.run([sys.executable, str(copy / "llama3.py"), *greedy, *flags], capture_output=True,
                            text=True, check=False, stdin=subprocess.DEVNULL,
                            env={**user_env(EMPTY_HOME), **env}, timeout=300)
-        one_line_error(r, named, "appendix deleted from this copy")
+        one_line_error(r, named, f"appendix {appendix}, which was deleted from this copy")
 
 
 @pytest.mark.slow
