@@ -1057,6 +1057,16 @@ def resolve_checkpoint(name: str | None) -> Path:
 # -----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen (generate's arguments of the same names)."""
+    temperature: float = 0.6
+    top_p: float = 0.9
+    top_k: int | None = None
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+
 def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Sample from the nucleus of probs (B, vocab_size) -> token ids (B, 1). Meta's rule: sort descending and keep
     each token whose preceding mass is at most p, so the token crossing p is kept and the nucleus is never empty."""
@@ -1145,7 +1155,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
              top_p: float = 0.9, top_k: int | None = None, stop_tokens: list[int] | tuple[int, ...] | None = None,
              seed: int | None = None, on_token: Callable[[int, int], bool | None] | None = None,
              cache: list[KVCache] | None = None, cached_len: int = 0, compile: bool = False,
-             repetition_penalty: float = 1.0, prefill_chunk: int = PREFILL_CHUNK) -> list[list[int]]:
+             repetition_penalty: float = 1.0, prefill_chunk: int = PREFILL_CHUNK, draft: Transformer | None = None,
+             speculate_k: int = 5, prompt_lookup: int | None = None,
+             speculation: Speculation | None = None) -> list[list[int]]:
     """Continue each prompt (a list of token ids) by up to max_new_tokens tokens -> each prompt's new tokens, without
     the stop token that ended it. Raises ValueError naming the argument that is out of range.
     stop_tokens: ids that end a row (default LLAMA3_STOP_TOKENS; [] never stops). seed: makes sampling repeatable.
@@ -1155,7 +1167,11 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     cache, cached_len: reuse a cache holding prompts[0][:cached_len] (batch size 1; the chat keeps one across turns).
     compile: decode steps run compiled, with CUDA graphs on a GPU, through one cache the model keeps, so later calls
         reuse the compiled step (appendix C). Meant for GPUs, not yet measured on one; on a CPU 1.02-1.06x eager's
-        speed after 8-50 s of compiling (benchmarks/README.md)."""
+        speed after 8-50 s of compiling (benchmarks/README.md).
+    draft, speculate_k: speculative decoding (below): draft, a model with the same vocabulary, proposes up to
+        speculate_k tokens a round and the model checks them in one forward; prompt_lookup=K instead drafts up to K
+        tokens copied from where the last few tokens appeared before. One prompt; the result is the model's own
+        (greedy: token for token). speculation: a Speculation that counts the tokens drafted and accepted."""
     check_generation_args(max_new_tokens, temperature, top_p, top_k, repetition_penalty, prefill_chunk)
     stop_tokens = LLAMA3_STOP_TOKENS if stop_tokens is None else stop_tokens
     B = len(prompts)
@@ -1174,6 +1190,14 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
                          "(max_seq_len)")
     device = model.tok_embeddings.weight.device
     total_len = min(max_seq_len, max(lengths) + max_new_tokens)  # clip to the model's context
+    if draft is not None or prompt_lookup is not None:  # speculative decoding, below
+        check_speculation(model, B, compile, draft, speculate_k, prompt_lookup, total_len)
+        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        plain = Sampling(temperature, top_p, top_k, repetition_penalty, seed)
+        new = speculative_decode(model, prompts[0], total_len, plain, stop_tokens, generator, on_token, cache,
+                                 cached_len, draft, prompt_lookup or speculate_k, prompt_lookup is not None,
+                                 speculation or Speculation())
+        return [new]
     if cache is not None and (B != 1 or not 0 <= cached_len < lengths[0] or cache[0].k.shape[2] < total_len):
         raise ValueError("cache: a reused cache needs one prompt longer than cached_len and room for total_len "
                          "positions")
@@ -1227,6 +1251,188 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     stops = set(stop_tokens)  # each row ends at its first stop token; the positions after it are unused
     rows = [tokens[i, n : int(limit[i])].tolist() for i, n in enumerate(lengths)]
     return [row[: next((j for j, t in enumerate(row) if t in stops), len(row))] for row in rows]
+
+
+# -----------------------------------------------------------------------------
+# Speculative decoding (Leviathan et al. 2023, Chen et al. 2023)
+#
+# A decode step reads every weight to make one token, so its speed is bandwidth over the weights' bytes; a forward
+# over k + 1 new positions reads them once too, and on a CPU or GPU costs about as much as one. So a cheap drafter
+# proposes k tokens, the model scores all of them in one forward, and the longest prefix it agrees with is kept,
+# plus one token of the model's own: up to k + 1 tokens for one read of the weights. The drafter is a small model
+# with the same vocabulary (3.2 1B for 3.1 8B), or the text itself: prompt lookup copies what followed the last
+# few tokens where they appeared before, which pays where text repeats its context (quotes, code edits, loops).
+#
+# The output is the model's, whatever the drafter: a draft token d, which the drafter chose with probability q(d),
+# is kept with probability min(1, p(d) / q(d)), p being the model's probability; at the first rejection the token
+# is drawn from max(p - q, 0), normalised, and if all k were kept a bonus token from the model's next p. Each
+# token then follows p exactly. Greedy, p and q are one-hot on their argmax: a draft is kept when it is the
+# model's argmax, and the rejection draws that argmax. p and q are what plain sampling draws from: the repetition
+# penalty, temperature, top-k and top-p applied (sampling_probs). Positions written past the kept tokens are left
+# in the caches: the next forward writes over them before anything reads them.
+# -----------------------------------------------------------------------------
+
+
+@dataclass
+class Speculation:
+    """What one speculative generate did: tokens drafted, and how many of them the model accepted."""
+    drafted: int = 0
+    accepted: int = 0
+
+
+@dataclass(frozen=True)
+class Drafting:
+    """How stream() and Chat speculate: generate's arguments of the same names."""
+    draft: Transformer | None = None
+    speculate_k: int = 5
+    prompt_lookup: int | None = None
+
+
+def check_speculation(model: Transformer, batch_size: int, compile: bool, draft: Transformer | None,
+                      speculate_k: int, prompt_lookup: int | None, total_len: int) -> None:
+    """Raise ValueError, naming the argument, for a speculative request generate cannot serve."""
+    if draft is not None and prompt_lookup is not None:
+        raise ValueError("draft: give a draft model or prompt_lookup, not both")
+    k = prompt_lookup if prompt_lookup is not None else speculate_k
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"{'prompt_lookup' if prompt_lookup is not None else 'speculate_k'} must be an int >= 1, "
+                         f"not {k!r}")
+    if batch_size != 1:
+        raise ValueError(f"prompts: speculative decoding takes one prompt, not {batch_size}")
+    if compile:
+        raise ValueError("compile: the compiled step decodes one token at a time; leave it off to speculate")
+    if draft is not None and draft.args.vocab_size != model.args.vocab_size:
+        raise ValueError(f"draft: its vocabulary of {draft.args.vocab_size} tokens differs from the model's "
+                         f"{model.args.vocab_size}")
+    if draft is not None and draft.args.max_seq_len < total_len:
+        raise ValueError(f"draft: its max_seq_len {draft.args.max_seq_len} is shorter than the {total_len} "
+                         "positions of this request")
+
+
+def sampling_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """The distribution sample() draws from for logits (B, vocab_size) -> (B, vocab_size) float32: top-k, then
+    Meta's nucleus rule, renormalised; one-hot on the argmax for temperature 0. (The repetition penalty is applied
+    to logits before.)"""
+    if sampling.temperature <= 0:
+        return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
+    logits = logits.float() / sampling.temperature
+    if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)  # (B, vocab_size)
+    if sampling.top_p < 1.0:
+        probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+        probs_sort[torch.cumsum(probs_sort, dim=-1) - probs_sort > sampling.top_p] = 0.0  # sample_top_p's rule
+        probs = torch.zeros_like(probs).scatter_(-1, probs_idx, probs_sort)
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def next_probs(logits: torch.Tensor, seen: list[int], sampling: Sampling) -> torch.Tensor:
+    """sampling_probs of one position's logits (vocab_size,) after the tokens `seen` -> (vocab_size,)."""
+    logits = logits[None]  # (1, vocab_size)
+    if sampling.repetition_penalty != 1.0:
+        seen_ids = torch.tensor([seen], device=logits.device)  # (1, S)
+        logits = apply_repetition_penalty(logits, seen_ids, sampling.repetition_penalty)
+    return sampling_probs(logits, sampling)[0]
+
+
+def lookup_draft(tokens: list[int], k: int, max_ngram: int = 3) -> list[int]:
+    """Up to k tokens that followed the most recent earlier appearance of the text's last n tokens (n = max_ngram
+    down to 1), copied on into the draft itself where they run into the end (a loop continues as a loop)."""
+    for n in range(min(max_ngram, len(tokens) - 1), 0, -1):
+        tail = tokens[-n:]
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start : start + n] == tail:
+                draft = []
+                for j in range(k):
+                    source = start + n + j  # always before the end of tokens + draft
+                    draft.append(tokens[source] if source < len(tokens) else draft[source - len(tokens)])
+                return draft
+    return []
+
+
+def draw(probs: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
+    """One token from probs (vocab_size,): its argmax for temperature 0, else a sample."""
+    if sampling.temperature <= 0:
+        return int(probs.argmax())
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def speculative_decode(model: Transformer, prompt: list[int], total_len: int, sampling: Sampling,
+                       stop_tokens: list[int] | tuple[int, ...], generator: torch.Generator | None,
+                       on_token: Callable[[int, int], bool | None] | None, cache: list[KVCache] | None,
+                       cached_len: int, draft: Transformer | None, k: int, lookup: bool,
+                       speculation: Speculation) -> list[int]:
+    """generate for one prompt by speculation, up to total_len positions; draft proposes (or, lookup, the text)."""
+    device = model.tok_embeddings.weight.device
+    tokens = list(prompt)
+    if cache is None:
+        cache = model.new_cache(1, total_len)
+        cached_len = 0
+    fed = cached_len  # tokens[:fed] have their K/V in the model's cache
+    draft_cache = draft.new_cache(1, total_len) if draft is not None else None
+    draft_fed = 0  # and tokens[:draft_fed] in the draft's
+    new = []
+    while len(tokens) < total_len:
+        k_now = min(k, total_len - len(tokens) - 1)  # the checking forward writes k_now positions ahead
+        drafted = []
+        q_drafted = []  # the drafter's distribution for each drafted token; None: a looked-up token, chosen surely
+        if lookup and k_now > 0:
+            drafted = lookup_draft(tokens, k_now)
+            q_drafted = [None] * len(drafted)
+        elif k_now > 0:
+            # The draft catches up on the tokens it has not seen, then proposes one token per forward.
+            ahead = torch.tensor([tokens[draft_fed:]], device=device)  # (1, tokens not yet seen)
+            logits = prefill(draft, ahead, draft_fed, draft_cache)  # (1, vocab_size)
+            draft_fed = len(tokens)
+            for i in range(k_now):
+                q = next_probs(logits[0], tokens + drafted, sampling)  # (vocab_size,)
+                drafted.append(draw(q, sampling, generator))
+                q_drafted.append(q)
+                if i < k_now - 1:
+                    step = torch.tensor([[drafted[-1]]], device=device)  # (1, 1)
+                    logits = draft(step, draft_fed + i, draft_cache)[:, -1]  # (1, vocab_size)
+        # The model: the tokens it has not seen, all but the last fed as a prefill; then the last and the drafts
+        # in one forward, whose rows give p after the last token and after each draft.
+        if len(tokens) - 1 > fed:
+            prefill(model, torch.tensor([tokens[fed:-1]], device=device), fed, cache)
+        check = torch.tensor([[tokens[-1], *drafted]], device=device)  # (1, 1 + len(drafted))
+        logits = model(check, len(tokens) - 1, cache)[0]  # (1 + len(drafted), vocab_size)
+        accepted = 0
+        for token, q in zip(drafted, q_drafted):
+            p = next_probs(logits[accepted], tokens + drafted[:accepted], sampling)  # (vocab_size,)
+            q_token = 1.0 if q is None else float(q[token])
+            if float(torch.rand((), generator=generator, device=device)) * q_token < float(p[token]):
+                accepted += 1
+                continue
+            # Rejected: draw from max(p - q, 0), normalised, where the model wants more than the drafter gave.
+            residual = p.clone()
+            if q is None:
+                residual[token] = 0.0
+            else:
+                residual = (p - q).clamp_(min=0.0)
+            if float(residual.sum()) <= 0:  # p == q up to rounding: rejection had no chance; keep to p
+                residual = p
+            last = int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
+            break
+        else:  # every draft kept: the model's own next token too
+            last = draw(next_probs(logits[accepted], tokens + drafted, sampling), sampling, generator)
+        speculation.drafted += len(drafted)
+        speculation.accepted += accepted
+        kept = drafted[:accepted] + [last]
+        fed = len(tokens) + accepted  # the last token and the drafts kept are in the cache; `last` is not
+        if drafted and draft is not None:
+            draft_fed = len(tokens) + min(accepted, len(drafted) - 1)  # the last draft was never fed to it
+        for token in kept:
+            if token in stop_tokens:
+                return new
+            tokens.append(token)
+            new.append(token)
+            if on_token is not None and on_token(0, token):
+                return new
+            if len(tokens) >= total_len:
+                break
+    return new
 
 
 # -----------------------------------------------------------------------------
@@ -1356,16 +1562,6 @@ def perplexity(model: Transformer, tokens: list[int], window: int | None = None,
 # -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """How the next token is chosen (generate's arguments of the same names)."""
-    temperature: float = 0.6
-    top_p: float = 0.9
-    top_k: int | None = None
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-
-
 class StopText:
     """Streams text, holding back what may be the start of a stop string, and ends at the first one to be complete,
     so the result is the same however the text was split: with stops "abcd" and "bc", "abcd" ends after "a"."""
@@ -1405,10 +1601,11 @@ class StopText:
 def stream(model: Transformer, tokenizer: Tokenizer, prompt: list[int], max_new_tokens: int = 256,
            sampling: Sampling = Sampling(), *, stops: list[str] | tuple[str, ...] = (), compile: bool = False,
            cache: list[KVCache] | None = None, cached_len: int = 0, out: TextIO | None = None,
-           log: TextIO | None = None) -> tuple[list[int], str, bool]:
+           log: TextIO | None = None, drafting: Drafting | None = None) -> tuple[list[int], str, bool]:
     """Generate for one prompt, writing the text to out as it comes and timing to log; it ends at the tokenizer's
     stop tokens or the first of the stop strings (not written). Returns the new tokens (with the stop token that
-    ended them, if one did), the text written, and whether Ctrl-C ended generation. Bad arguments: ValueError."""
+    ended them, if one did), the text written, and whether Ctrl-C ended generation. Bad arguments: ValueError.
+    drafting: decode speculatively (see Speculative decoding); the timing line says how many drafts were kept."""
     from tokenizer import StreamDecoder
 
     out = out or sys.stdout
@@ -1433,10 +1630,13 @@ def stream(model: Transformer, tokenizer: Tokenizer, prompt: list[int], max_new_
         return text.stopped
 
     interrupted = False
+    drafting = drafting or Drafting()
+    speculation = Speculation()
     try:
         generate(model, [prompt], max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k,
                  stop_tokens=[], seed=sampling.seed, on_token=on_token, cache=cache, cached_len=cached_len,
-                 compile=compile, repetition_penalty=sampling.repetition_penalty)
+                 compile=compile, repetition_penalty=sampling.repetition_penalty, draft=drafting.draft,
+                 speculate_k=drafting.speculate_k, prompt_lookup=drafting.prompt_lookup, speculation=speculation)
     except KeyboardInterrupt:
         interrupted = True
     show(text.push(decoder.finish()) + text.finish())
@@ -1444,6 +1644,8 @@ def stream(model: Transformer, tokenizer: Tokenizer, prompt: list[int], max_new_
     n = len(new)
     prefilled = f", prefill {fed / (times[1] - times[0]):.1f} tok/s; {n} new token{'s' * (n > 1)}" if n else ""
     decoded = f", decode {(n - 1) / (times[-1] - times[1]):.1f} tok/s" if n > 1 else ""
+    if speculation.drafted:
+        decoded += f", {speculation.accepted} of {speculation.drafted} drafted tokens accepted"
     print(f"\n[{len(prompt)} prompt tokens ({fed} fed){prefilled}{decoded}{', interrupted' * interrupted}]", file=log)
     room = model.args.max_seq_len - len(prompt)
     if n == room < max_new_tokens and not text.stopped and new[-1] not in tokenizer.stop_tokens:
@@ -1515,7 +1717,7 @@ class Chat:
                  builtin_tools: Callable[[dict], str | None] | None = None, tool_format: str | None = None,
                  max_new_tokens: int = 256, sampling: Sampling = Sampling(), stops: list[str] | tuple[str, ...] = (),
                  compile: bool = False, max_tool_rounds: int = 8, today: str | None = None,
-                 out: TextIO | None = None, log: TextIO | None = None):
+                 out: TextIO | None = None, log: TextIO | None = None, drafting: Drafting | None = None):
         from tokenizer import ChatFormat, tool_prompt
 
         self.model = model
@@ -1532,6 +1734,7 @@ class Chat:
         self.compile = compile
         self.out = out
         self.log = log
+        self.drafting = drafting
         if tools or builtin_tools:
             self.opening = tool_prompt([describe_function(f) for f in tools], self.tool_format,
                                        builtin_tools is not None, system, today or time.strftime("%d %B %Y"))
@@ -1587,7 +1790,7 @@ class Chat:
             self.cache = bigger
         tokens, shown, interrupted = stream(self.model, self.tokenizer, prompt, self.max_new_tokens, self.sampling,
                                             stops=self.stops, compile=self.compile, cache=self.cache,
-                                            cached_len=reuse, out=self.out, log=self.log)
+                                            cached_len=reuse, out=self.out, log=self.log, drafting=self.drafting)
         # The last token chosen was never fed, so is not cached; with no reply (Ctrl-C) the prompt may be part-fed.
         self.cached = (prompt + tokens)[:-1] if tokens else prompt[:reuse]
         reply = self.format.decode_assistant_message(tokens)
@@ -1708,6 +1911,12 @@ def _parser() -> argparse.ArgumentParser:
         "about 1/2 or 1/3 of bf16's memory, and decoding faster on CPU (appendix D)")
     add("--perplexity", metavar="FILE", help="instead of generating, print the model's perplexity on the text of "
         "FILE, in windows of --max-seq-len tokens (default 2048) every half window")
+    add("--draft", metavar="CKPT", help="speculative decoding: a smaller model with the same vocabulary (any name "
+        "--ckpt takes, loaded with the same --dtype, --device and --quantize) drafts tokens the model checks; the "
+        "text is the model's own")
+    add("--speculate-k", type=int, default=5, metavar="K", help="with --draft: tokens drafted a round (default 5)")
+    add("--prompt-lookup", type=int, metavar="K", help="speculative decoding without a draft model: draft up to K "
+        "tokens copied from where the last tokens appeared before in the text")
     add("--tool-format", default=None, help="how the model writes custom calls: json (3.1, 3.3), function_tag or "
         "python_list (3.2 1B/3B); default: by the model's shape")
     p.error = _fail  # one line, exit code 2, instead of argparse's usage block
@@ -1733,6 +1942,13 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"--tool-format must be one of {', '.join(TOOL_FORMATS)}, not {opts.tool_format!r}")
     if "" in opts.stop:
         _fail("--stop needs a non-empty TEXT")
+    if opts.draft is not None and opts.prompt_lookup is not None:
+        _fail("--draft and --prompt-lookup exclude each other: one drafter at a time")
+    for flag, k in (("--speculate-k", opts.speculate_k), ("--prompt-lookup", opts.prompt_lookup)):
+        if k is not None and k < 1:
+            _fail(f"{flag} must be >= 1, not {k}")
+    if opts.compile and (opts.draft is not None or opts.prompt_lookup is not None):
+        _fail("--compile decodes one token a step; it does not go with --draft or --prompt-lookup")
     sampling = Sampling(opts.temperature, opts.top_p, opts.top_k, opts.repetition_penalty, opts.seed)
     try:
         check_generation_args(opts.max_new_tokens, opts.temperature, opts.top_p, opts.top_k, opts.repetition_penalty)
@@ -1762,6 +1978,8 @@ def main(argv: list[str] | None = None) -> None:
     device = _pick_device(opts.device)
     read = input
     tensor_parallel = int(os.environ.get("WORLD_SIZE", "1")) > 1  # started by torchrun with N processes
+    if tensor_parallel and (opts.draft is not None or opts.prompt_lookup is not None):
+        _fail("--draft and --prompt-lookup run in one process, not under torchrun")
     if tensor_parallel:  # appendix B: this process is one of N, each holding 1/N of the model
         try:
             device = engine_room("join_process_group", "torchrun")(device)
@@ -1784,10 +2002,24 @@ def main(argv: list[str] | None = None) -> None:
     quantized = f" with {opts.quantize} weights" if opts.quantize else ""
     print(f"loaded {ckpt} in {time.perf_counter() - t0:.1f}s: {parameter_count(model.args) / 1e9:.2f}B parameters, "
           f"{str(model.norm.weight.dtype).removeprefix('torch.')}{quantized} on {device}", file=sys.stderr)
+    drafting = Drafting(speculate_k=opts.speculate_k, prompt_lookup=opts.prompt_lookup)
+    if opts.draft is not None:
+        try:
+            draft = load_model(opts.draft, device, _pick_dtype(opts.dtype, device), quantize=opts.quantize)
+        except (CheckpointError, ValueError, OSError) as e:
+            _fail(f"--draft {opts.draft}: {e}")
+        if draft.args.vocab_size != model.args.vocab_size:
+            _fail(f"--draft {opts.draft}: its vocabulary of {draft.args.vocab_size} tokens differs from the "
+                  f"model's {model.args.vocab_size}; a draft must share the model's tokenizer")
+        if draft.args.max_seq_len < model.args.max_seq_len:
+            _fail(f"--draft {opts.draft}: its {draft.args.max_seq_len} positions are fewer than the model's "
+                  f"{model.args.max_seq_len} (lower --max-seq-len)")
+        print(f"loaded draft {opts.draft}: {parameter_count(draft.args) / 1e9:.2f}B parameters", file=sys.stderr)
+        drafting = replace(drafting, draft=draft)
 
     if opts.compile and device.type == "cpu":
         _note("--compile on a CPU: the compiled step decoded at 1.02-1.06x eager's speed once compiled, after "
-              "8-50 s of compiling (README.md, Performance); it pays only for long generations")
+              "8-50 s of compiling (benchmarks/README.md); it pays only for long generations")
     try:  # generate()'s NaN or inf logits (FloatingPointError), in a chat or a completion, end in one line too
         if text is not None:
             window = opts.max_seq_len or min(PERPLEXITY_WINDOW, model.args.max_seq_len)  # perplexity()'s default
@@ -1814,7 +2046,7 @@ def main(argv: list[str] | None = None) -> None:
                 return read("tool> ") or None
             chat = Chat(model, tokenizer, opts.system, tools=tools, tool_format=opts.tool_format, sampling=sampling,
                         builtin_tools=typed_tool_output if opts.builtin_tools else None,
-                        max_new_tokens=opts.max_new_tokens, stops=opts.stop, compile=opts.compile)
+                        max_new_tokens=opts.max_new_tokens, stops=opts.stop, compile=opts.compile, drafting=drafting)
             if opts.prompt is None:
                 run_chat(chat, read)
             else:
@@ -1834,7 +2066,7 @@ def main(argv: list[str] | None = None) -> None:
                 _fail(f"--prompt is {len(prompt)} tokens, too long for the {model.args.max_seq_len}-position context"
                       + " (raise --max-seq-len)" * (opts.max_seq_len is not None))
             _, _, interrupted = stream(model, tokenizer, prompt, opts.max_new_tokens, sampling, stops=opts.stop,
-                                       compile=opts.compile)
+                                       compile=opts.compile, drafting=drafting)
             print()
             if interrupted:
                 raise SystemExit(130)

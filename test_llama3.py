@@ -1608,6 +1608,142 @@ def test_prefill_memory_grows_linearly_with_the_prompt(tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# Speculative decoding
+# -----------------------------------------------------------------------------
+
+
+def drafters(model: Transformer) -> dict:
+    """generate's speculative arguments for each kind of drafter: an unrelated random model (almost never right),
+    the model itself (always right), and prompt lookup."""
+    unrelated = random_model(tiny_args(dim=32, n_layers=1, n_heads=2, n_kv_heads=1), seed=9)
+    return {"unrelated": {"draft": unrelated}, "itself": {"draft": model}, "lookup": {}}
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+@pytest.mark.parametrize("drafter", ["unrelated", "itself", "lookup"])
+def test_speculative_greedy_decoding_gives_plain_decodings_tokens(k, drafter):
+    # The model's output, whatever drafts it was offered: token for token what plain greedy decoding gives, the
+    # streamed tokens and the stop token included; the model as its own draft has every draft accepted.
+    model = random_model(tiny_args())
+    prompt = [5, 9, 5, 9, 5, 9, 17, 3, 5, 9]  # a repeat, so that lookup finds drafts
+    plain = llama3.generate(model, [prompt], 40, temperature=0, stop_tokens=[])[0]
+    stop = plain[25]  # a stop token the plain output reaches
+    kw = dict(drafters(model)[drafter], **({"prompt_lookup": k} if drafter == "lookup" else {"speculate_k": k}))
+    streamed = []
+    counts = llama3.Speculation()
+    got = llama3.generate(model, [prompt], 40, temperature=0, stop_tokens=[], speculation=counts,
+                          on_token=lambda row, t: streamed.append(t), **kw)
+    assert got[0] == plain and streamed == plain
+    stopped = llama3.generate(model, [prompt], 40, temperature=0, stop_tokens=[stop], **kw)[0]
+    assert stopped == plain[: plain.index(stop)]
+    assert counts.drafted > 0 and 0 <= counts.accepted <= counts.drafted
+    if drafter == "itself":
+        assert counts.accepted == counts.drafted
+    assert len(llama3.generate(model, [prompt], 7, temperature=0, **kw)[0]) <= 7  # never past max_new_tokens
+
+
+def test_speculation_stops_at_the_context_and_where_on_token_says():
+    # Drafts never write past the context, and a caller's on_token True ends generation with that token.
+    model = random_model(tiny_args(max_seq_len=32))
+    prompt = list(range(1, 21))
+    plain = llama3.generate(model, [prompt], 50, temperature=0, stop_tokens=[])[0]
+    assert len(plain) == 12
+    got = llama3.generate(model, [prompt], 50, temperature=0, stop_tokens=[], draft=model, speculate_k=7)[0]
+    assert got == plain
+    seen = []
+    got = llama3.generate(model, [prompt], 50, temperature=0, stop_tokens=[], draft=model, speculate_k=7,
+                          on_token=lambda row, t: seen.append(t) or len(seen) == 3)[0]
+    assert got == seen == plain[:3]
+
+
+def reference_probs(logits: torch.Tensor, seen: list[int], temperature: float, top_p: float,
+                    repetition_penalty: float) -> torch.Tensor:
+    """What plain sampling draws from, written out independently: penalty, temperature, Meta's nucleus."""
+    logits = logits.double().clone()
+    for t in set(seen):
+        logits[t] = logits[t] / repetition_penalty if logits[t] > 0 else logits[t] * repetition_penalty
+    probs = torch.softmax(logits / temperature, dim=-1)
+    order = probs.argsort(descending=True)
+    mass_before = 0.0
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    for t in order.tolist():
+        if mass_before > top_p:
+            break
+        keep[t] = True
+        mass_before += float(probs[t])
+    probs = probs * keep
+    return probs / probs.sum()
+
+
+def chi_square_test(draws: list[tuple[int, int]], expected: dict[tuple[int, int], float]) -> tuple[float, float]:
+    """(Pearson's statistic, the 1e-4 critical value by the Wilson-Hilferty approximation) over expected's cells."""
+    n = len(draws)
+    counts = {cell: 0 for cell in expected}
+    for cell in draws:
+        assert cell in counts, f"drew {cell}, which has probability 0"
+        counts[cell] += 1
+    stat = sum((counts[c] - n * p) ** 2 / (n * p) for c, p in expected.items())
+    df = len(expected) - 1
+    z = 3.719  # the standard normal's 1 - 1e-4 quantile
+    return stat, df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("drafter", ["unrelated", "lookup"])
+def test_speculative_sampling_draws_the_models_own_distribution(drafter):
+    # Sampled, each token must follow the model's distribution (penalty, temperature and top-p applied), whatever
+    # the drafter proposed: the first two tokens' joint frequencies over 3,000 seeds against the exact
+    # probabilities, by a chi-square test at 1e-4 (a rule that accepts drafts too readily fails it).
+    args = tiny_args(vocab_size=6, dim=32, n_heads=2, n_kv_heads=1, n_layers=1)
+    model = random_model(args, seed=3)
+    prompt = [1, 2, 1, 2, 1]
+    temperature, top_p, penalty = 1.3, 0.95, 1.2
+    with torch.no_grad():
+        first = reference_probs(model(torch.tensor([prompt]))[0, -1], prompt, temperature, top_p, penalty)
+        expected = {}
+        for a in range(6):
+            if first[a] > 0:
+                after = model(torch.tensor([prompt + [a]]))[0, -1]
+                second = reference_probs(after, prompt + [a], temperature, top_p, penalty)
+                expected.update({(a, b): float(first[a] * second[b]) for b in range(6) if second[b] > 0})
+    kw = {"prompt_lookup": 3} if drafter == "lookup" else {"draft": random_model(args, seed=8), "speculate_k": 3}
+    draws = []
+    for seed in range(3000):
+        out = llama3.generate(model, [prompt], 2, temperature, top_p, stop_tokens=[], seed=seed,
+                              repetition_penalty=penalty, **kw)[0]
+        draws.append(tuple(out))
+    stat, critical = chi_square_test(draws, expected)
+    assert stat < critical, (stat, critical)
+
+
+def test_lookup_drafts_what_followed_the_last_tokens_before():
+    # Prompt lookup copies what followed the most recent earlier appearance of the last 3, 2 or 1 tokens, and a
+    # copy that runs into the end goes on as the loop it is in.
+    assert llama3.lookup_draft([1, 2, 3, 4, 9, 2, 3], 3) == [4, 9, 2]
+    assert llama3.lookup_draft([7, 1, 2, 3, 8, 8, 1, 2, 3], 2) == [8, 8]  # 3-gram 1 2 3 before 2-gram 2 3
+    assert llama3.lookup_draft([5, 5, 5], 4) == [5, 5, 5, 5]
+    assert llama3.lookup_draft([1, 2, 3], 4) == []
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"prompt_lookup": 0}, "prompt_lookup must be an int >= 1"),
+    ({"speculate_k": 0, "draft": "model"}, "speculate_k must be an int >= 1"),
+    ({"prompt_lookup": 2, "draft": "model"}, "not both"),
+    ({"prompt_lookup": 2, "compile": True}, "compile"),
+    ({"draft": "other_vocabulary"}, "vocabulary of 300 tokens differs from the model's 256"),
+])
+def test_speculation_refuses_what_it_cannot_do_in_one_value_error(kw, message):
+    # Bad speculative arguments are refused before any work, naming the argument.
+    model = random_model(tiny_args())
+    others = {"model": model, "other_vocabulary": random_model(tiny_args(vocab_size=300))}
+    kw = {k: others.get(v, v) if k == "draft" else v for k, v in kw.items()}
+    with pytest.raises(ValueError, match=message):
+        llama3.generate(model, [[1, 2, 3]], 5, **kw)
+    with pytest.raises(ValueError, match="one prompt"):
+        llama3.generate(model, [[1, 2], [3, 4]], 5, prompt_lookup=2)
+
+
+# -----------------------------------------------------------------------------
 # Looking inside (logit lens)
 # -----------------------------------------------------------------------------
 
