@@ -1464,15 +1464,42 @@ def load_tools(path: str | Path) -> list[Callable]:
     return tools
 
 
+def reuse_prefix(model: Transformer, cache: list[KVCache], cached: list[int], prompt: list[int],
+                 max_new_tokens: int) -> tuple[list[KVCache], int]:
+    """How much of a kept cache a new prompt can reuse: the cache, grown if prompt + max_new_tokens needs more room
+    (doubling, up to the context, keeping what it holds), and the length of the longest prefix that cached (the
+    tokens whose K/V the cache holds) shares with prompt. At most len(prompt) - 1: the last prompt token is always
+    fed, as its logits choose the first new token."""
+    reuse = 0
+    while reuse < min(len(cached), len(prompt) - 1) and cached[reuse] == prompt[reuse]:
+        reuse += 1
+    limit = model.args.max_seq_len
+    need = min(limit, len(prompt) + max_new_tokens)
+    if cache[0].k.shape[2] < need:
+        bigger = model.new_cache(1, min(limit, max(need, 2 * cache[0].k.shape[2])))
+        for old, new in zip(cache, bigger):
+            new.k[:, :, :reuse] = old.k[:, :, :reuse]
+            new.v[:, :, :reuse] = old.v[:, :, :reuse]
+        cache = bigger
+    return cache, reuse
+
+
+def default_tool_format(args: ModelArgs) -> str:
+    """How a model of this shape writes custom calls: python_list for the 3.2 1B and 3B shapes, json for the rest
+    (Meta's prompt-format documents)."""
+    return "python_list" if (args.dim, args.n_layers) in LLAMA32_ROPE_FACTORS else "json"
+
+
 class Chat:
     """A conversation with an instruct model. Each answer encodes the whole dialog with ChatFormat but feeds only the
     tokens after the longest prefix already in the cache, so a turn costs its new tokens, not the history; where
     re-encoding the model's answer differs from its own tokens, feeding restarts there. tools are run with the parsed
-    arguments (model text is never run as code), at most max_tool_rounds calls a turn. builtin_tools: Meta's built-in
+    arguments (model text is never run as code). builtin_tools: Meta's built-in
     tools (brave_search, wolfram_alpha, code_interpreter) need the network or run model-written code, so each call
     goes to this function, which returns the tool's output or None to decline. tool_format: how custom calls are
     written (tokenizer.TOOL_FORMATS); default python_list for the 3.2 1B and 3B shapes, json for the rest (Meta's
-    prompt-format documents)."""
+    prompt-format documents). After max_tool_rounds rounds of calls the model's next message ends the turn, its
+    calls not run (0: none are run)."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, system: str | None = None, *,
                  tools: list[Callable] | tuple[Callable, ...] = (),
@@ -1488,8 +1515,9 @@ class Chat:
         self.functions = {f.__name__: f for f in tools}
         self.builtin_tools = builtin_tools
         self.max_tool_rounds = max_tool_rounds
-        llama32_small = (model.args.dim, model.args.n_layers) in LLAMA32_ROPE_FACTORS
-        self.tool_format = tool_format or ("python_list" if llama32_small else "json")
+        self.tool_format = tool_format or default_tool_format(model.args)
+        # Calls are read only in the shapes offered: without tools, '{"name": "Alice"}' is an answer.
+        self.call_formats = (self.tool_format,) * bool(tools) + ("builtin",) * (builtin_tools is not None)
         self.max_new_tokens = max_new_tokens
         self.sampling = sampling
         self.stops = stops
@@ -1517,15 +1545,17 @@ class Chat:
         keeping the answer so far when Ctrl-C stopped it."""
         start = len(self.dialog)
         self.dialog.append({"role": "user", "content": text})
-        for _ in range(self.max_tool_rounds + 1):
+        rounds = 0  # of calls run in this turn
+        while True:
             try:
                 reply = self.answer()
             except ContextFullError:
                 del self.dialog[start:]
                 raise
             self.dialog.append(reply)
-            if not reply["tool_calls"] or not (self.functions or self.builtin_tools):
+            if not reply["tool_calls"] or rounds == self.max_tool_rounds:  # a turn ends on the model's message
                 return reply
+            rounds += 1
             print(file=self.out or sys.stdout)  # the call was streamed as text: the report goes below it
             for call in reply["tool_calls"]:
                 result = self.call(call)
@@ -1539,22 +1569,13 @@ class Chat:
         limit = self.model.args.max_seq_len
         if len(prompt) >= limit:
             raise ContextFullError(f"the conversation ({len(prompt)} tokens) fills the {limit}-token context")
-        reuse = 0
-        while reuse < min(len(self.cached), len(prompt) - 1) and self.cached[reuse] == prompt[reuse]:
-            reuse += 1
-        need = min(limit, len(prompt) + self.max_new_tokens)
-        if self.cache[0].k.shape[2] < need:
-            bigger = self.model.new_cache(1, min(limit, max(need, 2 * self.cache[0].k.shape[2])))
-            for old, new in zip(self.cache, bigger):
-                new.k[:, :, :reuse] = old.k[:, :, :reuse]
-                new.v[:, :, :reuse] = old.v[:, :, :reuse]
-            self.cache = bigger
+        self.cache, reuse = reuse_prefix(self.model, self.cache, self.cached, prompt, self.max_new_tokens)
         tokens, shown, interrupted = stream(self.model, self.tokenizer, prompt, self.max_new_tokens, self.sampling,
                                             stops=self.stops, compile=self.compile, cache=self.cache,
                                             cached_len=reuse, out=self.out, log=self.log)
         # The last token chosen was never fed, so is not cached; with no reply (Ctrl-C) the prompt may be part-fed.
         self.cached = (prompt + tokens)[:-1] if tokens else prompt[:reuse]
-        reply = self.format.decode_assistant_message(tokens)
+        reply = self.format.decode_assistant_message(tokens, self.call_formats)
         if not reply["tool_calls"]:
             reply["content"] = shown  # as shown: cut at a stop string
         if interrupted:

@@ -1906,13 +1906,74 @@ def test_builtin_tools_are_never_run_by_the_chat_itself(tok, monkeypatch):
                                                                            "the user declined to run this tool"]
 
 
-def test_a_chat_without_tools_shows_a_call_shaped_answer_and_runs_nothing(tok, monkeypatch):
-    # With no tools offered, an answer that parses as a call is the answer: nothing is run and
-    # the model is not asked again.
-    chat, script, _ = tool_chat(tok, monkeypatch, ['<function=rm>{"path": "/"}</function><|eot_id|>'])
+@pytest.mark.parametrize("answer", ['{"name": "Alice", "age": 30}', "[print(x=1)]",
+                                    '<function=rm>{"path": "/"}</function>'])
+def test_a_chat_without_tools_takes_a_call_shaped_answer_as_its_answer(tok, monkeypatch, answer):
+    # With no tools offered, an answer shaped like a call is the answer: shown and kept in the history as the model
+    # wrote it (re-encoded as a call, the history would hold a call the model never made), and nothing is run.
+    chat, script, out = tool_chat(tok, monkeypatch, [answer + "<|eot_id|>"])
     reply = chat.send("Hi")
-    assert reply["tool_calls"] == [call("rm", path="/")] and len(script.prompts) == 1
-    assert [m["role"] for m in chat.dialog] == ["system", "user", "assistant"]
+    assert reply == {"role": "assistant", "content": answer, "tool_calls": [], "stop": "eot"}
+    assert chat.dialog[-1] == reply and len(script.prompts) == 1 and out.getvalue() == answer
+
+
+def test_calls_are_read_only_in_the_format_the_chat_offered(tok, monkeypatch):
+    # A chat that offered JSON calls reads a Python-list answer as text: the model is told one format.
+    chat, script, _ = tool_chat(tok, monkeypatch, ['[get_weather(city="Paris")]<|eot_id|>'], tools=[get_weather],
+                                tool_format="json")
+    assert chat.send("Weather?")["content"] == '[get_weather(city="Paris")]' and len(script.prompts) == 1
+
+
+@pytest.mark.parametrize("rounds", [0, 1, 2])
+def test_max_tool_rounds_runs_that_many_rounds_and_the_turn_ends_on_the_models_message(tok, monkeypatch, rounds):
+    # A model that calls forever is cut off after max_tool_rounds rounds of calls, and the turn still ends with an
+    # assistant message, so the next user message follows an answer, never a tool result.
+    ran = []
+
+    def ping() -> str:
+        """Ping."""
+        ran.append(1)
+        return "pong"
+
+    calling = '<function=ping>{}</function><|eom_id|>'
+    chat, script, _ = tool_chat(tok, monkeypatch, [calling] * 4, tools=[ping], tool_format="function_tag",
+                                max_tool_rounds=rounds)
+    reply = chat.send("Ping until told to stop")
+    assert len(ran) == rounds and len(script.prompts) == rounds + 1
+    assert chat.dialog[-1] == reply and reply["role"] == "assistant"
+    assert [m["role"] for m in chat.dialog[3:]] == ["assistant", "ipython"] * rounds + ["assistant"]
+
+
+def test_several_calls_in_one_answer_each_run_and_answer_in_order(tok, monkeypatch):
+    # 3.2's format calls several functions in one answer: each runs once, with its own arguments, and each result
+    # follows as its own ipython message in the order of the calls; the prompt fed next is exactly that dialog.
+    from tokenizer import ChatFormat
+
+    answer = '[get_weather(city="Paris"), get_weather(city="Oslo", metric="fahrenheit")]<|eom_id|>'
+    chat, script, _ = tool_chat(tok, monkeypatch, [answer, "Warm, and warmer.<|eot_id|>"], tools=[get_weather],
+                                tool_format="python_list")
+    chat.send("Weather in Paris and Oslo?")
+    assert chat.dialog[2]["tool_calls"] == [call("get_weather", city="Paris"),
+                                            call("get_weather", city="Oslo", metric="fahrenheit")]
+    assert [m["content"] for m in chat.dialog[3:5]] == ["25 C in Paris", "77 F in Oslo"]
+    assert [m["role"] for m in chat.dialog[2:]] == ["assistant", "ipython", "ipython", "assistant"]
+    assert script.prompts[1] == ChatFormat(tok).encode_dialog_prompt(chat.dialog[:5], "python_list")
+
+
+@pytest.mark.parametrize("stop", ["eom", "eot"])
+def test_a_call_is_written_back_with_the_stop_token_it_ended_on_so_the_cache_holds(tok, monkeypatch, stop):
+    # The history must hold the call as the model wrote it, its own stop token included: <|eom_id|> and <|eot_id|>
+    # are different tokens, and a call re-encoded with the other one would both change what the model sees and
+    # make the next turn feed the whole call again instead of starting after it.
+    answer = f'<function=get_weather>{{"city": "Paris"}}</function><|{stop}_id|>'
+    chat, script, _ = tool_chat(tok, monkeypatch, [answer, "Sunny.<|eot_id|>"], tools=[get_weather],
+                                tool_format="function_tag")
+    chat.send("Weather?")
+    assert chat.dialog[3]["stop"] == stop
+    written = tok.encode(answer, bos=False, eos=False, allowed_special="all")
+    first = script.prompts[0]
+    assert script.prompts[1][: len(first) + len(written)] == first + written
+    assert script.cached == [0, len(first) + len(written) - 1]  # all but the stop token, which was never fed
 
 
 # -----------------------------------------------------------------------------
@@ -2595,6 +2656,28 @@ def test_every_format_reads_back_the_calls_it_writes(tok, tool_format):
     message = {"role": "assistant", "content": "", "tool_calls": calls, "stop": "eom"}
     tokens = chat.encode_message(message, tool_format)[4:]  # without the 4 header tokens
     assert chat.decode_assistant_message(tokens) == {**message, "content": ""}
+
+
+@pytest.mark.parametrize("query", ['who said "hi"', "back\\slash", "two\nlines", '")', "São Paulo"])
+def test_a_builtin_calls_query_reads_back_as_written_whatever_its_characters(tok, query):
+    # A search for a quotation must come back as the same call: written unescaped, a quote ends the string early and
+    # the history holds a call that parses as another (or as none).
+    from tokenizer import ChatFormat
+
+    chat = ChatFormat(tok)
+    message = {"role": "assistant", "content": "", "tool_calls": [call("brave_search", query=query)], "stop": "eom"}
+    tokens = chat.encode_message(message, "json")[4:]  # without the 4 header tokens
+    assert chat.decode_assistant_message(tokens) == message
+
+
+def test_an_assistant_message_whose_content_is_none_encodes_as_empty_content(tok):
+    # OpenAI's shape for an assistant message that only calls tools has "content": None.
+    from tokenizer import ChatFormat
+
+    calls = [call("get_weather", city="Paris")]
+    none = {"role": "assistant", "content": None, "tool_calls": calls, "stop": "eom"}
+    assert ChatFormat(tok).encode_message(none) == ChatFormat(tok).encode_message({**none, "content": ""})
+    assert ChatFormat(tok).encode_dialog_prompt([{"role": "user", "content": "Hi"}, none])
 
 
 PROMPT_FORMAT_DOCS = ("llama3_1/prompt_format.md", "llama3_2/text_prompt_format.md")
