@@ -1912,11 +1912,11 @@ def run_chat(chat: Chat, read: Callable[[str], str] = input, log: TextIO | None 
 # -----------------------------------------------------------------------------
 # Doors to the engine room
 #
-# The appendices below are the engine room: faster CPU kernels (A), tensor parallelism (B), compiled decoding (C)
-# and quantized weights (D). Each can be deleted, from its banner to the next, and the rest of the file still
-# loads, generates and passes its tests. So part 2 never names an appendix's functions in its code: it asks for
-# them here, by name, when a call needs one. Where the appendix is gone, a speed-up is skipped and a feature
-# (quantize=, compile=, torchrun) fails in one line that says what is missing.
+# The appendices below are the engine room: faster CPU kernels (A), tensor parallelism (B), compiled decoding (C),
+# quantized weights (D) and an OpenAI-compatible server (E). Each can be deleted, from its banner to the next, and
+# the rest of the file still loads, generates and passes its tests. So part 2 never names an appendix's functions
+# in its code: it asks for them here, by name, when a call needs one. Where the appendix is gone, a speed-up is
+# skipped and a feature (quantize=, compile=, torchrun, --serve) fails in one line that says what is missing.
 # -----------------------------------------------------------------------------
 
 
