@@ -4033,7 +4033,7 @@ def test_each_appendix_can_be_deleted_and_the_rest_still_generates(tmp_path, cli
 def test_parts_1_and_2_without_any_appendix_pass_their_own_tests(tmp_path):
     # Done when a reader can take parts 1 and 2 alone: with every appendix deleted, from llama3.py and from its
     # tests, the remaining fast tests all pass (the slow ones run the command line, checked per appendix above).
-    copy = copy_without(tmp_path / "copy", "ABCD")
+    copy = copy_without(tmp_path / "copy", "ABCDE")
     assert undefined_names(copy) == ""
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow", "-p", "no:cacheprovider",
                         "test_llama3.py"], cwd=copy, capture_output=True, text=True, check=False, timeout=1200)
