@@ -442,15 +442,16 @@ class Transformer(nn.Module):
 # Doors to the engine room
 #
 # The appendices at the end of the file are the engine room: faster CPU kernels (A), tensor parallelism (B),
-# compiled decoding (C) and quantized weights (D). Each can be deleted, from its banner to the next, and the rest of
-# the file still loads, generates and passes its tests. So part 2 never names an appendix's functions in its code:
-# it asks engine_room for them by name when a call needs one, and ENGINE_ROOM lists every name it may ask for.
-# Where the appendix is gone, a speed-up is skipped and a feature (quantize=, compile=, torchrun) fails in one
-# line that says what is missing.
+# compiled decoding (C), quantized weights (D) and an OpenAI-compatible server (E). Each can be deleted, from its
+# banner to the next, and the rest of the file still loads, generates and passes its tests. So part 2 never names
+# an appendix's functions in its code: it asks engine_room for them by name when a call needs one, and ENGINE_ROOM
+# lists every name it may ask for. Where the appendix is gone, a speed-up is skipped and a feature (quantize=,
+# compile=, torchrun, --serve) fails in one line that says what is missing.
 # -----------------------------------------------------------------------------
 
 ENGINE_ROOM = {"use_cpu_speed_paths": "A", "shard_model": "B", "join_process_group": "B", "read_on_rank_0": "B",
-               "shared_seed": "B", "static_cache": "C", "compiled_decode": "C", "quantize_weights": "D"}
+               "shared_seed": "B", "static_cache": "C", "compiled_decode": "C", "quantize_weights": "D",
+               "serve_address": "E", "serve": "E"}
 
 
 def engine_room(name: str, needed_by: str | None = None) -> Callable | None:
@@ -1702,15 +1703,42 @@ def load_tools(path: str | Path) -> list[Callable]:
     return tools
 
 
+def reuse_prefix(model: Transformer, cache: list[KVCache], cached: list[int], prompt: list[int],
+                 max_new_tokens: int) -> tuple[list[KVCache], int]:
+    """How much of a kept cache a new prompt can reuse: the cache, grown if prompt + max_new_tokens needs more room
+    (doubling, up to the context, keeping what it holds), and the length of the longest prefix that cached (the
+    tokens whose K/V the cache holds) shares with prompt. At most len(prompt) - 1: the last prompt token is always
+    fed, as its logits choose the first new token."""
+    reuse = 0
+    while reuse < min(len(cached), len(prompt) - 1) and cached[reuse] == prompt[reuse]:
+        reuse += 1
+    limit = model.args.max_seq_len
+    need = min(limit, len(prompt) + max_new_tokens)
+    if cache[0].k.shape[2] < need:
+        bigger = model.new_cache(1, min(limit, max(need, 2 * cache[0].k.shape[2])))
+        for old, new in zip(cache, bigger):
+            new.k[:, :, :reuse] = old.k[:, :, :reuse]
+            new.v[:, :, :reuse] = old.v[:, :, :reuse]
+        cache = bigger
+    return cache, reuse
+
+
+def default_tool_format(args: ModelArgs) -> str:
+    """How a model of this shape writes custom calls: python_list for the 3.2 1B and 3B shapes, json for the rest
+    (Meta's prompt-format documents)."""
+    return "python_list" if (args.dim, args.n_layers) in LLAMA32_ROPE_FACTORS else "json"
+
+
 class Chat:
     """A conversation with an instruct model. Each answer encodes the whole dialog with ChatFormat but feeds only the
     tokens after the longest prefix already in the cache, so a turn costs its new tokens, not the history; where
     re-encoding the model's answer differs from its own tokens, feeding restarts there. tools are run with the parsed
-    arguments (model text is never run as code), at most max_tool_rounds calls a turn. builtin_tools: Meta's built-in
+    arguments (model text is never run as code). builtin_tools: Meta's built-in
     tools (brave_search, wolfram_alpha, code_interpreter) need the network or run model-written code, so each call
     goes to this function, which returns the tool's output or None to decline. tool_format: how custom calls are
     written (tokenizer.TOOL_FORMATS); default python_list for the 3.2 1B and 3B shapes, json for the rest (Meta's
-    prompt-format documents)."""
+    prompt-format documents). After max_tool_rounds rounds of calls the model's next message ends the turn, its
+    calls not run (0: none are run)."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, system: str | None = None, *,
                  tools: list[Callable] | tuple[Callable, ...] = (),
@@ -1726,8 +1754,9 @@ class Chat:
         self.functions = {f.__name__: f for f in tools}
         self.builtin_tools = builtin_tools
         self.max_tool_rounds = max_tool_rounds
-        llama32_small = (model.args.dim, model.args.n_layers) in LLAMA32_ROPE_FACTORS
-        self.tool_format = tool_format or ("python_list" if llama32_small else "json")
+        self.tool_format = tool_format or default_tool_format(model.args)
+        # Calls are read only in the shapes offered: without tools, '{"name": "Alice"}' is an answer.
+        self.call_formats = (self.tool_format,) * bool(tools) + ("builtin",) * (builtin_tools is not None)
         self.max_new_tokens = max_new_tokens
         self.sampling = sampling
         self.stops = stops
@@ -1756,15 +1785,17 @@ class Chat:
         keeping the answer so far when Ctrl-C stopped it."""
         start = len(self.dialog)
         self.dialog.append({"role": "user", "content": text})
-        for _ in range(self.max_tool_rounds + 1):
+        rounds = 0  # of calls run in this turn
+        while True:
             try:
                 reply = self.answer()
             except ContextFullError:
                 del self.dialog[start:]
                 raise
             self.dialog.append(reply)
-            if not reply["tool_calls"] or not (self.functions or self.builtin_tools):
+            if not reply["tool_calls"] or rounds == self.max_tool_rounds:  # a turn ends on the model's message
                 return reply
+            rounds += 1
             print(file=self.out or sys.stdout)  # the call was streamed as text: the report goes below it
             for call in reply["tool_calls"]:
                 result = self.call(call)
@@ -1778,22 +1809,13 @@ class Chat:
         limit = self.model.args.max_seq_len
         if len(prompt) >= limit:
             raise ContextFullError(f"the conversation ({len(prompt)} tokens) fills the {limit}-token context")
-        reuse = 0
-        while reuse < min(len(self.cached), len(prompt) - 1) and self.cached[reuse] == prompt[reuse]:
-            reuse += 1
-        need = min(limit, len(prompt) + self.max_new_tokens)
-        if self.cache[0].k.shape[2] < need:
-            bigger = self.model.new_cache(1, min(limit, max(need, 2 * self.cache[0].k.shape[2])))
-            for old, new in zip(self.cache, bigger):
-                new.k[:, :, :reuse] = old.k[:, :, :reuse]
-                new.v[:, :, :reuse] = old.v[:, :, :reuse]
-            self.cache = bigger
+        self.cache, reuse = reuse_prefix(self.model, self.cache, self.cached, prompt, self.max_new_tokens)
         tokens, shown, interrupted = stream(self.model, self.tokenizer, prompt, self.max_new_tokens, self.sampling,
                                             stops=self.stops, compile=self.compile, cache=self.cache,
                                             cached_len=reuse, out=self.out, log=self.log, drafting=self.drafting)
         # The last token chosen was never fed, so is not cached; with no reply (Ctrl-C) the prompt may be part-fed.
         self.cached = (prompt + tokens)[:-1] if tokens else prompt[:reuse]
-        reply = self.format.decode_assistant_message(tokens)
+        reply = self.format.decode_assistant_message(tokens, self.call_formats)
         if not reply["tool_calls"]:
             reply["content"] = shown  # as shown: cut at a stop string
         if interrupted:
@@ -1919,6 +1941,10 @@ def _parser() -> argparse.ArgumentParser:
         "tokens copied from where the last tokens appeared before in the text")
     add("--tool-format", default=None, help="how the model writes custom calls: json (3.1, 3.3), function_tag or "
         "python_list (3.2 1B/3B); default: by the model's shape")
+    add("--serve", nargs="?", const="127.0.0.1:8000", default=None, metavar="HOST:PORT", help="serve OpenAI's API "
+        "(/v1/chat/completions, /v1/completions, /v1/models) at HOST:PORT (default 127.0.0.1:8000, this machine "
+        "only); request fields override the sampling flags (appendix E)")
+    add("--api-key", default=None, metavar="KEY", help="with --serve: every request needs Authorization: Bearer KEY")
     p.error = _fail  # one line, exit code 2, instead of argparse's usage block
     return p
 
@@ -1927,8 +1953,8 @@ def main(argv: list[str] | None = None) -> None:
     from tokenizer import TOOL_FORMATS, ChatFormat, Tokenizer, TokenizerError
 
     opts = _parser().parse_args(argv)
-    if opts.prompt is None and not opts.chat and not opts.perplexity:
-        _fail("--prompt is required (or --chat for an interactive chat)")
+    if opts.prompt is None and not opts.chat and not opts.perplexity and not opts.serve:
+        _fail("--prompt is required (or --chat for an interactive chat, --serve for a server)")
     text = None
     if opts.perplexity:
         try:
@@ -1936,8 +1962,10 @@ def main(argv: list[str] | None = None) -> None:
         except (OSError, UnicodeDecodeError) as e:
             _fail(f"--perplexity {opts.perplexity}: {getattr(e, 'strerror', None) or e}")
     for flag in ("--system", "--tools", "--builtin-tools", "--tool-format"):
-        if getattr(opts, flag[2:].replace("-", "_")) and not opts.chat:
+        if getattr(opts, flag[2:].replace("-", "_")) and not opts.chat and not (opts.serve and flag == "--tool-format"):
             _fail(f"{flag} needs --chat")
+    if opts.api_key is not None and not opts.serve:
+        _fail("--api-key needs --serve")
     if opts.tool_format is not None and opts.tool_format not in TOOL_FORMATS:
         _fail(f"--tool-format must be one of {', '.join(TOOL_FORMATS)}, not {opts.tool_format!r}")
     if "" in opts.stop:
@@ -1970,6 +1998,8 @@ def main(argv: list[str] | None = None) -> None:
             engine_room("compiled_decode", "--compile")
         if opts.quantize:
             engine_room("quantize_weights", "--quantize")
+        if opts.serve:
+            engine_room("serve_address", "--serve")(opts.serve)
     except ValueError as e:
         _fail(str(e))
     tokens = tokenizer.encode(text, bos=True, eos=False) if text is not None else []
@@ -2021,7 +2051,14 @@ def main(argv: list[str] | None = None) -> None:
         _note("--compile on a CPU: the compiled step decoded at 1.02-1.06x eager's speed once compiled, after "
               "8-50 s of compiling (benchmarks/README.md); it pays only for long generations")
     try:  # generate()'s NaN or inf logits (FloatingPointError), in a chat or a completion, end in one line too
-        if text is not None:
+        if opts.serve:  # appendix E
+            name = opts.ckpt if opts.ckpt and not Path(opts.ckpt).exists() else ckpt.name  # a repo id, or the folder
+            try:
+                engine_room("serve", "--serve")(model, tokenizer, opts.serve, name, api_key=opts.api_key,
+                                                tool_format=opts.tool_format, sampling=sampling)
+            except ValueError as e:
+                _fail(str(e))
+        elif text is not None:
             window = opts.max_seq_len or min(PERPLEXITY_WINDOW, model.args.max_seq_len)  # perplexity()'s default
             try:
                 nll, ppl = perplexity(model, tokens, window, log=sys.stderr if sys.stderr.isatty() else None)
@@ -2775,6 +2812,453 @@ def quantize_weights(model: Transformer, weights: Iterator[tuple[str, torch.Tens
     finally:
         malloc_mmap_threshold(32 << 20)  # glibc's own ceiling for its moving threshold
     return state
+
+
+# =============================================================================
+# Appendix E: an OpenAI-compatible server (--serve)
+#
+# Editors, notebooks, agents and chat UIs talk to a local model through OpenAI's
+# HTTP API. This serves GET /v1/models, POST /v1/chat/completions and POST
+# /v1/completions on the standard library's http.server. A chat request's prompt
+# is ChatFormat's encoding of its messages (OpenAI's tools become the tool prompt
+# --tools writes; a tool message is an ipython message), so greedy answers equal
+# generate's on the same tokens. One generation runs at a time, in arrival order;
+# the server keeps the last request's cache and token list and feeds only what
+# follows the longest shared prefix (reuse_prefix, as Chat does): a chat client
+# resends the whole history each turn, and a turn then costs its new tokens. The
+# server never runs a tool: calls go back to the client as tool_calls.
+# =============================================================================
+
+# Imported here, not at the top: deleting the appendix deletes what only it uses.
+import select
+import socket
+import threading
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+# A body past 8 MiB is refused (413): a 128K-token conversation is about 0.5 MB of text.
+MAX_BODY_BYTES = 8 << 20
+OPENAI_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "ipython"}
+
+
+class APIError(Exception):
+    """A request the server refuses: the HTTP status and OpenAI's error object's fields."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict:
+        kind = {401: "authentication_error", 500: "server_error"}.get(self.status, "invalid_request_error")
+        return {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
+
+
+def _field(body: dict, name: str, kinds: type | tuple[type, ...], default=None):
+    """body[name], checked to be of kinds (a bool is not a number); default when absent or null."""
+    value = body.get(name)
+    if value is None:
+        return default
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise APIError(400, f"{name} must be {names}, not {json.dumps(value)[:40]}", name)
+    return value
+
+
+def _text(content, where: str) -> str:
+    """A message's content: a string, or a list of text parts (joined with newlines, as vLLM joins them)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "\n".join(p["text"] for p in content)
+    raise APIError(400, f"{where} must be a string or a list of text parts", where)
+
+
+def function_definition(tool: dict, where: str) -> dict:
+    """An OpenAI tool ({"type": "function", "function": {name, description, parameters: JSON schema}}) as the
+    definition tokenizer.tool_prompt takes, the shape describe_function gives for --tools."""
+    function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise APIError(400, f"{where} must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}", where)
+    schema = function.get("parameters") or {}
+    properties = schema.get("properties", {}) if isinstance(schema, dict) else None
+    if not isinstance(properties, dict) or not all(isinstance(p, dict) for p in properties.values()):
+        raise APIError(400, f"{where}.function.parameters must be a JSON schema of an object", where)
+    required = schema.get("required", [])
+    params = {}
+    for name, p in properties.items():
+        params[name] = {"param_type": p.get("type", "string"), "description": p.get("description", ""),
+                        "required": name in required}
+        if "default" in p:
+            params[name]["default"] = p["default"]
+    return {"name": function["name"], "description": function.get("description", ""), "parameters": params}
+
+
+def chat_dialog(body: dict, tool_format: str, today: str, call_stops: dict[str, str]) -> tuple[list[dict],
+                                                                                             tuple[str, ...]]:
+    """A chat request's messages and tools -> our dialog (tokenizer.py's message dicts) and the call formats to
+    read in the answer (none unless tools were offered). call_stops: the stop ("eom" or "eot") each call id this
+    server gave ended on, so a call comes back as the model's own tokens and the cache's prefix holds."""
+    from tokenizer import BUILTIN_TOOLS, tool_prompt
+
+    messages = _field(body, "messages", list)
+    if not messages:
+        raise APIError(400, "messages must be a non-empty list", "messages")
+    dialog = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict) or m.get("role") not in OPENAI_ROLES:
+            role = m.get("role") if isinstance(m, dict) else m
+            raise APIError(400, f"{where}.role must be one of {', '.join(OPENAI_ROLES)}, not {role!r}", where)
+        message = {"role": OPENAI_ROLES[m["role"]]}
+        calls = m.get("tool_calls") if m["role"] == "assistant" else None
+        if calls:
+            if not isinstance(calls, list):
+                raise APIError(400, f"{where}.tool_calls must be a list", where)
+            message["tool_calls"] = [_call(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(calls)]
+            first_id = calls[0].get("id") if isinstance(calls[0], dict) else None
+            message["stop"] = call_stops.get(first_id, "eom")  # unknown: eom, "run it, then let me go on"
+        message["content"] = "" if m.get("content") is None and calls else _text(m.get("content"), where + ".content")
+        dialog.append(message)
+    tools = _field(body, "tools", list, [])
+    choice = body.get("tool_choice", "auto")
+    if choice not in ("auto", "none"):
+        raise APIError(400, 'tool_choice must be "auto" or "none" (a required or named call is not supported)',
+                       "tool_choice")
+    if not tools or choice == "none":
+        return dialog, ()
+    functions = [function_definition(t, f"tools[{i}]") for i, t in enumerate(tools)]
+    builtin = any(f["name"] in BUILTIN_TOOLS for f in functions)  # the built-ins only if the client names them
+    custom = [f for f in functions if f["name"] not in BUILTIN_TOOLS]
+    system = dialog.pop(0)["content"] if dialog and dialog[0]["role"] == "system" else None
+    opening = tool_prompt(custom, tool_format, builtin, system, today)
+    return [*opening, *dialog], (tool_format,) * bool(custom) + ("builtin",) * builtin
+
+
+def _call(c: dict, where: str) -> dict:
+    """An OpenAI tool call the client sends back -> ours ({"name", "arguments": dict})."""
+    function = c.get("function") if isinstance(c, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise APIError(400, f"{where}.function.name must be a string", where)
+    try:
+        arguments = json.loads(function.get("arguments") or "{}")
+    except (TypeError, ValueError):
+        arguments = None
+    if not isinstance(arguments, dict):
+        raise APIError(400, f"{where}.function.arguments must be a JSON object, as a string", where)
+    return {"name": function["name"], "arguments": arguments}
+
+
+class FifoLock:
+    """A lock taken in the order it was asked for (threading.Lock promises no order)."""
+
+    def __init__(self):
+        self.turns = threading.Condition()
+        self.next = 0  # the ticket of the next request to be given
+        self.serving = 0  # the ticket that holds the lock
+
+    def __enter__(self) -> None:
+        with self.turns:
+            ticket = self.next
+            self.next += 1
+            self.turns.wait_for(lambda: self.serving == ticket)
+
+    def __exit__(self, *exc) -> None:
+        with self.turns:
+            self.serving += 1
+            self.turns.notify_all()
+
+
+class LlamaServer(ThreadingHTTPServer):
+    """The served model and what the requests share: one generation at a time, and the last request's cache."""
+
+    daemon_threads = True  # a client still connected never keeps the process from ending
+
+    def __init__(self, address: tuple[str, int], model: Transformer, tokenizer: Tokenizer, name: str, *,
+                 api_key: str | None = None, tool_format: str | None = None, sampling: Sampling = Sampling(),
+                 today: str | None = None, log: TextIO | None = None):
+        from tokenizer import ChatFormat
+
+        super().__init__(address, ServeHandler)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.format = ChatFormat(tokenizer)
+        self.name = name
+        self.api_key = api_key
+        self.tool_format = tool_format or default_tool_format(model.args)
+        self.sampling = sampling  # the command line's, for fields a request leaves out
+        self.today = today
+        self.log = log or sys.stderr
+        self.turn = FifoLock()
+        self.cache = model.new_cache(1, min(model.args.max_seq_len, 8192))
+        self.cached: list[int] = []  # the tokens whose K/V the cache holds
+        self.call_stops: dict[str, str] = {}  # the last answer's call ids -> the stop token its calls ended on
+
+    def run(self, prompt: list[int], max_tokens: int, sampling: Sampling, stops: list[str],
+            emit: Callable[[str], bool]) -> tuple[list[int], str, bool]:
+        """Generate for prompt after the requests before it, reusing the cache's shared prefix. emit(text) gets the
+        text as it comes and returns True when the client has gone, which ends generation at that token. Returns
+        the new tokens (with the stop token that ended them), the text, and whether a stop string ended it."""
+        from tokenizer import StreamDecoder
+
+        with self.turn:
+            self.cache, reuse = reuse_prefix(self.model, self.cache, self.cached, prompt, max_tokens)
+            self.cached = prompt[:reuse]  # all that is sure to stay if generation fails
+            new = []
+            shown = []
+            decoder = StreamDecoder(self.tokenizer)
+            text = StopText(stops)
+
+            def on_token(_row: int, token: int) -> bool:
+                new.append(token)
+                if token in self.tokenizer.stop_tokens:
+                    return True
+                piece = text.push(decoder.push(token))
+                shown.append(piece)
+                return (bool(piece) and emit(piece)) or text.stopped
+
+            generate(self.model, [prompt], max_tokens, sampling.temperature, sampling.top_p, sampling.top_k,
+                     stop_tokens=[], seed=sampling.seed, on_token=on_token, cache=self.cache, cached_len=reuse,
+                     repetition_penalty=sampling.repetition_penalty)
+            self.cached = (prompt + new)[:-1] if new else prompt[:reuse]  # the last token chosen was never fed
+        tail = text.push(decoder.finish()) + text.finish()
+        if tail:
+            shown.append(tail)
+            emit(tail)
+        return new, "".join(shown), text.stopped
+
+
+class ServeHandler(BaseHTTPRequestHandler):
+    """One HTTP request: the OpenAI endpoints, JSON in and out, server-sent events when streaming."""
+
+    server: LlamaServer
+    server_version = "llama3.py"
+
+    def log_message(self, format: str, *args) -> None:
+        print(f"{self.address_string()} {format % args}", file=self.server.log)
+
+    def do_GET(self) -> None:
+        self.answer(self.models)
+
+    def do_POST(self) -> None:
+        self.answer(self.completion)
+
+    def answer(self, handle: Callable[[], None]) -> None:
+        """Run handle, and answer any refusal or failure with OpenAI's error object: never a traceback."""
+        try:
+            if self.server.api_key is not None and self.headers.get("Authorization") != f"Bearer {self.server.api_key}":
+                raise APIError(401, "a valid API key is needed: Authorization: Bearer KEY (--api-key)",
+                               code="invalid_api_key")
+            handle()
+        except APIError as e:
+            self.send_json(e.status, e.body())
+        except (ConnectionError, TimeoutError):
+            pass  # the client has gone
+        except Exception as e:  # noqa: BLE001 (NaN logits, out of memory: said to the client and in the log)
+            print(f"llama3.py: {self.path}: {type(e).__name__}: {e}", file=self.server.log)
+            self.send_json(500, APIError(500, f"{type(e).__name__}: {e}").body())
+
+    def send_json(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def models(self) -> None:
+        if self.path.rstrip("/") != "/v1/models":
+            raise APIError(404, f"no endpoint GET {self.path}; this server has GET /v1/models", code="unknown_url")
+        self.send_json(200, {"object": "list", "data": [{"id": self.server.name, "object": "model", "created": 0,
+                                                         "owned_by": "llama3.py"}]})
+
+    def read_body(self) -> dict:
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            raise APIError(400, "the request needs a Content-Length") from None
+        if length > MAX_BODY_BYTES:
+            left = min(length, 4 * MAX_BODY_BYTES)  # read (a bounded amount of) it, so the client reads our answer
+            while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
+                left -= len(chunk)
+            self.close_connection = True
+            raise APIError(413, f"the body is {length} bytes; this server takes at most {MAX_BODY_BYTES}")
+        try:
+            body = json.loads(self.rfile.read(length))
+        except ValueError as e:
+            raise APIError(400, f"the body is not JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the body must be a JSON object")
+        return body
+
+    def completion(self) -> None:
+        path = self.path.rstrip("/")
+        if path not in ("/v1/chat/completions", "/v1/completions"):
+            raise APIError(404, f"no endpoint POST {self.path}; this server has POST /v1/chat/completions and "
+                           "POST /v1/completions", code="unknown_url")
+        body = self.read_body()
+        server = self.server
+        chat = path == "/v1/chat/completions"
+        formats = ()
+        if chat:
+            today = server.today or time.strftime("%d %B %Y")
+            dialog, formats = chat_dialog(body, server.tool_format, today, server.call_stops)
+            prompt = server.format.encode_dialog_prompt(dialog, server.tool_format)
+        else:
+            text = _field(body, "prompt", (str, list))
+            if isinstance(text, list):  # one prompt in a list, as some clients send it
+                text = text[0] if len(text) == 1 and isinstance(text[0], str) else None
+            if text is None:
+                raise APIError(400, "prompt must be a string (one prompt)", "prompt")
+            prompt = server.tokenizer.encode(text, bos=True, eos=False)  # as --prompt encodes it
+        limit = server.model.args.max_seq_len
+        if len(prompt) >= limit:
+            raise APIError(400, f"the prompt is {len(prompt)} tokens; the context holds {limit}", "messages"
+                           if chat else "prompt", "context_length_exceeded")
+        if _field(body, "n", int, 1) != 1:
+            raise APIError(400, "n must be 1: one answer per request", "n")
+        max_tokens = _field(body, "max_completion_tokens", int, _field(body, "max_tokens", int, limit - len(prompt)))
+        if max_tokens < 1:
+            raise APIError(400, f"max_tokens must be >= 1, not {max_tokens}", "max_tokens")
+        max_tokens = min(max_tokens, limit - len(prompt))  # clipped to the context, as the command line does
+        stops = _field(body, "stop", (str, list), [])
+        stops = [stops] if isinstance(stops, str) else stops
+        if not all(isinstance(s, str) and s for s in stops):
+            raise APIError(400, "stop must be a non-empty string or a list of them", "stop")
+        d = server.sampling
+        sampling = Sampling(_field(body, "temperature", (int, float), d.temperature),
+                            _field(body, "top_p", (int, float), d.top_p), d.top_k, d.repetition_penalty,
+                            _field(body, "seed", int, d.seed))
+        try:
+            check_generation_args(max_tokens, sampling.temperature, sampling.top_p, None, 1.0)
+        except ValueError as e:
+            raise APIError(400, str(e), str(e).split(" ")[0]) from None
+        streaming = _field(body, "stream", bool, False)
+        options = _field(body, "stream_options", dict, {})
+        reply = Reply(self, chat, streaming and not formats, bool(options.get("include_usage")))
+        new, shown, stopped = server.run(prompt, max_tokens, sampling, stops, reply.emit)
+        message = server.format.decode_assistant_message(new, formats)
+        calls = message["tool_calls"]
+        ids = [f"call_{uuid.uuid4().hex[:24]}" for _ in calls]
+        server.call_stops = dict.fromkeys(ids, message["stop"] or "eom")
+        stop_token = bool(new) and new[-1] in server.tokenizer.stop_tokens
+        finish = "tool_calls" if calls else "stop" if stopped or stop_token else "length"
+        usage = {"prompt_tokens": len(prompt), "completion_tokens": len(new),
+                 "total_tokens": len(prompt) + len(new)}
+        reply.end("" if calls else shown, list(zip(ids, calls)), finish, usage, streaming)
+
+
+class Reply:
+    """One answer, sent whole as JSON or streamed as server-sent events (data: {chunk} lines, then data: [DONE]).
+    With tools offered, the text is held until the end: only then is it known to be a call or an answer."""
+
+    def __init__(self, handler: ServeHandler, chat: bool, stream_text: bool, include_usage: bool):
+        self.handler = handler
+        self.chat = chat
+        self.stream_text = stream_text
+        self.include_usage = include_usage
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.started = False  # the event stream's headers are sent
+        self.gone = False  # the client closed the connection
+
+    def chunk(self, delta: dict | None, text: str | None, finish: str | None) -> dict:
+        choice = {"index": 0, "delta": delta} if self.chat else {"index": 0, "text": text, "logprobs": None}
+        return {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                "created": self.created, "model": self.handler.server.name,
+                "choices": [{**choice, "finish_reason": finish}]}
+
+    def event(self, body: dict | str) -> bool:
+        """Send one event; True when the client has gone (its side of the socket closed, or the write failed)."""
+        h = self.handler
+        if not self.started:
+            self.started = True
+            h.send_response(200)
+            h.send_header("Content-Type", "text/event-stream")
+            h.send_header("Cache-Control", "no-cache")
+            h.end_headers()
+            h.close_connection = True  # the stream ends when the connection does
+        try:
+            readable, _, _ = select.select([h.connection], [], [], 0)
+            if readable and not h.connection.recv(1, socket.MSG_PEEK):
+                raise ConnectionResetError  # a read of nothing: the client closed its end
+            data = body if isinstance(body, str) else json.dumps(body)
+            h.wfile.write(f"data: {data}\n\n".encode())
+            h.wfile.flush()
+        except OSError:
+            self.gone = True
+        return self.gone
+
+    def emit(self, text: str) -> bool:
+        if not self.stream_text or self.gone:
+            return self.gone
+        if not self.started and self.chat:
+            self.event(self.chunk({"role": "assistant", "content": ""}, None, None))
+        return self.event(self.chunk({"content": text}, None, None) if self.chat else self.chunk(None, text, None))
+
+    def end(self, text: str, calls: list[tuple[str, dict]], finish: str, usage: dict, streaming: bool) -> None:
+        """The answer (all of it, or what streaming has not sent), its finish_reason and usage; calls: (id, call)."""
+        tool_calls = [{"id": i, "type": "function", "function": {"name": c["name"], "arguments":
+                                                                  json.dumps(c["arguments"], ensure_ascii=False)}}
+                      for i, c in calls]
+        if not streaming:
+            if self.chat:
+                message = {"role": "assistant", "content": None if calls else text}
+                choice = {"index": 0, "message": {**message, **({"tool_calls": tool_calls} if calls else {})}}
+            else:
+                choice = {"index": 0, "text": text, "logprobs": None}
+            self.handler.send_json(200, {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
+                                         "created": self.created, "model": self.handler.server.name,
+                                         "choices": [{**choice, "finish_reason": finish}], "usage": usage})
+            return
+        if self.gone:
+            return
+        if not self.stream_text and (text or calls):  # held until the end: sent as one delta
+            delta = {"role": "assistant", "content": text or None}
+            if calls:
+                delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(tool_calls)]
+            self.event(self.chunk(delta, None, None) if self.chat else self.chunk(None, text, None))
+        elif not self.started and self.chat:
+            self.event(self.chunk({"role": "assistant", "content": ""}, None, None))
+        self.event(self.chunk({}, None, finish) if self.chat else self.chunk(None, "", finish))
+        if self.include_usage:
+            self.event({"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                        "created": self.created, "model": self.handler.server.name, "choices": [], "usage": usage})
+        self.event("[DONE]")
+
+
+def serve_address(address: str) -> tuple[str, int]:
+    """--serve's HOST:PORT -> (host, port); ValueError naming the flag."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"--serve takes HOST:PORT, such as 127.0.0.1:8000, not {address!r}")
+    return host, int(port)
+
+
+def serve(model: Transformer, tokenizer: Tokenizer, address: str, name: str, *, api_key: str | None = None,
+          tool_format: str | None = None, sampling: Sampling = Sampling()) -> None:
+    """--serve HOST:PORT: answer requests until Ctrl-C (exit 130) or SIGTERM (exit 0). Says where on stderr once it
+    accepts requests, with the port it bound (port 0 picks a free one)."""
+    try:
+        server = LlamaServer(serve_address(address), model, tokenizer, name, api_key=api_key,
+                             tool_format=tool_format, sampling=sampling)
+    except OSError as e:
+        raise ValueError(f"--serve {address}: {e.strerror or e}") from None
+
+    def stop(*_) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    bound_host, bound_port = server.server_address[:2]
+    print(f"llama3.py: serving {name} at http://{bound_host}:{bound_port}/v1 (Ctrl-C stops)", file=sys.stderr,
+          flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
 
 
 # =============================================================================

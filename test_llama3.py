@@ -2047,13 +2047,74 @@ def test_builtin_tools_are_never_run_by_the_chat_itself(tok, monkeypatch):
                                                                            "the user declined to run this tool"]
 
 
-def test_a_chat_without_tools_shows_a_call_shaped_answer_and_runs_nothing(tok, monkeypatch):
-    # With no tools offered, an answer that parses as a call is the answer: nothing is run and
-    # the model is not asked again.
-    chat, script, _ = tool_chat(tok, monkeypatch, ['<function=rm>{"path": "/"}</function><|eot_id|>'])
+@pytest.mark.parametrize("answer", ['{"name": "Alice", "age": 30}', "[print(x=1)]",
+                                    '<function=rm>{"path": "/"}</function>'])
+def test_a_chat_without_tools_takes_a_call_shaped_answer_as_its_answer(tok, monkeypatch, answer):
+    # With no tools offered, an answer shaped like a call is the answer: shown and kept in the history as the model
+    # wrote it (re-encoded as a call, the history would hold a call the model never made), and nothing is run.
+    chat, script, out = tool_chat(tok, monkeypatch, [answer + "<|eot_id|>"])
     reply = chat.send("Hi")
-    assert reply["tool_calls"] == [call("rm", path="/")] and len(script.prompts) == 1
-    assert [m["role"] for m in chat.dialog] == ["system", "user", "assistant"]
+    assert reply == {"role": "assistant", "content": answer, "tool_calls": [], "stop": "eot"}
+    assert chat.dialog[-1] == reply and len(script.prompts) == 1 and out.getvalue() == answer
+
+
+def test_calls_are_read_only_in_the_format_the_chat_offered(tok, monkeypatch):
+    # A chat that offered JSON calls reads a Python-list answer as text: the model is told one format.
+    chat, script, _ = tool_chat(tok, monkeypatch, ['[get_weather(city="Paris")]<|eot_id|>'], tools=[get_weather],
+                                tool_format="json")
+    assert chat.send("Weather?")["content"] == '[get_weather(city="Paris")]' and len(script.prompts) == 1
+
+
+@pytest.mark.parametrize("rounds", [0, 1, 2])
+def test_max_tool_rounds_runs_that_many_rounds_and_the_turn_ends_on_the_models_message(tok, monkeypatch, rounds):
+    # A model that calls forever is cut off after max_tool_rounds rounds of calls, and the turn still ends with an
+    # assistant message, so the next user message follows an answer, never a tool result.
+    ran = []
+
+    def ping() -> str:
+        """Ping."""
+        ran.append(1)
+        return "pong"
+
+    calling = '<function=ping>{}</function><|eom_id|>'
+    chat, script, _ = tool_chat(tok, monkeypatch, [calling] * 4, tools=[ping], tool_format="function_tag",
+                                max_tool_rounds=rounds)
+    reply = chat.send("Ping until told to stop")
+    assert len(ran) == rounds and len(script.prompts) == rounds + 1
+    assert chat.dialog[-1] == reply and reply["role"] == "assistant"
+    assert [m["role"] for m in chat.dialog[3:]] == ["assistant", "ipython"] * rounds + ["assistant"]
+
+
+def test_several_calls_in_one_answer_each_run_and_answer_in_order(tok, monkeypatch):
+    # 3.2's format calls several functions in one answer: each runs once, with its own arguments, and each result
+    # follows as its own ipython message in the order of the calls; the prompt fed next is exactly that dialog.
+    from tokenizer import ChatFormat
+
+    answer = '[get_weather(city="Paris"), get_weather(city="Oslo", metric="fahrenheit")]<|eom_id|>'
+    chat, script, _ = tool_chat(tok, monkeypatch, [answer, "Warm, and warmer.<|eot_id|>"], tools=[get_weather],
+                                tool_format="python_list")
+    chat.send("Weather in Paris and Oslo?")
+    assert chat.dialog[2]["tool_calls"] == [call("get_weather", city="Paris"),
+                                            call("get_weather", city="Oslo", metric="fahrenheit")]
+    assert [m["content"] for m in chat.dialog[3:5]] == ["25 C in Paris", "77 F in Oslo"]
+    assert [m["role"] for m in chat.dialog[2:]] == ["assistant", "ipython", "ipython", "assistant"]
+    assert script.prompts[1] == ChatFormat(tok).encode_dialog_prompt(chat.dialog[:5], "python_list")
+
+
+@pytest.mark.parametrize("stop", ["eom", "eot"])
+def test_a_call_is_written_back_with_the_stop_token_it_ended_on_so_the_cache_holds(tok, monkeypatch, stop):
+    # The history must hold the call as the model wrote it, its own stop token included: <|eom_id|> and <|eot_id|>
+    # are different tokens, and a call re-encoded with the other one would both change what the model sees and
+    # make the next turn feed the whole call again instead of starting after it.
+    answer = f'<function=get_weather>{{"city": "Paris"}}</function><|{stop}_id|>'
+    chat, script, _ = tool_chat(tok, monkeypatch, [answer, "Sunny.<|eot_id|>"], tools=[get_weather],
+                                tool_format="function_tag")
+    chat.send("Weather?")
+    assert chat.dialog[3]["stop"] == stop
+    written = tok.encode(answer, bos=False, eos=False, allowed_special="all")
+    first = script.prompts[0]
+    assert script.prompts[1][: len(first) + len(written)] == first + written
+    assert script.cached == [0, len(first) + len(written) - 1]  # all but the stop token, which was never fed
 
 
 # -----------------------------------------------------------------------------
@@ -2732,6 +2793,28 @@ def test_every_format_reads_back_the_calls_it_writes(tok, tool_format):
     message = {"role": "assistant", "content": "", "tool_calls": calls, "stop": "eom"}
     tokens = chat.encode_message(message, tool_format)[4:]  # without the 4 header tokens
     assert chat.decode_assistant_message(tokens) == {**message, "content": ""}
+
+
+@pytest.mark.parametrize("query", ['who said "hi"', "back\\slash", "two\nlines", '")', "São Paulo"])
+def test_a_builtin_calls_query_reads_back_as_written_whatever_its_characters(tok, query):
+    # A search for a quotation must come back as the same call: written unescaped, a quote ends the string early and
+    # the history holds a call that parses as another (or as none).
+    from tokenizer import ChatFormat
+
+    chat = ChatFormat(tok)
+    message = {"role": "assistant", "content": "", "tool_calls": [call("brave_search", query=query)], "stop": "eom"}
+    tokens = chat.encode_message(message, "json")[4:]  # without the 4 header tokens
+    assert chat.decode_assistant_message(tokens) == message
+
+
+def test_an_assistant_message_whose_content_is_none_encodes_as_empty_content(tok):
+    # OpenAI's shape for an assistant message that only calls tools has "content": None.
+    from tokenizer import ChatFormat
+
+    calls = [call("get_weather", city="Paris")]
+    none = {"role": "assistant", "content": None, "tool_calls": calls, "stop": "eom"}
+    assert ChatFormat(tok).encode_message(none) == ChatFormat(tok).encode_message({**none, "content": ""})
+    assert ChatFormat(tok).encode_dialog_prompt([{"role": "user", "content": "Hi"}, none])
 
 
 PROMPT_FORMAT_DOCS = ("llama3_1/prompt_format.md", "llama3_2/text_prompt_format.md")
@@ -3665,13 +3748,359 @@ def test_loading_int4_takes_less_memory_than_the_bf16_weights(tmp_path):
 
 
 # =============================================================================
+# Appendix E: an OpenAI-compatible server (--serve)
+# =============================================================================
+
+
+def start_server(model: Transformer, tok, **kw) -> llama3.LlamaServer:
+    """The server on 127.0.0.1, a free port, answering from a thread until the test's teardown stops it."""
+    import threading
+
+    server = llama3.LlamaServer(("127.0.0.1", 0), model, tok, "tiny", today="21 September 2024", log=io.StringIO(),
+                                **kw)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.fixture
+def served(cli_ckpt, tok):
+    """The CLI test model (float32) served on a free loopback port, and an official openai client for it."""
+    openai = require("openai")
+    model = load_model(cli_ckpt[0], dtype=torch.float32)
+    server = start_server(model, tok)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="unused",
+                           max_retries=0, timeout=60)
+    yield server, client
+    server.shutdown()
+    server.server_close()
+
+
+def http(server, method: str, path: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict]:
+    """One raw request to the server -> (status, JSON body): for what the openai client would refuse to send."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=60)
+    try:
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        r = conn.getresponse()
+        return r.status, json.loads(r.read())
+    finally:
+        conn.close()
+
+
+def greedy_text(server, tok, prompt: list[int], n: int) -> tuple[str, list[int]]:
+    """generate's greedy answer to prompt (up to n tokens) as text, and its tokens with the stop token if one ended
+    it, computed afresh (no cache kept)."""
+    new = []
+    llama3.generate(server.model, [prompt], n, temperature=0, stop_tokens=[],
+                    on_token=lambda _r, t: new.append(t) or t in tok.stop_tokens)
+    text = tok.decode([t for t in new if t not in tok.stop_tokens])
+    return text, new
+
+
+def test_served_models_lists_the_one_model(served):
+    # A client first asks which models there are; the answer names the one served.
+    _, client = served
+    assert [(m.id, m.object) for m in client.models.list().data] == [("tiny", "model")]
+
+
+def test_served_chat_answers_equal_generate_on_chat_formats_tokens_and_reuse_the_cache(served, tok, monkeypatch):
+    # Exactness over HTTP: each turn's prompt is ChatFormat's encoding of the messages and its greedy answer equals
+    # generate's on those tokens; the second turn feeds only what follows the first turn's cached tokens.
+    from tokenizer import ChatFormat
+
+    server, client = served
+    cached_lens, original = [], llama3.generate
+
+    def spy(*a, **kw):
+        if "cache" in kw:  # the server's call, not greedy_text's
+            cached_lens.append(kw["cached_len"])
+        return original(*a, **kw)
+
+    monkeypatch.setattr(llama3, "generate", spy)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    ours = list(messages)  # our message dicts for the same conversation
+    for _ in range(2):
+        prompt = ChatFormat(tok).encode_dialog_prompt(ours)
+        r = client.chat.completions.create(model="anything", messages=messages, temperature=0, max_tokens=6)
+        text, new = greedy_text(server, tok, prompt, 6)
+        assert r.choices[0].message.content == text and r.choices[0].message.role == "assistant"
+        assert r.usage.prompt_tokens == len(prompt) and r.usage.completion_tokens == len(new)
+        assert r.usage.total_tokens == len(prompt) + len(new) and r.object == "chat.completion"
+        assert r.choices[0].finish_reason == ("stop" if new[-1] in tok.stop_tokens else "length")
+        messages += [{"role": "assistant", "content": text}, {"role": "user", "content": [
+            {"type": "text", "text": "And"}, {"type": "text", "text": "then?"}]}]
+        ours += [{"role": "assistant", "content": text}, {"role": "user", "content": "And\nthen?"}]  # parts: lines
+    assert cached_lens[0] == 0 and cached_lens[1] > len(ChatFormat(tok).encode_dialog_prompt(ours[:2]))
+
+
+def test_served_text_completion_equals_generate_and_clips_max_tokens_to_the_context(served, tok):
+    # /v1/completions encodes the prompt as --prompt does (with <|begin_of_text|>), and a max_tokens past the
+    # context is clipped to it rather than refused.
+    server, client = served
+    prompt = tok.encode("Once upon a time", bos=True, eos=False)
+    room = server.model.args.max_seq_len - len(prompt)
+    r = client.completions.create(model="tiny", prompt="Once upon a time", temperature=0, max_tokens=10_000)
+    text, new = greedy_text(server, tok, prompt, room)
+    assert r.choices[0].text == text and r.usage.completion_tokens == len(new) <= room
+    assert r.choices[0].finish_reason == ("stop" if new[-1] in tok.stop_tokens else "length")
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_streamed_deltas_add_up_to_the_unstreamed_answer_and_usage_comes_last(served, chat):
+    # A streaming client shows the text as it comes; joined, the pieces must be the answer it would have got whole.
+    _, client = served
+    ask = {"model": "tiny", "temperature": 0, "max_tokens": 12}
+    if chat:
+        ask["messages"] = [{"role": "user", "content": "Tell me a story"}]
+        whole = client.chat.completions.create(**ask)
+        chunks = list(client.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True}))
+        pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+        assert whole.choices[0].message.content == "".join(pieces)
+    else:
+        ask["prompt"] = "Tell me a story"
+        whole = client.completions.create(**ask)
+        chunks = list(client.completions.create(**ask, stream=True, stream_options={"include_usage": True}))
+        pieces = [c.choices[0].text for c in chunks if c.choices]
+        assert whole.choices[0].text == "".join(pieces)
+    assert len(pieces) > 2  # streamed, not sent at once
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+
+
+def test_served_stop_strings_cut_the_answer_before_the_first(served, tok):
+    # stop (a string or a list) ends the answer before the first appearance, which is not returned.
+    _server, client = served
+    full = client.completions.create(model="tiny", prompt="Once upon a time", temperature=0, max_tokens=12)
+    text = full.choices[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    for given in (stop, [stop, "never appears"]):
+        r = client.completions.create(model="tiny", prompt="Once upon a time", temperature=0, max_tokens=12,
+                                      stop=given)
+        assert r.choices[0].text == text[: text.index(stop)] and r.choices[0].finish_reason == "stop"
+
+
+def openai_tool(fn) -> dict:
+    """A Python function as an OpenAI tool, from describe_function's description of it."""
+    d = llama3.describe_function(fn)
+    types = {"str": "string", "int": "integer"}
+    props = {n: {"type": types[p["param_type"]], "description": p["description"]} for n, p in d["parameters"].items()}
+    required = [n for n, p in d["parameters"].items() if p["required"]]
+    return {"type": "function", "function": {"name": d["name"], "description": d["description"],
+                                             "parameters": {"type": "object", "properties": props,
+                                                            "required": required}}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_calls_go_to_the_client_and_tool_results_come_back_as_ipython_messages(tok, monkeypatch, stream):
+    # The server never runs a tool: the model's call goes out as tool_calls, and the client's tool message comes
+    # back as the ipython message the chat would have fed, in the prompt --tools writes, with the cache kept.
+    from tokenizer import ChatFormat
+
+    openai = require("openai")
+    model = random_model(tiny_args(vocab_size=128256, dim=32, n_heads=2, n_kv_heads=1, max_seq_len=4096))
+    server = start_server(model, tok)  # a context that holds the tool prompt
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="unused",
+                           max_retries=0, timeout=60)
+    call_text = json.dumps({"type": "function", "name": "get_weather", "parameters": {"city": "Paris"}})
+    script = ScriptedModel(tok, [call_text + "<|eom_id|>", "It is 25 C.<|eot_id|>"])
+    monkeypatch.setattr(llama3, "generate", script)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"}]
+    ask = {"model": "tiny", "messages": messages, "tools": [openai_tool(get_weather)], "temperature": 0}
+    if stream:
+        chunks = list(client.chat.completions.create(**ask, stream=True))
+        calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+        finish = chunks[-1].choices[0].finish_reason
+    else:
+        r = client.chat.completions.create(**ask)
+        calls = r.choices[0].message.tool_calls
+        finish = r.choices[0].finish_reason
+        assert r.choices[0].message.content is None
+    assert finish == "tool_calls" and len(calls) == 1 and calls[0].type == "function"
+    assert calls[0].function.name == "get_weather" and json.loads(calls[0].function.arguments) == {"city": "Paris"}
+    chat, _, _ = tool_chat(tok, monkeypatch, [], tools=[get_weather])  # what --tools would have fed
+    assert script.prompts[0] == ChatFormat(tok).encode_dialog_prompt(chat.dialog + messages[1:])
+    messages += [{"role": "assistant", "content": None, "tool_calls": [calls[0].model_dump(exclude={"index"})]},
+                 {"role": "tool", "tool_call_id": calls[0].id, "content": "25 C in Paris"}]
+    monkeypatch.setattr(llama3, "generate", script)
+    r = client.chat.completions.create(**{**ask, "messages": messages})
+    assert r.choices[0].message.content == "It is 25 C." and r.choices[0].finish_reason == "stop"
+    ours = [*chat.dialog, messages[1], {"role": "assistant", "content": "", "stop": "eom",
+                                        "tool_calls": [call("get_weather", city="Paris")]},
+            {"role": "ipython", "content": "25 C in Paris"}]
+    assert script.prompts[1] == ChatFormat(tok).encode_dialog_prompt(ours)
+    assert script.cached[1] == len(script.prompts[0]) + len(tok.encode(call_text, bos=False, eos=False))
+    server.shutdown()
+    server.server_close()
+
+
+def test_without_tools_a_call_shaped_answer_is_text(served, tok, monkeypatch):
+    # A request that offered no tools (or tool_choice "none") gets the model's text, whatever its shape.
+    _, client = served
+    answer = '{"name": "Alice", "age": 30}'
+    for extra in ({}, {"tools": [openai_tool(get_weather)], "tool_choice": "none"}):
+        monkeypatch.setattr(llama3, "generate", ScriptedModel(tok, [answer + "<|eot_id|>"]))
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Who?"}], **extra)
+        assert r.choices[0].message.content == answer and not r.choices[0].message.tool_calls
+
+
+TOO_LONG = json.dumps({"prompt": "word " * 400})
+BAD_REQUESTS = [  # (path, body, status, param)
+    ("/v1/chat/completions", b"{not json", 400, None),
+    ("/v1/chat/completions", b"[1, 2]", 400, None),
+    ("/v1/chat/completions", json.dumps({"model": "tiny"}).encode(), 400, "messages"),
+    ("/v1/chat/completions", json.dumps({"messages": "hi"}).encode(), 400, "messages"),
+    ("/v1/chat/completions", json.dumps({"messages": [{"role": "robot", "content": "hi"}]}).encode(), 400,
+     "messages[0]"),
+    ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": 3}]}).encode(), 400,
+     "messages[0].content"),
+    ("/v1/completions", json.dumps({"prompt": "hi", "temperature": -1}).encode(), 400, "temperature"),
+    ("/v1/completions", json.dumps({"prompt": "hi", "temperature": "hot"}).encode(), 400, "temperature"),
+    ("/v1/completions", json.dumps({"prompt": "hi", "top_p": 0}).encode(), 400, "top_p"),
+    ("/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 0}).encode(), 400, "max_tokens"),
+    ("/v1/completions", json.dumps({"prompt": "hi", "max_tokens": True}).encode(), 400, "max_tokens"),
+    ("/v1/completions", json.dumps({"prompt": "hi", "n": 2}).encode(), 400, "n"),
+    ("/v1/completions", json.dumps({"prompt": "hi", "stop": [""]}).encode(), 400, "stop"),
+    ("/v1/completions", json.dumps({"prompt": 5}).encode(), 400, "prompt"),
+    ("/v1/completions", TOO_LONG.encode(), 400, "prompt"),
+    ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}],
+                                         "tool_choice": "required"}).encode(), 400, "tool_choice"),
+    ("/v1/embeddings", b"{}", 404, None),
+    ("/v1/completions", b" " * (llama3.MAX_BODY_BYTES + 1), 413, None),
+]
+
+
+@pytest.mark.parametrize("path, body, status, param", BAD_REQUESTS)
+def test_each_bad_request_gets_openais_error_object_and_status_and_the_server_goes_on(served, path, body, status,
+                                                                                      param):
+    # A client's mistake is answered in OpenAI's error shape with its status, never a traceback or a hang, and the
+    # next request is served as before.
+    server, client = served
+    got, answer = http(server, "POST", path, body)
+    assert got == status and set(answer["error"]) == {"message", "type", "param", "code"}, answer
+    assert answer["error"]["param"] == param and answer["error"]["message"]
+    assert "Traceback" not in server.log.getvalue()
+    if body is TOO_LONG.encode():
+        assert answer["error"]["code"] == "context_length_exceeded"
+    assert client.completions.create(model="tiny", prompt="Hi", max_tokens=1).usage.completion_tokens == 1
+
+
+def test_an_api_key_is_required_of_every_request_when_set(cli_ckpt, tok):
+    # --api-key: a server reachable by others answers only clients that hold the key.
+    openai = require("openai")
+    server = start_server(load_model(cli_ckpt[0], dtype=torch.float32), tok, api_key="sesame")
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        for key in ("wrong", None):
+            status, body = http(server, "GET", "/v1/models", headers={"Authorization": f"Bearer {key}"} if key else {})
+            assert status == 401 and body["error"]["type"] == "authentication_error"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url, api_key="wrong", max_retries=0, timeout=60).models.list()
+        client = openai.OpenAI(base_url=url, api_key="sesame", max_retries=0, timeout=60)
+        assert client.completions.create(model="tiny", prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def slowed_generate(monkeypatch, seconds: float) -> list[int]:
+    """Make every served token take `seconds` longer; returns the list the tokens chosen are added to."""
+    import time
+
+    chosen, original = [], llama3.generate
+
+    def slow(*a, on_token=None, **kw):
+        def tick(row: int, token: int) -> bool:
+            time.sleep(seconds)
+            chosen.append(token)
+            return on_token(row, token)
+
+        return original(*a, on_token=tick, **kw)
+
+    monkeypatch.setattr(llama3, "generate", slow)
+    return chosen
+
+
+def test_concurrent_clients_each_get_their_own_answer_and_models_answers_meanwhile(served, tok, monkeypatch):
+    # Requests that arrive together are answered one at a time, each with its own greedy answer (the shared cache
+    # must not leak one prompt into another's), and the model list answers while a generation runs.
+    from concurrent.futures import ThreadPoolExecutor
+
+    server, client = served
+    prompts = ["Once upon a time", "The capital of France is", "Hello", "Once upon a midnight"]
+    slowed_generate(monkeypatch, 0.01)
+
+    def ask(text: str) -> str:
+        return client.completions.create(model="tiny", prompt=text, temperature=0, max_tokens=8).choices[0].text
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        answers = pool.map(ask, prompts)
+        status, body = http(server, "GET", "/v1/models")
+        assert status == 200 and body["data"][0]["id"] == "tiny"
+        answers = list(answers)
+    monkeypatch.undo()
+    for text, answer in zip(prompts, answers):
+        assert answer == greedy_text(server, tok, tok.encode(text, bos=True, eos=False), 8)[0]
+
+
+def test_a_client_leaving_mid_stream_stops_its_generation_and_the_next_starts_at_once(served, tok, monkeypatch):
+    # A user who closes the tab must not keep the model busy: generation ends at the next token.
+    import socket
+
+    server, client = served
+    chosen = slowed_generate(monkeypatch, 0.05)  # 100 tokens would take 5 s
+    body = json.dumps({"prompt": "Once upon a time", "max_tokens": 100, "stream": True, "temperature": 0})
+    sock = socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=30)
+    sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+    received = b""
+    while b"data: " not in received:  # bounded by the socket's timeout
+        received += sock.recv(4096)
+    sock.close()
+    r = client.completions.create(model="tiny", prompt="Hi", max_tokens=1)
+    assert r.usage.completion_tokens == 1 and len(chosen) < 10  # the first generation's tokens, and this one's
+
+
+@pytest.mark.slow
+def test_serve_command_line_prints_its_address_and_ends_cleanly_on_sigterm(cli_ckpt):
+    # The contract of --serve for scripts that start it: one stderr line with the address it bound (port 0 picks a
+    # free one), --api-key honoured, and SIGTERM ends it with exit 0 and no traceback.
+    import signal
+    import urllib.request
+
+    folder, _ = cli_ckpt
+    assert "127.0.0.1:8000" in run_cli("--help").stdout and "--serve" in run_cli("--help").stdout
+    p = subprocess.Popen([sys.executable, str(HERE / "llama3.py"), "--ckpt", str(folder), "--serve", "127.0.0.1:0",
+                          "--api-key", "k"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                         env=user_env(EMPTY_HOME))
+    try:
+        lines = []
+        for _ in range(20):  # a few lines before the address
+            lines.append(p.stderr.readline())
+            found = re.search(r"http://127\.0\.0\.1:(\d+)/v1", lines[-1])
+            if found:
+                break
+        assert found, lines
+        request = urllib.request.Request(f"{found.group(0)}/models", headers={"Authorization": "Bearer k"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            assert json.loads(r.read())["data"][0]["id"] == folder.name
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=60) == 0
+        assert "Traceback" not in p.stderr.read()
+    finally:
+        p.kill()
+        p.wait(timeout=60)
+
+
+# =============================================================================
 # The file's shape
 # =============================================================================
 
 RULE = "# " + "=" * 77  # the first and last line of a part's banner, in llama3.py and here
 # Each appendix: what a command line needs it for, and the one line that says so when it is gone.
 APPENDIX_FLAGS = {"A": None, "B": (["--max-new-tokens", "2"], {"WORLD_SIZE": "2"}, "torchrun"),
-                  "C": (["--compile"], {}, "--compile"), "D": (["--quantize", "int8"], {}, "--quantize")}
+                  "C": (["--compile"], {}, "--compile"), "D": (["--quantize", "int8"], {}, "--quantize"),
+                  "E": (["--serve", "127.0.0.1:0"], {}, "--serve")}
 
 
 def without_part(source: str, title: str) -> str:
@@ -3755,7 +4184,7 @@ def test_each_appendix_can_be_deleted_and_the_rest_still_generates(tmp_path, cli
 def test_parts_1_and_2_without_any_appendix_pass_their_own_tests(tmp_path):
     # Done when a reader can take parts 1 and 2 alone: with every appendix deleted, from llama3.py and from its
     # tests, the remaining fast tests all pass (the slow ones run the command line, checked per appendix above).
-    copy = copy_without(tmp_path / "copy", "ABCD")
+    copy = copy_without(tmp_path / "copy", "ABCDE")
     assert undefined_names(copy) == ""
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow", "-p", "no:cacheprovider",
                         "test_llama3.py"], cwd=copy, capture_output=True, text=True, check=False, timeout=1200)

@@ -339,6 +339,9 @@ BUILTIN_TOOLS = ("brave_search", "wolfram_alpha", "photogen", "code_interpreter"
 # json: {"type": "function", "name": ..., "parameters": {...}} (3.1, 3.3); function_tag:
 # <function=name>{...}</function> (3.1's alternative); python_list: [f(a=1), g(b="x")] (3.2 1B/3B).
 TOOL_FORMATS = ("json", "function_tag", "python_list")
+# What decode_assistant_message reads as calls by default: every format, as llama-models does. A conversation
+# reads only what it offered (its tool format, and "builtin": brave_search.call(query=...) and <|python_tag|> code).
+ALL_CALL_FORMATS = (*TOOL_FORMATS, "builtin")
 
 
 def python_literal(value) -> str:
@@ -366,8 +369,8 @@ def encode_tool_calls(calls: list[dict], tool_format: str) -> str:
         name, args = call["name"], call.get("arguments", {})
         if name == "code_interpreter":
             text += args["code"]
-        elif name in BUILTIN_TOOLS:
-            text += f'{name}.call(query="{args["query"]}")'
+        elif name in BUILTIN_TOOLS:  # llama-models writes query="{query}" unescaped: a quote in it breaks the call
+            text += f"{name}.call(query={json.dumps(args['query'], ensure_ascii=False)})"
         elif tool_format == "python_list":
             custom.append(f"{name}({', '.join(f'{k}={python_literal(v)}' for k, v in args.items())})")
         elif tool_format == "json":
@@ -398,11 +401,12 @@ def parse_python_list(text: str) -> list[dict] | None:
         return None
 
 
-def parse_tool_calls(text: str, python_tag: bool) -> list[dict]:
-    """The tool calls in an assistant message's text, in llama-models' order of tries; [] for none."""
+def parse_tool_calls(text: str, python_tag: bool, formats: Collection[str] = ALL_CALL_FORMATS) -> list[dict]:
+    """The tool calls in an assistant message's text, in llama-models' order of tries; [] for none.
+    formats: the ways of calling to read (ALL_CALL_FORMATS' names); text in any other shape is an answer."""
     calls = []
     decoder = json.JSONDecoder()
-    for m in re.finditer(r"<function=([^>]+)>", text):
+    for m in re.finditer(r"<function=([^>]+)>", text) if "function_tag" in formats else ():
         # llama-models matches the arguments with {.*?}, which ends at the first "}" (nested
         # arguments fail), and swaps ' for " first (an apostrophe in a value breaks it);
         # reading one JSON value from the "{" has neither problem.
@@ -412,7 +416,7 @@ def parse_tool_calls(text: str, python_tag: bool) -> list[dict]:
             continue
         if isinstance(args, dict):
             calls.append({"name": m.group(1), "arguments": args})
-    if not calls:
+    if not calls and "json" in formats:
         try:
             body = json.loads(text)
         except ValueError:
@@ -420,16 +424,24 @@ def parse_tool_calls(text: str, python_tag: bool) -> list[dict]:
         # llama-models also takes {"type": "function"} without a name, and fails on it.
         if isinstance(body, dict) and isinstance(body.get("name"), str):
             calls = [{"name": body["name"], "arguments": body.get("parameters", {})}]
-    calls = calls or parse_python_list(text) or []
+    calls = calls or ("python_list" in formats and parse_python_list(text)) or []
     for call in calls:  # a built-in tool written as a custom call: its first value is the query (or code)
         if call["name"] in BUILTIN_TOOLS:
             key = "code" if call["name"] == "code_interpreter" else "query"
             call["arguments"] = {key: next(iter(call["arguments"].values()), "")}
-    if calls:
+    if calls or "builtin" not in formats:
         return calls
-    m = re.search(r'\b(\w+)\.call\(query="([^"]*)"\)', text)
-    if m:
-        return [{"name": m.group(1), "arguments": {"query": m.group(2)}}]
+    m = re.search(r"\b(\w+)\.call\(query=", text)
+    if m:  # the query as encode_tool_calls writes it (a JSON string), else as llama-models does ("..." unescaped)
+        try:
+            query, end = decoder.raw_decode(text, m.end())
+        except ValueError:
+            query = None
+        if isinstance(query, str) and text.startswith(")", end):
+            return [{"name": m.group(1), "arguments": {"query": query}}]
+        m = re.search(r'\b(\w+)\.call\(query="([^"]*)"\)', text)
+        if m:
+            return [{"name": m.group(1), "arguments": {"query": m.group(2)}}]
     return [{"name": "code_interpreter", "arguments": {"code": text}}] if python_tag else []
 
 
@@ -520,7 +532,8 @@ class ChatFormat:
         ids = self.encode_header(message)
         if calls and calls[0]["name"] == "code_interpreter":
             ids.append(tok.special_tokens["<|python_tag|>"])
-        ids += tok.encode(message.get("content", "").strip(), bos=False, eos=False)
+        # OpenAI's shape for an assistant message that only calls tools has content None.
+        ids += tok.encode((message.get("content") or "").strip(), bos=False, eos=False)
         if calls:
             ids += tok.encode(encode_tool_calls(calls, tool_format), bos=False, eos=False)
         return ids + [tok.eom_id if message.get("stop") == "eom" else tok.eot_id]
@@ -532,17 +545,18 @@ class ChatFormat:
             ids += self.encode_message(message, tool_format)
         return ids + self.encode_header({"role": "assistant", "content": ""})
 
-    def decode_assistant_message(self, tokens: list[int]) -> dict:
+    def decode_assistant_message(self, tokens: list[int], formats: Collection[str] = ALL_CALL_FORMATS) -> dict:
         """An answer's tokens -> {"role": "assistant", "content", "tool_calls", "stop"}.
 
         stop is "eom" or "eot" by the last token, None when generation ended without
         either. With tool calls, content is "" (as llama-models does: text around a call is
-        the call's wrapping, not an answer).
+        the call's wrapping, not an answer). formats: the ways of calling that were offered
+        (parse_tool_calls); () reads no calls, as in a conversation that offered no tools.
         """
         tok, stop = self.tokenizer, None
         if tokens and tokens[-1] in (tok.eom_id, tok.eot_id):
             stop, tokens = ("eom" if tokens[-1] == tok.eom_id else "eot"), tokens[:-1]
         python_tag = bool(tokens) and tokens[0] == tok.special_tokens["<|python_tag|>"]
         text = tok.decode(tokens[python_tag:]).strip(" ")
-        calls = parse_tool_calls(text, python_tag)
+        calls = parse_tool_calls(text, python_tag, formats) if formats else []
         return {"role": "assistant", "content": "" if calls else text, "tool_calls": calls, "stop": stop}
