@@ -563,6 +563,18 @@ def test_feed_forward_width_follows_meta_rounding(dim, multiplier, multiple_of, 
     assert args.ffn_hidden_dim == width
 
 
+@pytest.mark.parametrize("dim, n_heads, n_kv_heads, message", [
+    (100, 8, 8, "dim=100 is not divisible by n_heads=8"),
+    (96, 8, 3, "n_heads=8 is not divisible by n_kv_heads=3"),
+    (72, 8, 8, "head_dim=9 must be even"),
+])
+def test_model_args_refuse_shapes_the_model_cannot_compute(dim, n_heads, n_kv_heads, message):
+    # Built anyway, such a model fails later inside a reshape or RoPE's channel pairs with a message about
+    # tensors, or groups its query heads wrongly; refused where the numbers are stated, it names them.
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ModelArgs(dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads)
+
+
 # -----------------------------------------------------------------------------
 # RMSNorm
 # -----------------------------------------------------------------------------
@@ -713,6 +725,14 @@ def test_cache_takes_the_weights_dtype_and_the_requested_size():
     assert cache[0].k.dtype == torch.bfloat16
 
 
+def test_a_cache_is_never_longer_than_the_models_context():
+    # The chat asks for 8,192 positions up front whatever the model: one capped lower (a small model, or
+    # --max-seq-len) must not get memory for positions it can never address.
+    model = random_model(tiny_args(max_seq_len=64))
+    assert model.new_cache(1, 8192)[0].k.shape == (1, 2, 64, 16)  # (B, n_kv_heads, S, head_dim)
+    assert model.new_cache(2)[0].k.shape == (2, 2, 64, 16)  # no size given: the whole context
+
+
 @pytest.mark.parametrize("use_sdpa", [False, True])
 @pytest.mark.parametrize("prompt_len", [1, 2, 9])
 def test_cached_decode_matches_full_recompute(use_sdpa, prompt_len):
@@ -753,9 +773,15 @@ def test_cached_decode_after_a_chunked_prefill_matches_full_recompute(attention)
 # Feed-forward (SwiGLU)
 # -----------------------------------------------------------------------------
 
+# Tested through the whole model: the golden logits fail if w1 and w3 swap roles or the activation
+# changes (planted and seen); the width rule is ModelArgs', under Configuration.
+
 # -----------------------------------------------------------------------------
 # Transformer block
 # -----------------------------------------------------------------------------
+
+# Tested through the whole model: the golden logits fail if a sub-layer reads the wrong input or
+# skips its norm (planted and seen).
 
 # -----------------------------------------------------------------------------
 # The model
@@ -820,6 +846,14 @@ def test_positions_past_max_seq_len_are_an_error():
     model = random_model(tiny_args(max_seq_len=8))
     with pytest.raises(ValueError, match="max_seq_len=8"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_a_forward_at_a_later_position_needs_the_cache_of_the_earlier_ones():
+    # Without the cache, the tokens at start_pos.. would attend to nothing before them and give quietly
+    # wrong logits: a copy-user's decode loop that forgot to pass its cache must be told.
+    model = random_model(tiny_args())
+    with pytest.raises(ValueError, match="start_pos=5 needs the cache that holds the earlier positions"):
+        model(torch.zeros(1, 1, dtype=torch.long), 5)
 
 
 @pytest.mark.parametrize("loaded", [False, True])
@@ -937,6 +971,25 @@ def test_rope_factor_for_params_json_comes_from_release_shapes(dim, n_layers, fa
     assert args.max_seq_len == 131072
 
 
+def test_params_json_without_a_context_length_gets_its_releases():
+    # Meta's params.json states no context length. Llama 3.0 (no use_scaled_rope) was trained on 8,192
+    # positions, 3.1 and later reach 131,072 (Meta's model cards): a 3.0 model allowed 128K positions would
+    # go on far past what it learned, without a word.
+    shape = {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256}
+    assert llama3.args_from_params(dict(shape)).max_seq_len == 8192
+    assert llama3.args_from_params({**shape, "use_scaled_rope": True}).max_seq_len == 131072
+
+
+def test_params_json_takes_llama_models_defaults_for_the_keys_it_may_leave_out():
+    # Meta's files are written for llama-models' ModelArgs, whose defaults fill what a params.json leaves
+    # out: read here with other defaults (norm_eps, rope_theta), the same file would be another model.
+    meta_args = require("llama_models.llama3.args").ModelArgs
+    shape = {"dim": 256, "n_layers": 2, "n_heads": 4, "vocab_size": 128256}
+    ours, theirs = llama3.args_from_params(dict(shape)), meta_args(**shape)
+    fields = ("norm_eps", "rope_theta", "n_kv_heads", "use_scaled_rope")
+    assert [getattr(ours, f) for f in fields] == [getattr(theirs, f) for f in fields]
+
+
 def test_hf_config_rope_formats_agree():
     # The hub's 3.x repos write rope_scaling + rope_theta; transformers 5 writes rope_parameters.
     common = {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
@@ -966,6 +1019,19 @@ def test_hf_config_notes_the_keys_it_ignores(capsys):
               "hidden_act": "silu", "transformers_version": "4.45", "sliding_window": 4096}
     llama3.args_from_hf_config(config)
     assert capsys.readouterr().err == "llama3.py: config.json: ignoring keys not used by llama3.py: sliding_window\n"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_type": "mistral"}, "model_type is 'mistral', expected 'llama'"),
+    ({"head_dim": 128}, "head_dim=128 differs from hidden_size // num_attention_heads"),
+])
+def test_hf_config_of_another_architecture_is_refused(change, message):
+    # Mistral's checkpoints use Llama's tensor names, and a head_dim other than hidden_size // heads (as in
+    # newer models) changes q, k and v's shapes: read as Llama 3 they would fail obscurely or give garbage.
+    config = {"hidden_size": 3072, "num_hidden_layers": 2, "num_attention_heads": 32, "num_key_value_heads": 8,
+              "vocab_size": 256, **change}
+    with pytest.raises(llama3.CheckpointError, match=re.escape(f"config.json: {message}")):
+        llama3.args_from_hf_config(config)
 
 
 @pytest.mark.parametrize("n_shards", [1, 2, 8])
@@ -1048,6 +1114,36 @@ def test_hf_checkpoint_with_a_saved_rope_table_loads(tmp_path):
         torch.testing.assert_close(load_model(tmp_path)(tokens), ref(tokens).logits.float(), atol=1e-4, rtol=1e-4)
 
 
+def test_hf_checkpoint_with_another_rope_theta_matches_transformers(tmp_path):
+    # Long-context Llama 3 fine-tunes keep model_type llama and change rope_theta; transformers 5 writes it
+    # inside rope_parameters. Read from there, the logits are transformers' (float32 on both sides: 1e-4,
+    # as the other Hugging Face comparisons here); read from the top level only, theta would stay 500,000.
+    args = tiny_args(dim=128, n_heads=4, n_kv_heads=2, rope_theta=10000.0)
+    ref = hf_model(args, seed=3)
+    ref.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["rope_parameters"]["rope_theta"] == 10000.0
+    ours = load_model(tmp_path)
+    assert ours.args.rope_theta == 10000.0
+    tokens = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), ref(tokens).logits.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_rope_scaling_factor_override_reaches_a_hugging_face_checkpoint(tmp_path):
+    # --rope-scaling-factor acts on both layouts: a Hugging Face folder saved with factor 8 and loaded with
+    # 32 computes what transformers computes for the same weights at factor 32, on positions past the
+    # original context where the factor matters (float32 on both sides: 1e-4).
+    args = tiny_args(dim=128, n_heads=4, n_kv_heads=2, rope_scaling_factor=8.0)
+    hf_model(args, seed=6).save_pretrained(tmp_path)
+    ref = hf_model(tiny_args(dim=128, n_heads=4, n_kv_heads=2, rope_scaling_factor=32.0), seed=6)
+    ours = load_model(tmp_path, rope_scaling_factor=32.0)
+    assert ours.args.rope_scaling_factor == 32.0
+    assert torch.equal(ours.tok_embeddings.weight, ref.model.embed_tokens.weight)  # the same weights
+    tokens = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), ref(tokens).logits.float(), atol=1e-4, rtol=1e-4)
+
+
 def test_load_model_casts_to_dtype():
     # dtype must reach every parameter, or products mix dtypes and memory is not what was asked for.
     model = load_model(GOLDEN, dtype=torch.bfloat16)
@@ -1088,6 +1184,17 @@ def test_rope_scaling_factor_can_be_overridden(tmp_path):
     assert short.args.max_seq_len == 20
     with pytest.raises(ValueError, match="positions up to 21 exceed max_seq_len=20"):
         short(torch.zeros(1, 21, dtype=torch.long))
+
+
+def test_max_seq_len_can_be_capped_anywhere_up_to_the_checkpoints_context(tmp_path):
+    # max_seq_len caps memory and positions: the checkpoint's own context is the no-op cap a script may
+    # pass, and one position past it must be refused (RoPE was never trained there).
+    save_meta_shards(random_model(tiny_args(max_seq_len=64)), tmp_path, 1)
+    assert load_model(tmp_path, max_seq_len=64).args.max_seq_len == 64
+    assert load_model(tmp_path, max_seq_len=1).args.max_seq_len == 1
+    for bad in (0, 65):
+        with pytest.raises(ValueError, match=f"max_seq_len {bad} is outside the 1..64 positions"):
+            load_model(tmp_path, max_seq_len=bad)
 
 
 @pytest.mark.slow
@@ -1274,6 +1381,71 @@ def test_discovery_tells_llama3_from_models_that_share_its_vocabulary(tmp_path, 
     assert sorted(llama3.downloaded_models()) == sorted(want)
 
 
+@pytest.mark.parametrize("settings", [{}, {"HF_HOME": "hf-home"}, {"HF_HUB_CACHE": "hub-cache"},
+                                      {"HF_HOME": "hf-home", "HF_HUB_CACHE": "hub-cache"}])
+def test_the_hub_cache_is_where_huggingface_hub_puts_it(tmp_path, monkeypatch, settings):
+    # Models are found where `hf download` put them: huggingface_hub itself says where that is for each
+    # setting of HF_HOME and HF_HUB_CACHE (HF_HUB_CACHE wins when both are set).
+    require("huggingface_hub")
+    env = {k: v for k, v in user_env(tmp_path / "home").items() if k != "XDG_CACHE_HOME"}
+    env.update({k: str(tmp_path / v) for k, v in settings.items()})
+    code = "from huggingface_hub import constants; print(constants.HF_HUB_CACHE)"
+    r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    for key in [k for k in os.environ if k.startswith(("HF_", "HUGGINGFACE_")) or k == "XDG_CACHE_HOME"]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        if key.startswith("HF_") or key == "HOME":
+            monkeypatch.setenv(key, value)
+    assert llama3.hf_hub_cache() == Path(r.stdout.strip())
+
+
+def test_several_models_are_listed_in_name_order(tmp_path, monkeypatch):
+    # "several models found: A, B" must read the same on every machine: a folder's entries come in the
+    # filesystem's order (hash order on ext4), not by name.
+    home = tmp_path / "home"
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 128256}))
+    names = [f"org-{i}/Llama-3-{c}" for i, c in enumerate("qwertyuiop")]
+    for name in names:
+        hub_cache_repo(home / ".cache" / "huggingface" / "hub", name, {"config.json": tmp_path / "config.json"})
+    for key in [k for k in os.environ if k.startswith(("HF_", "HUGGINGFACE_", "LLAMA_STACK_"))]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("HOME", str(home))
+    assert [name for name, _ in llama3.downloaded_models()] == sorted(names)
+    listed = ", ".join(sorted(names))
+    with pytest.raises(llama3.CheckpointNotFoundError, match=re.escape(f"several models found: {listed};")):
+        llama3.resolve_checkpoint(None)
+
+
+def test_a_cached_repo_without_its_config_is_fetched_again(tmp_path, monkeypatch):
+    # An interrupted `hf download` can leave a snapshot without config.json: naming the repo must fetch it
+    # again (offline: say how), not hand load_model a folder it cannot read; nor is it listed as a model.
+    (tmp_path / "tokenizer.json").write_text("{}")
+    hub_cache_repo(tmp_path / "hub", "org/Model", {"tokenizer.json": tmp_path / "tokenizer.json"})
+    for key in [k for k in os.environ if k.startswith(("HF_", "HUGGINGFACE_", "LLAMA_STACK_"))]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    fetched = []
+    monkeypatch.setattr(llama3, "download_hf", lambda repo_id: fetched.append(repo_id) or tmp_path / "fetched")
+    assert llama3.resolve_checkpoint("org/Model") == tmp_path / "fetched" and fetched == ["org/Model"]
+    assert llama3.downloaded_models() == []
+
+
+def test_an_unknown_model_name_says_what_names_are_taken(tmp_path, monkeypatch):
+    # A name that is no folder, no repo id and no downloaded Meta model must be refused as such, listing
+    # the kinds of names taken and where Meta's models are looked for, before anything is opened.
+    for key in [k for k in os.environ if k.startswith(("HF_", "HUGGINGFACE_", "LLAMA_STACK_"))]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    where = tmp_path / "home" / ".llama" / "checkpoints"
+    with pytest.raises(llama3.CheckpointNotFoundError, match=re.escape(
+            f"Llama3.9-1B: no such folder, Hugging Face repo id (owner/name) or model in {where}")):
+        llama3.resolve_checkpoint("Llama3.9-1B")
+
+
 def test_load_model_takes_a_repo_id_from_the_cache(tmp_path, downloads, monkeypatch, cli_ckpt):
     # A library user names a downloaded model as on the command line: by its Hugging Face repo id.
     home = make_home(tmp_path, downloads, hf=True, meta=False)
@@ -1382,6 +1554,25 @@ def test_top_k_samples_only_the_k_most_likely():
     assert set(drawn.tolist()) == {1, 3}
 
 
+def test_top_p_draws_token_ids_not_places_in_the_sorted_order():
+    # The nucleus is found by sorting; what is drawn must be mapped back to token ids. Tokens 2 and 3 hold
+    # 0.5 + 0.3 (crossing p = 0.7), so only they may appear, token 2 with 0.5 / 0.8 of the draws: 2,000
+    # draws put that share within 0.05 (4.6 standard deviations; seeded, so the same every run).
+    probs = torch.tensor([[0.05, 0.15, 0.5, 0.3]])
+    drawn = llama3.sample(probs.log().repeat(2000, 1), temperature=1.0, top_p=0.7,
+                          generator=torch.Generator().manual_seed(0))
+    assert set(drawn.tolist()) == {2, 3}
+    assert abs((drawn == 2).float().mean().item() - 0.5 / 0.8) < 0.05
+
+
+def test_top_k_above_the_vocabulary_is_no_limit():
+    # --top-k 200000 on a 128,256-token model asks for no limit; it must sample as without top-k, not fail.
+    logits = torch.log(torch.tensor([[0.1, 0.4, 0.05, 0.3, 0.15]])).repeat(3000, 1)
+    drawn = llama3.sample(logits, temperature=1.0, top_p=1.0, top_k=10, generator=torch.Generator().manual_seed(0))
+    free = llama3.sample(logits, temperature=1.0, top_p=1.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(drawn, free) and set(drawn.tolist()) == {0, 1, 2, 3, 4}
+
+
 @pytest.mark.slow
 def test_temperature_flattens_the_distribution():
     # Sampling draws from softmax(logits / T): frequencies must match it for T below and above 1.
@@ -1420,6 +1611,26 @@ def test_repetition_penalty_matches_transformers():
                                              repetition_penalty=1.5)
 
 
+def test_repetition_penalty_spares_tokens_not_yet_seen():
+    # Only tokens already in the row are penalised (transformers' rule): not token 0, the filler of the
+    # buffer generate writes into. Here token 0 is the greedy choice and absent from the prompt, so under a
+    # penalty of 100 (which would push any positive logit below the runner-up's) it must still be chosen.
+    model = random_model(tiny_args(), seed=7)
+    prompt = [5, 17, 42, 9]
+    with torch.no_grad():
+        top = int(model(torch.tensor([prompt]))[0, -1].argmax())
+        w = model.output.weight
+        w[[0, top]] = w[[top, 0]]  # token 0 takes the top token's row: the same logit, now for token 0
+    assert top != 0 and 0 not in prompt
+    ours = llama3.generate(model, [prompt], 1, temperature=0, stop_tokens=[], repetition_penalty=100.0)
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        theirs = hf_from_meta(model).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1,
+                                              do_sample=False, repetition_penalty=100.0, eos_token_id=None,
+                                              pad_token_id=1)
+    assert ours == [theirs[0, len(prompt):].tolist()] == [[0]]
+
+
 # -----------------------------------------------------------------------------
 # Generation
 # -----------------------------------------------------------------------------
@@ -1450,6 +1661,56 @@ def test_prompt_ids_are_checked_against_the_vocabulary_at_both_ends():
     for bad in (model.args.vocab_size, -1):
         with pytest.raises(ValueError, match=rf"token id {bad} is outside the model's vocabulary \(0\.\.{last}\)"):
             llama3.generate(model, [[1, bad]], 1, temperature=0, stop_tokens=[])
+
+
+def test_an_empty_prompt_is_refused_by_name():
+    # Generation starts from the prompt's last token: with none, there is nothing to continue (a chat or
+    # script must start with <|begin_of_text|>), and the failure must say so rather than come from inside.
+    model = random_model(tiny_args())
+    for prompts in ([[]], [[1, 2], []]):
+        with pytest.raises(ValueError, match="every prompt needs at least one token"):
+            llama3.generate(model, prompts, 2, temperature=0)
+
+
+def test_a_stop_token_inside_a_longer_prompt_does_not_end_its_row():
+    # In a batch, rows decode from the shortest prompt's length while longer rows still feed their own
+    # tokens: a stop token there (an earlier chat turn's <|eot_id|>) is prompt, not an answer's end.
+    model = random_model(tiny_args())
+    prompts, stop = [[5, 9, 2], [7, 7, 7, 7, 3, 7, 7]], [3]
+    alone = llama3.generate(model, prompts[1:], 6, temperature=0, stop_tokens=stop)[0]
+    seen = {0: [], 1: []}
+    out = llama3.generate(model, prompts, 6, temperature=0, stop_tokens=stop,
+                          on_token=lambda row, t: seen[row].append(t))
+    assert len(alone) > 0 and out[1] == alone and seen[1] == alone
+
+
+def test_a_reused_cache_must_hold_the_request():
+    # The chat passes its cache and how much of the prompt it holds: a cache holding the whole prompt has
+    # nothing left to feed, and one too short has no room for the answer. Both are refused by name; the
+    # largest valid reuse continues exactly as a fresh run.
+    model = random_model(tiny_args())
+    prompt = [5, 9, 2, 7, 7]
+    fresh = llama3.generate(model, [prompt], 4, temperature=0, stop_tokens=[])
+    cache = model.new_cache(1, len(prompt) + 4)
+    with torch.no_grad():
+        model(torch.tensor([prompt[:-1]]), 0, cache)
+    for cached_len, size in ((len(prompt), 9), (len(prompt) - 1, 8)):
+        with pytest.raises(ValueError, match="^cache: a reused cache needs"):
+            llama3.generate(model, [prompt], 4, temperature=0, stop_tokens=[], cache=model.new_cache(1, size),
+                            cached_len=cached_len)
+    reused = llama3.generate(model, [prompt], 4, temperature=0, stop_tokens=[], cache=cache,
+                             cached_len=len(prompt) - 1)
+    assert reused == fresh
+
+
+def test_the_prompt_is_fed_in_chunks_of_prefill_chunk_positions():
+    # prefill_chunk bounds a long prompt's memory (its (chunk, S) scores and activations): a 10-token
+    # prompt with prefill_chunk=4 runs as chunks of 4, 4 and 2, then one position per new token.
+    model = random_model(tiny_args())
+    fed = []
+    model.register_forward_pre_hook(lambda _m, args: fed.append(args[0].shape[1]))
+    llama3.generate(model, [list(range(1, 11))], 3, temperature=0, stop_tokens=[], prefill_chunk=4)
+    assert fed == [4, 4, 2, 1, 1]
 
 
 def test_seed_makes_sampling_repeatable():
@@ -1835,6 +2096,22 @@ def test_perplexity_window_defaults_to_the_command_lines_not_the_whole_context()
     assert default != llama3.perplexity(model, tokens, window=4096)  # the whole context scores otherwise
     short = random_model(tiny_args(max_seq_len=64))
     assert llama3.perplexity(short, tokens[:200]) == llama3.perplexity(short, tokens[:200], window=64, stride=32)
+
+
+def test_perplexity_of_a_short_model_defaults_to_its_whole_context_every_half_window():
+    # Without window and stride, a model of fewer than 2,048 positions is read in windows of max_seq_len tokens
+    # every max_seq_len // 2 (the documented default, which --perplexity reports): transformers' method with those
+    # numbers, to 1e-5 as above. 150 tokens on a 64-position model: three windows, so both numbers matter.
+    args = tiny_args(max_seq_len=64)
+    ref = hf_model(args, seed=4)
+    with torch.no_grad():
+        ref.model.embed_tokens.weight.mul_(0.05)  # a model less sure of itself: losses near log(256)
+    model = llama3.Transformer(args).eval()
+    model.load_state_dict(load_state_from_hf(ref, args))
+    tokens = torch.randint(0, 256, (150,), generator=torch.Generator().manual_seed(5)).tolist()
+    nll, ppl = llama3.perplexity(model, tokens)
+    want = transformers_nll(ref, tokens, 64, 32)
+    assert nll == pytest.approx(want, rel=1e-5) and ppl == pytest.approx(math.exp(want), rel=1e-5)
 
 
 def test_perplexity_refuses_what_it_cannot_score():
@@ -2758,6 +3035,17 @@ def test_several_python_list_calls_are_all_kept(tok, meta_tok, meta_chat):
     assert ours["tool_calls"] == [call("get_weather", city="San Francisco", metric="celsius"),
                                   call("get_weather", city="Seattle", metric="celsius")]
     assert meta_decoded(meta_chat, meta_tok, tokens)["tool_calls"] == ours["tool_calls"][:1]
+
+
+@pytest.mark.parametrize("text", ["Here is a list:\n- one\n- two\n", "\nHello.\n\n", "  spaced  \n"])
+def test_an_answers_leading_and_trailing_newlines_are_kept_as_llama_models_keeps_them(tok, meta_tok, meta_chat, text):
+    # A program reading Chat's replies gets each answer as llama-models parses it: only spaces are stripped
+    # (its strip(" ")); the newlines that end a list or a block of code are the model's text.
+    from tokenizer import ChatFormat
+
+    tokens = tok.encode(text + "<|eot_id|>", bos=False, eos=False, allowed_special="all")
+    ours = ChatFormat(tok).decode_assistant_message(tokens)
+    assert ours == meta_decoded(meta_chat, meta_tok, tokens) and ours["content"] == text.strip(" ")
 
 
 @pytest.mark.parametrize("text, calls", [

@@ -4,6 +4,7 @@
     python benchmarks/bench.py --long 1024,4096,16384 [--rounds 1]    (long prompts)
     python benchmarks/bench.py --quantize [--dtypes bf16]              (bf16, int8, int4: ours only)
     python benchmarks/bench.py --dtype-vs-fp32 --isa all              (bf16 against fp32, ours, per level)
+    python benchmarks/bench.py --speculative [--rounds 3]             (speculative decoding against plain)
 
 Creates once, in a temporary folder (or --ckpt-dir, kept for the next run), a
 random bf16 checkpoint in Llama 3.2 1B shape in the Hugging Face layout
@@ -22,6 +23,14 @@ prints per side the time to the first token (load + prefill) and the peak RSS
 above the weights, with the ratios ours / transformers.
 With --quantize, the sides are ours with bf16, int8 and int4 weights (appendix D),
 and the ratios are to the unquantized side.
+With --speculative (ours only, bf16 and int4, in one process, sides alternating):
+(a) a copy of the checkpoint whose blocks' weights are scaled down 10x, so that with
+tied embeddings the model repeats its last token: prompt lookup's drafts all hold,
+the upper bound of speculation at the real shapes and bytes; (b) a 1-layer draft
+model of the same width, the cost of drafting (its random drafts are rejected);
+(c) the model as its own draft (all accepted, each draft a full forward); and the
+cost of one forward over 1 to 8 new positions, from which the speedup at other
+acceptance rates is computed.
 With --dtype-vs-fp32, the sides are ours in each of --dtypes against ours in fp32,
 with the ratios bf16 / fp32 of prefill time and decode speed.
 --isa caps torch's kernels in the sides' processes as a CPU of that level would run
@@ -226,6 +235,8 @@ def main() -> None:
     p.add_argument("--long", default=None, help="long-prompt mode: prompt lengths, e.g. 1024,4096,16384")
     p.add_argument("--quantize", action="store_true", help="ours with bf16, int8 and int4 weights")
     p.add_argument("--dtype-vs-fp32", action="store_true", help="ours in each dtype against ours in fp32")
+    p.add_argument("--speculative", action="store_true", help="speculative decoding against plain decoding")
+    p.add_argument("--speculate-k", type=int, default=5)
     p.add_argument("--isa", default="none", choices=[*ISA_CAPS, "all"], help="cap torch's kernels at this level")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     opts = p.parse_args()
@@ -252,6 +263,8 @@ def main() -> None:
         sides = ["ours", "ours-int8", "ours-int4"]
     baseline = "ours" if opts.quantize else "transformers"
     import torch
+    if opts.speculative:
+        return speculative(opts)
     if opts.dtype_vs_fp32:
         for isa in (isa_runs() if opts.isa == "all" else [opts.isa]):
             dtype_vs_fp32(argparse.Namespace(**{**vars(opts), "isa": isa}))
@@ -314,6 +327,91 @@ def main() -> None:
                           f" rounds {', '.join(f'{x:.2f}' for x in ratios)})")
     if tmp:
         tmp.cleanup()
+
+
+def repeating_checkpoint(folder: Path, source: Path) -> None:
+    """source's checkpoint with every block weight (norms aside) times 0.1: with the embedding tied to the output,
+    the last token's own row then wins, and the model repeats it (prompt lookup's drafts all hold)."""
+    from safetensors.torch import load_file, save_file
+
+    if (folder / "model.safetensors").exists():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    state = load_file(source / "model.safetensors")
+    for name, t in state.items():
+        if ".layers." in name and "layernorm" not in name:
+            state[name] = (t.float() * 0.1).to(t.dtype)
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_text((source / "config.json").read_text())
+
+
+def speculative_speeds(llama3, model, prompt: list[int], opts, label: str, title: str, sides: dict) -> None:
+    """Greedy decode tok/s of each side's generate arguments, alternating; ratios to "plain", drafts kept."""
+    speeds = {name: [] for name in sides}
+    outs = {}
+    counts = {}
+    for r in range(opts.rounds):
+        for name in sides if r % 2 == 0 else list(sides)[::-1]:
+            stamps = []
+            counts[name] = llama3.Speculation()
+            outs[name] = llama3.generate(model, [prompt], opts.new_tokens, temperature=0, stop_tokens=[],
+                                         speculation=counts[name], **sides[name],
+                                         on_token=lambda _r, _t, stamps=stamps: stamps.append(time.perf_counter()))
+            speeds[name].append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    parts = []
+    for name in sides:
+        ratio = statistics.median(a / b for a, b in zip(speeds[name], speeds["plain"]))
+        kept = f", {counts[name].accepted}/{counts[name].drafted} drafts kept" if counts[name].drafted else ""
+        same = "" if outs[name] == outs["plain"] else ", OUTPUT DIFFERS"
+        extra = f" ({ratio:.2f}x{kept}{same})" if name != "plain" else ""
+        parts.append(f"{name} {statistics.median(speeds[name]):.2f}{extra}")
+    print(f"{label}, {title}: " + "; ".join(parts), flush=True)
+
+
+def speculative(opts) -> None:
+    """Plain decoding against speculative decoding in one process; see the module's docstring."""
+    import dataclasses
+
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    import llama3
+
+    torch.set_num_threads(opts.threads)
+    k = opts.speculate_k
+    repeat = opts.ckpt_dir.parent / (opts.ckpt_dir.name + "-repeating")
+    repeating_checkpoint(repeat, opts.ckpt_dir)
+    prompt = torch.randint(0, 128000, (opts.prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
+    print(f"# {os.cpu_count()} threads; torch {torch.__version__}; level {llama3.cpu_level()}; prompt "
+          f"{opts.prompt_len} tokens, {opts.new_tokens} greedy new tokens, k = {k}; decode tok/s, medians of "
+          f"{opts.rounds}")
+    for quantize in (None, "int4"):
+        label = quantize or "bf16"
+        model = llama3.load_model(repeat, dtype=torch.bfloat16, quantize=quantize)
+        speculative_speeds(llama3, model, prompt, opts, label, "(a) repeating model, every lookup draft holds",
+                           {"plain": {}, f"prompt lookup {k}": {"prompt_lookup": k}})
+        del model
+        model = llama3.load_model(opts.ckpt_dir, dtype=torch.bfloat16, quantize=quantize)
+        one_layer = dataclasses.replace(model.args, n_layers=1)
+        draft = llama3.Transformer(one_layer).to(torch.bfloat16).eval()  # random: its drafts are rejected
+        speculative_speeds(llama3, model, prompt, opts, label, "(b) a 1-layer draft, (c) the model as its own draft",
+                           {"plain": {}, "1-layer draft": {"draft": draft, "speculate_k": k},
+                            "itself": {"draft": model, "speculate_k": k}})
+        with torch.inference_mode():  # one forward over T new positions after the prompt's, against T = 1
+            cache = model.new_cache(1, opts.prompt_len + 16)
+            model(torch.tensor([prompt]), 0, cache, last_only=True)
+            times = {}
+            for T in (1, 2, 4, 6, 8):
+                ids = torch.tensor([prompt[:T]])
+                runs = []
+                for _ in range(5):
+                    t0 = time.perf_counter()
+                    model(ids, opts.prompt_len, cache)
+                    runs.append(time.perf_counter() - t0)
+                times[T] = statistics.median(runs)
+        print(f"{label}, one forward over T new positions: " + ", ".join(
+            f"T={T} {t * 1e3:.0f} ms ({t / times[1]:.2f}x)" for T, t in times.items()), flush=True)
+        del model, draft
 
 
 def level_under(isa: str) -> str:
