@@ -983,9 +983,11 @@ def test_params_json_without_a_context_length_gets_its_releases():
 def test_params_json_takes_llama_models_defaults_for_the_keys_it_may_leave_out():
     # Meta's files are written for llama-models' ModelArgs, whose defaults fill what a params.json leaves
     # out: read here with other defaults (norm_eps, rope_theta), the same file would be another model.
-    meta_args = require("llama_models.llama3.args").ModelArgs
+    require("llama_models")
+    from llama_models.llama3.args import ModelArgs as MetaArgs
+
     shape = {"dim": 256, "n_layers": 2, "n_heads": 4, "vocab_size": 128256}
-    ours, theirs = llama3.args_from_params(dict(shape)), meta_args(**shape)
+    ours, theirs = llama3.args_from_params(dict(shape)), MetaArgs(**shape)
     fields = ("norm_eps", "rope_theta", "n_kv_heads", "use_scaled_rope")
     assert [getattr(ours, f) for f in fields] == [getattr(theirs, f) for f in fields]
 
