@@ -954,8 +954,10 @@ HF_DOWNLOAD_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index
 
 
 def hf_hub_cache() -> Path:
-    return Path(os.environ.get("HF_HUB_CACHE")
-                or Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "hub")
+    """Where huggingface_hub keeps downloads: $HF_HUB_CACHE, else $HF_HOME/hub, else $XDG_CACHE_HOME/huggingface/hub
+    (XDG_CACHE_HOME defaults to ~/.cache)."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME") or cache / "huggingface") / "hub")
 
 
 def meta_checkpoints() -> Path:
@@ -1663,25 +1665,138 @@ class ContextFullError(ValueError):
     """The conversation no longer fits the model's context (max_seq_len)."""
 
 
+# A tool's parameters are offered to the model as JSON schema types; tool_prompt writes them by Python's names.
+PYTHON_TYPE_NAMES = {"string": "str", "integer": "int", "number": "float", "boolean": "bool", "array": "list",
+                     "object": "dict"}
+
+
+def json_schema(hint: object) -> dict:
+    """The JSON schema of a parameter's type hint: str, int, float, bool, list[...], dict, Literal[...], X | None
+    (Optional), or Any/no hint (a string). ValueError for a hint a JSON value cannot be."""
+    import inspect
+    import types
+    import typing
+
+    origin = typing.get_origin(hint)
+    simple = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array", dict: "object"}
+    if hint in simple:
+        return {"type": simple[hint]}
+    if hint is typing.Any or hint is inspect.Parameter.empty:
+        return {"type": "string"}
+    if origin is typing.Literal:
+        values = typing.get_args(hint)
+        kinds = {type(v) for v in values}
+        if len(kinds) != 1 or next(iter(kinds)) not in simple:
+            raise ValueError(f"Literal{list(values)} mixes types or holds a value JSON cannot carry")
+        return {"type": simple[next(iter(kinds))], "enum": list(values)}
+    if origin in (typing.Union, types.UnionType):
+        kept = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(kept) == 1:
+            return json_schema(kept[0])
+        raise ValueError(f"{hint}: a union of several types; give one type (or X | None)")
+    if origin in (list, tuple, set):
+        args = typing.get_args(hint)
+        return {"type": "array", "items": json_schema(args[0])} if args else {"type": "array"}
+    if origin is dict:
+        return {"type": "object"}
+    raise ValueError(f"{getattr(hint, '__name__', hint)} is not a type a JSON value can be")
+
+
+def tool_parameter(schema: dict, description: str, required: bool) -> dict:
+    """A parameter as tokenizer.tool_prompt takes it, from its JSON schema: the type by Python's name, a Literal's
+    values said in the description."""
+    if "enum" in schema:
+        choices = ", ".join(json.dumps(v) for v in schema["enum"])
+        description = f"{description} One of: {choices}." if description else f"One of: {choices}."
+    return {"param_type": PYTHON_TYPE_NAMES.get(schema.get("type"), "str"), "description": description,
+            "required": required}
+
+
 def describe_function(fn: Callable) -> dict:
     """A Python function as a tool definition for tokenizer.tool_prompt: its name, its docstring's first paragraph,
-    and each parameter's type, default and description (a "name: text" docstring line, Google style, or ":param")."""
+    and each parameter's type, default and description (a "name: text" docstring line, Google style, or ":param").
+    ValueError, in one line naming the function, for what cannot be a tool: a lambda, an async def, a hint that
+    does not resolve or that no JSON value can be, a default that is not JSON."""
     import inspect
     import typing
 
+    if fn.__name__ == "<lambda>":
+        raise ValueError("a lambda cannot be a tool: define it with def, a name and a docstring")
+    if inspect.iscoroutinefunction(fn):
+        raise ValueError(f"{fn.__name__}: an async def cannot be a tool here; define it with def")
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception as e:  # noqa: BLE001 (NameError, TypeError: whatever evaluating the hints raises)
+        raise ValueError(f"{fn.__name__}: its type hints do not resolve ({type(e).__name__}: {e})") from None
     doc = inspect.getdoc(fn) or ""
-    hints = typing.get_type_hints(fn)
     params = {}
     for p in inspect.signature(fn).parameters.values():
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
-        hint = hints.get(p.name, str)
         said = re.search(rf"^\s*(?::param\s+)?{p.name}\s*(?:\([^)]*\))?:\s*(.+)$", doc, re.MULTILINE)
-        params[p.name] = {"param_type": getattr(hint, "__name__", str(hint)),
-                          "description": said.group(1).strip() if said else "", "required": p.default is p.empty}
+        try:
+            schema = json_schema(hints.get(p.name, p.empty))
+            if p.default is not p.empty:
+                json.dumps(p.default)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{fn.__name__}: parameter {p.name}: {e}") from None
+        params[p.name] = tool_parameter(schema, said.group(1).strip() if said else "", p.default is p.empty)
         if p.default is not p.empty:
             params[p.name]["default"] = p.default
     return {"name": fn.__name__, "description": " ".join(doc.split("\n\n")[0].split()), "parameters": params}
+
+
+def convert_argument(value: object, hint: object) -> object:
+    """A model's argument as the type its hint names (the model may write 1 as "1"); ValueError if it is not one."""
+    import typing
+
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+\s*", value):
+            return int(value)
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif origin is typing.Literal:
+        for choice in typing.get_args(hint):
+            try:
+                if convert_argument(value, type(choice)) == choice:
+                    return choice
+            except ValueError:
+                pass
+    elif origin is not None and type(None) in typing.get_args(hint):  # Optional[X], X | None
+        kept = [a for a in typing.get_args(hint) if a is not type(None)]
+        return None if value is None else convert_argument(value, kept[0])
+    elif origin in (list, tuple, set) or hint in (list, tuple, set):
+        if isinstance(value, list):
+            args = typing.get_args(hint)
+            items = [convert_argument(v, args[0]) for v in value] if args else value
+            return (origin or hint)(items)
+    elif origin is dict or hint is dict:
+        if isinstance(value, dict):
+            return value
+    else:  # no hint, or Any
+        return value
+    raise ValueError(f"expected {json_schema(hint)['type']}, got {json.dumps(value)}")
 
 
 def load_tools(path: str | Path) -> list[Callable]:
@@ -1704,6 +1819,11 @@ def load_tools(path: str | Path) -> list[Callable]:
              if not name.startswith("_") and f.__module__ == module.__name__]
     if not tools:
         raise ValueError(f"{path}: defines no public function to offer as a tool")
+    for fn in tools:  # refused here, in one line, rather than when the chat describes or calls it
+        try:
+            describe_function(fn)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
     return tools
 
 
@@ -1837,6 +1957,7 @@ class Chat:
         if name not in self.functions:
             return f"error: no function named {name!r}; the functions are: {', '.join(self.functions) or 'none'}"
         import inspect
+        import typing
 
         fn = self.functions[name]
         try:
@@ -1845,6 +1966,12 @@ class Chat:
             return f"error: bad arguments for {name}: {args} ({e})"
         if bound is None:
             return f"error: bad arguments for {name}: {args}"
+        hints = typing.get_type_hints(fn)  # resolvable: load_tools and describe_function checked
+        for key, value in bound.arguments.items():
+            try:
+                bound.arguments[key] = convert_argument(value, hints.get(key, typing.Any))
+            except ValueError as e:
+                return f"error: bad arguments for {name}: {key}: {e}"
         try:
             result = fn(*bound.args, **bound.kwargs)
         except Exception as e:  # noqa: BLE001 (the function's own failure goes back to the model)
@@ -2197,12 +2324,16 @@ def run_chat(chat: Chat, read: Callable[[str], str] = input, log: TextIO | None 
 #   avx512       AVX-512 without bf16 instructions (Intel Skylake to Ice Lake servers); bf16 products converted
 #   avx512_bf16  AVX512-BF16 without AMX (AMD Zen 4 and 5, Intel Cooper Lake)
 #   amx          AMX-BF16 tiles (Intel Sapphire Rapids and later)
-# Each path's levels, each measured there (by capping a higher level, where the level's CPU was not at hand; see
-# cpu_level): row blocks and bf16 via fp32 at no level with bf16 instructions; the attention paths not at avx2.
+# Each path's levels: where benchmarks/cpu_paths.py measured it faster, on a CPU of that level or with a higher
+# one's kernels capped to it (cpu_level). Left out where measured alike or slower: row blocks at amx; bf16 via
+# fp32 wherever bf16 instructions exist (3-5x slower there); the explicit fp32 decode at avx2 (alike); the explicit
+# bf16 decode at amx (SDPA 2.4x faster); the split bf16 prefill at avx2 and amx (alike).
 CPU_LEVELS = ("avx2", "avx512", "avx512_bf16", "amx")
-CPU_PATHS = {"row_blocks": ("avx2", "avx512_bf16"), "bf16_via_fp32": ("avx2", "avx512"),
-             "explicit_decode_fp32": ("avx512_bf16", "amx"), "explicit_decode_bf16": ("avx512_bf16",),
-             "split_prefill_fp32": ("avx512_bf16", "amx"), "split_prefill_bf16": ("avx512_bf16",)}
+CPU_PATHS = {"row_blocks": ("avx2", "avx512", "avx512_bf16"), "bf16_via_fp32": ("avx2", "avx512"),
+             "explicit_decode_fp32": ("avx512", "avx512_bf16", "amx"),
+             "explicit_decode_bf16": ("avx2", "avx512", "avx512_bf16"),
+             "split_prefill_fp32": ("avx2", "avx512", "avx512_bf16", "amx"),
+             "split_prefill_bf16": ("avx512", "avx512_bf16")}
 # What oneDNN's cap (ONEDNN_MAX_CPU_ISA) allows, by the start of its value; AVX10.1 includes AVX512-BF16.
 ONEDNN_CAPS = {"SSE": "avx2", "AVX2": "avx2", "AVX512_CORE_BF16": "avx512_bf16", "AVX512_CORE_AMX": "amx",
                "AVX10_1_512_AMX": "amx", "AVX10_1_512": "avx512_bf16", "AVX512": "avx512"}
@@ -2894,8 +3025,7 @@ def function_definition(tool: dict, where: str) -> dict:
     required = schema.get("required", [])
     params = {}
     for name, p in properties.items():
-        params[name] = {"param_type": p.get("type", "string"), "description": p.get("description", ""),
-                        "required": name in required}
+        params[name] = tool_parameter(p, p.get("description", ""), name in required)  # as --tools describes them
         if "default" in p:
             params[name]["default"] = p["default"]
     return {"name": function["name"], "description": function.get("description", ""), "parameters": params}

@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Literal, Optional
 
 import pytest
 import torch
@@ -362,7 +363,8 @@ def cli_ckpt(tmp_path_factory, tokenizer_model_path):
 
 def user_env(home: Path, **extra: str) -> dict:
     """The environment with HOME at home and no Hugging Face or Meta folder settings of the real user."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "LLAMA_STACK_"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("HF_", "HUGGINGFACE_", "LLAMA_STACK_")) and k != "XDG_CACHE_HOME"}
     return {**env, "HOME": str(home), "HF_HUB_OFFLINE": "1", **extra}
 
 
@@ -1334,7 +1336,7 @@ def test_discovery_lists_only_llama3_text_models_among_a_caches_neighbours(tmp_p
                          "Llama-2-7b": {"vocab_size": -1}}.items():
         (meta / name).mkdir(parents=True)
         (meta / name / "params.json").write_text(json.dumps(params))
-    for key in [k for k in os.environ if k.startswith(("HF_", "LLAMA_STACK_"))]:
+    for key in [k for k in os.environ if k.startswith(("HF_", "LLAMA_STACK_", "XDG_CACHE_HOME"))]:
         monkeypatch.delenv(key)
     monkeypatch.setenv("HOME", str(home))
     assert [name for name, _ in llama3.downloaded_models()] == ["test-org/Tiny-Llama-3"]
@@ -1377,19 +1379,20 @@ def test_discovery_tells_llama3_from_models_that_share_its_vocabulary(tmp_path, 
                                          "vocab_size": 32000})
     meta_folder("Llama3.2-11B-Vision", {**text, "vision_chunk_size": 560, "vision_max_num_chunks": 4,
                                         "vision_num_cross_attention_layers": 8})
-    for key in [k for k in os.environ if k.startswith(("HF_", "HUGGINGFACE_", "LLAMA_STACK_"))]:
+    for key in [k for k in os.environ if k.startswith(("HF_", "HUGGINGFACE_", "LLAMA_STACK_", "XDG_CACHE_HOME"))]:
         monkeypatch.delenv(key)
     monkeypatch.setenv("HOME", str(home))
     assert sorted(llama3.downloaded_models()) == sorted(want)
 
 
 @pytest.mark.parametrize("settings", [{}, {"HF_HOME": "hf-home"}, {"HF_HUB_CACHE": "hub-cache"},
-                                      {"HF_HOME": "hf-home", "HF_HUB_CACHE": "hub-cache"}])
+                                      {"HF_HOME": "hf-home", "HF_HUB_CACHE": "hub-cache"},
+                                      {"XDG_CACHE_HOME": "xdg"}, {"XDG_CACHE_HOME": "xdg", "HF_HOME": "hf-home"}])
 def test_the_hub_cache_is_where_huggingface_hub_puts_it(tmp_path, monkeypatch, settings):
     # Models are found where `hf download` put them: huggingface_hub itself says where that is for each
-    # setting of HF_HOME and HF_HUB_CACHE (HF_HUB_CACHE wins when both are set).
+    # setting of HF_HOME, HF_HUB_CACHE and XDG_CACHE_HOME (HF_HUB_CACHE wins, then HF_HOME).
     require("huggingface_hub")
-    env = {k: v for k, v in user_env(tmp_path / "home").items() if k != "XDG_CACHE_HOME"}
+    env = user_env(tmp_path / "home")
     env.update({k: str(tmp_path / v) for k, v in settings.items()})
     code = "from huggingface_hub import constants; print(constants.HF_HUB_CACHE)"
     r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env)
@@ -1397,7 +1400,7 @@ def test_the_hub_cache_is_where_huggingface_hub_puts_it(tmp_path, monkeypatch, s
     for key in [k for k in os.environ if k.startswith(("HF_", "HUGGINGFACE_")) or k == "XDG_CACHE_HOME"]:
         monkeypatch.delenv(key)
     for key, value in env.items():
-        if key.startswith("HF_") or key == "HOME":
+        if key.startswith("HF_") or key in ("HOME", "XDG_CACHE_HOME"):
             monkeypatch.setenv(key, value)
     assert llama3.hf_hub_cache() == Path(r.stdout.strip())
 
@@ -1410,7 +1413,7 @@ def test_several_models_are_listed_in_name_order(tmp_path, monkeypatch):
     names = [f"org-{i}/Llama-3-{c}" for i, c in enumerate("qwertyuiop")]
     for name in names:
         hub_cache_repo(home / ".cache" / "huggingface" / "hub", name, {"config.json": tmp_path / "config.json"})
-    for key in [k for k in os.environ if k.startswith(("HF_", "HUGGINGFACE_", "LLAMA_STACK_"))]:
+    for key in [k for k in os.environ if k.startswith(("HF_", "HUGGINGFACE_", "LLAMA_STACK_", "XDG_CACHE_HOME"))]:
         monkeypatch.delenv(key)
     monkeypatch.setenv("HOME", str(home))
     assert [name for name, _ in llama3.downloaded_models()] == sorted(names)
@@ -1424,7 +1427,7 @@ def test_a_cached_repo_without_its_config_is_fetched_again(tmp_path, monkeypatch
     # again (offline: say how), not hand load_model a folder it cannot read; nor is it listed as a model.
     (tmp_path / "tokenizer.json").write_text("{}")
     hub_cache_repo(tmp_path / "hub", "org/Model", {"tokenizer.json": tmp_path / "tokenizer.json"})
-    for key in [k for k in os.environ if k.startswith(("HF_", "HUGGINGFACE_", "LLAMA_STACK_"))]:
+    for key in [k for k in os.environ if k.startswith(("HF_", "HUGGINGFACE_", "LLAMA_STACK_", "XDG_CACHE_HOME"))]:
         monkeypatch.delenv(key)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -1438,7 +1441,7 @@ def test_a_cached_repo_without_its_config_is_fetched_again(tmp_path, monkeypatch
 def test_an_unknown_model_name_says_what_names_are_taken(tmp_path, monkeypatch):
     # A name that is no folder, no repo id and no downloaded Meta model must be refused as such, listing
     # the kinds of names taken and where Meta's models are looked for, before anything is opened.
-    for key in [k for k in os.environ if k.startswith(("HF_", "HUGGINGFACE_", "LLAMA_STACK_"))]:
+    for key in [k for k in os.environ if k.startswith(("HF_", "HUGGINGFACE_", "LLAMA_STACK_", "XDG_CACHE_HOME"))]:
         monkeypatch.delenv(key)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
@@ -1451,7 +1454,7 @@ def test_an_unknown_model_name_says_what_names_are_taken(tmp_path, monkeypatch):
 def test_load_model_takes_a_repo_id_from_the_cache(tmp_path, downloads, monkeypatch, cli_ckpt):
     # A library user names a downloaded model as on the command line: by its Hugging Face repo id.
     home = make_home(tmp_path, downloads, hf=True, meta=False)
-    for key in [k for k in os.environ if k.startswith(("HF_", "LLAMA_STACK_"))]:
+    for key in [k for k in os.environ if k.startswith(("HF_", "LLAMA_STACK_", "XDG_CACHE_HOME"))]:
         monkeypatch.delenv(key)
     monkeypatch.setenv("HOME", str(home))
     model = load_model("test-org/Tiny-Llama-3", dtype=torch.float32)
@@ -1986,6 +1989,28 @@ def test_speculative_sampling_draws_the_models_own_distribution(drafter):
     assert stat < critical, (stat, critical)
 
 
+@pytest.mark.slow
+def test_cli_speculation_prints_the_same_text_and_how_many_drafts_were_kept(cli_ckpt, tmp_path):
+    # --draft and --prompt-lookup change the speed, never the greedy text, and the stats line says how many drafts
+    # the model kept; a draft of another vocabulary, or two drafters at once, is refused in one line.
+    folder, _ = cli_ckpt
+    greedy = ["--ckpt", str(folder), "--prompt", "one two three one two three one two", "--temperature", "0",
+              "--max-new-tokens", "12"]
+    plain = run_cli(*greedy)
+    lookup = run_cli(*greedy, "--prompt-lookup", "4")
+    drafted = run_cli(*greedy, "--draft", str(folder), "--speculate-k", "3")  # the model as its own draft
+    assert plain.returncode == lookup.returncode == drafted.returncode == 0, drafted.stderr
+    assert lookup.stdout == plain.stdout == drafted.stdout
+    kept = re.search(r"(\d+) of (\d+) drafted tokens accepted", drafted.stderr)
+    assert kept and kept.group(1) == kept.group(2) != "0"
+    assert "drafted tokens accepted" in lookup.stderr and "drafted" not in plain.stderr
+    other = random_model(tiny_args(vocab_size=300, max_seq_len=128))
+    save_meta_shards(other, tmp_path / "other", 1)
+    one_line_error(run_cli(*greedy, "--draft", str(tmp_path / "other")), "--draft", "vocabulary of 300 tokens")
+    one_line_error(run_cli(*greedy, "--draft", str(folder), "--prompt-lookup", "2"), "--draft", "--prompt-lookup")
+    one_line_error(run_cli(*greedy, "--prompt-lookup", "0"), "--prompt-lookup must be >= 1")
+
+
 def test_lookup_drafts_what_followed_the_last_tokens_before():
     # Prompt lookup copies what followed the most recent earlier appearance of the last 3, 2 or 1 tokens, and a
     # copy that runs into the end goes on as the loop it is in.
@@ -2252,6 +2277,63 @@ def test_tools_file_offers_its_public_functions_only(tmp_path):
     assert llama3.describe_function(tools[0]) == {"name": "add", "description": "Add two numbers.", "parameters": {
         "a": {"param_type": "int", "description": "the first", "required": True},
         "b": {"param_type": "int", "description": "the second", "required": False, "default": 2}}}
+
+
+def test_tool_arguments_are_converted_to_the_hinted_types_or_refused_to_the_model(tok, monkeypatch):
+    # Models write numbers as strings: add(a: int, b: int) called with "1" and "2" must add 1 and 2, not join
+    # "12"; an argument that is not its type goes back to the model as a bad-arguments text, and the chat goes on.
+    got = []
+
+    def add(a: int, b: int, scale: float = 1.0, unit: Literal["m", "km"] = "m", tags: list[int] | None = None) -> str:
+        """Add two numbers."""
+        got.append((a, b, scale, unit, tags))
+        return f"{(a + b) * scale} {unit}"
+
+    calls = [json.dumps({"name": "add", "parameters": {"a": "1", "b": "2", "scale": "0.5", "unit": "km",
+                                                       "tags": ["3", 4]}}),
+             json.dumps({"name": "add", "parameters": {"a": "one", "b": 2}}),
+             json.dumps({"name": "add", "parameters": {"a": 1, "b": 2, "unit": "mile"}})]
+    chat, _, _ = tool_chat(tok, monkeypatch, [calls[0] + "<|eom_id|>", "Done.<|eot_id|>"], tools=[add])
+    chat.send("1 + 2?")
+    assert got == [(1, 2, 0.5, "km", [3, 4])] and chat.dialog[-2]["content"] == "1.5 km"
+    for bad, fragment in ((calls[1], "a: expected integer"), (calls[2], "unit: expected string")):
+        chat, _, _ = tool_chat(tok, monkeypatch, [bad + "<|eom_id|>", "Sorry.<|eot_id|>"], tools=[add])
+        assert chat.send("1 + 2?")["content"] == "Sorry."
+        assert chat.dialog[-2]["role"] == "ipython" and chat.dialog[-2]["content"].startswith("error: bad arguments")
+        assert fragment in chat.dialog[-2]["content"]
+
+
+def test_every_hint_a_json_schema_can_say_is_described_by_its_type():
+    # The model is told each parameter's JSON type: Optional[int] is an integer that may be left out, a Literal a
+    # string with its choices, list[int] an array; never the hint's typing name ("Optional", "Literal").
+    def book(city: str,
+             nights: Optional[int] = None,  # noqa: UP045 (Optional is what is tested)
+             room: Literal["single", "double"] = "double",
+             guests: list[str] | None = None, flexible: bool = False) -> str:
+        """Book a hotel."""
+        return city
+
+    params = llama3.describe_function(book)["parameters"]
+    assert {n: p["param_type"] for n, p in params.items()} == {"city": "str", "nights": "int", "room": "str",
+                                                               "guests": "list", "flexible": "bool"}
+    assert params["room"]["description"] == 'One of: "single", "double".'
+    assert [n for n, p in params.items() if p["required"]] == ["city"]
+
+
+@pytest.mark.parametrize("source, fragment", [
+    ("from __future__ import annotations\ndef f(a: Undefined) -> str:\n    return ''\n", "do not resolve"),
+    ("from pathlib import Path\ndef f(where: str = Path('.')) -> str:\n    return ''\n", "parameter where"),
+    ("f = lambda x: x\n", "a lambda cannot be a tool"),
+    ("async def f(x: int) -> int:\n    return x\n", "an async def cannot be a tool"),
+    ("def f(x: int | str) -> int:\n    return 1\n", "a union of several types"),
+])
+def test_what_cannot_be_a_tool_is_refused_in_one_line_naming_it(tmp_path, source, fragment):
+    # --tools FILE.py is checked when it loads: each function that cannot be offered and called as a tool is
+    # refused with the file and the function named, instead of a traceback in the middle of a chat.
+    (tmp_path / "tools.py").write_text(source)
+    with pytest.raises(ValueError, match=re.escape(fragment)) as e:
+        llama3.load_tools(tmp_path / "tools.py")
+    assert str(e.value).startswith(str(tmp_path / "tools.py")) and "\n" not in str(e.value)
 
 
 def test_tool_format_defaults_by_the_models_shape(tok):
@@ -3410,8 +3492,9 @@ def test_capping_torchs_kernels_makes_the_level_that_of_a_lower_cpu():
 
 @pytest.mark.parametrize("level, paths", [
     # Each level's paths as measured there (benchmarks/README.md); bf16 via fp32 only without bf16 instructions.
-    ("avx2", {"row_blocks", "bf16_via_fp32"}),
-    ("avx512", {"bf16_via_fp32"}),
+    ("avx2", {"row_blocks", "bf16_via_fp32", "explicit_decode_bf16", "split_prefill_fp32"}),
+    ("avx512", {"row_blocks", "bf16_via_fp32", "explicit_decode_fp32", "explicit_decode_bf16", "split_prefill_fp32",
+                "split_prefill_bf16"}),
     ("avx512_bf16", {"row_blocks", "explicit_decode_fp32", "explicit_decode_bf16", "split_prefill_fp32",
                      "split_prefill_bf16"}),
     ("amx", {"explicit_decode_fp32", "split_prefill_fp32"}),
