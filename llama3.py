@@ -1381,6 +1381,15 @@ def speculative_decode(model: Transformer, prompt: list[int], total_len: int, sa
     draft_fed = 0  # and tokens[:draft_fed] in the draft's
     new = []
     while len(tokens) < total_len:
+        if not new:
+            # The prompt (what the cache lacks of it) goes in as plain decoding feeds it, so its first token is
+            # plain decoding's; from then on one token is unfed at each round's start.
+            logits = prefill(model, torch.tensor([tokens[fed:]], device=device), fed, cache)  # (1, vocab_size)
+            fed = len(tokens)
+            kept = [draw(next_probs(logits[0], tokens, sampling), sampling, generator)]
+            if not emit(kept, tokens, new, stop_tokens, on_token, total_len):
+                return new
+            continue
         k_now = min(k, total_len - len(tokens) - 1)  # the checking forward writes k_now positions ahead
         drafted = []
         q_drafted = []  # the drafter's distribution for each drafted token; None: a looked-up token, chosen surely
@@ -1399,10 +1408,7 @@ def speculative_decode(model: Transformer, prompt: list[int], total_len: int, sa
                 if i < k_now - 1:
                     step = torch.tensor([[drafted[-1]]], device=device)  # (1, 1)
                     logits = draft(step, draft_fed + i, draft_cache)[:, -1]  # (1, vocab_size)
-        # The model: the tokens it has not seen, all but the last fed as a prefill; then the last and the drafts
-        # in one forward, whose rows give p after the last token and after each draft.
-        if len(tokens) - 1 > fed:
-            prefill(model, torch.tensor([tokens[fed:-1]], device=device), fed, cache)
+        # The model: the last token and the drafts in one forward, whose rows give p after each.
         check = torch.tensor([[tokens[-1], *drafted]], device=device)  # (1, 1 + len(drafted))
         logits = model(check, len(tokens) - 1, cache)[0]  # (1 + len(drafted), vocab_size)
         accepted = 0
@@ -1430,16 +1436,25 @@ def speculative_decode(model: Transformer, prompt: list[int], total_len: int, sa
         fed = len(tokens) + accepted  # the last token and the drafts kept are in the cache; `last` is not
         if drafted and draft is not None:
             draft_fed = len(tokens) + min(accepted, len(drafted) - 1)  # the last draft was never fed to it
-        for token in kept:
-            if token in stop_tokens:
-                return new
-            tokens.append(token)
-            new.append(token)
-            if on_token is not None and on_token(0, token):
-                return new
-            if len(tokens) >= total_len:
-                break
+        if not emit(kept, tokens, new, stop_tokens, on_token, total_len):
+            return new
     return new
+
+
+def emit(kept: list[int], tokens: list[int], new: list[int], stop_tokens: list[int] | tuple[int, ...],
+         on_token: Callable[[int, int], bool | None] | None, total_len: int) -> bool:
+    """Append the kept tokens to tokens and new, as generate streams them; False once generation must end (a stop
+    token, which is not kept, on_token saying so, or the context full)."""
+    for token in kept:
+        if token in stop_tokens:
+            return False
+        tokens.append(token)
+        new.append(token)
+        if on_token is not None and on_token(0, token):
+            return False
+        if len(tokens) >= total_len:
+            return False
+    return True
 
 
 # -----------------------------------------------------------------------------
@@ -1651,7 +1666,7 @@ def stream(model: Transformer, tokenizer: Tokenizer, prompt: list[int], max_new_
     n = len(new)
     prefilled = f", prefill {fed / (times[1] - times[0]):.1f} tok/s; {n} new token{'s' * (n > 1)}" if n else ""
     decoded = f", decode {(n - 1) / (times[-1] - times[1]):.1f} tok/s" if n > 1 else ""
-    if speculation.drafted:
+    if drafting.draft is not None or drafting.prompt_lookup is not None:
         decoded += f", {speculation.accepted} of {speculation.drafted} drafted tokens accepted"
     print(f"\n[{len(prompt)} prompt tokens ({fed} fed){prefilled}{decoded}{', interrupted' * interrupted}]", file=log)
     room = model.args.max_seq_len - len(prompt)
@@ -1707,7 +1722,8 @@ def tool_parameter(schema: dict, description: str, required: bool) -> dict:
     values said in the description."""
     if "enum" in schema:
         choices = ", ".join(json.dumps(v) for v in schema["enum"])
-        description = f"{description} One of: {choices}." if description else f"One of: {choices}."
+        sentence = description.rstrip(".")
+        description = f"{sentence}. One of: {choices}." if sentence else f"One of: {choices}."
     return {"param_type": PYTHON_TYPE_NAMES.get(schema.get("type"), "str"), "description": description,
             "required": required}
 
@@ -2067,7 +2083,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--draft", metavar="CKPT", help="speculative decoding: a smaller model with the same vocabulary (any name "
         "--ckpt takes, loaded with the same --dtype, --device and --quantize) drafts tokens the model checks; the "
         "text is the model's own")
-    add("--speculate-k", type=int, default=5, metavar="K", help="with --draft: tokens drafted a round (default 5)")
+    add("--speculate-k", type=int, metavar="K", help="with --draft: tokens drafted a round (default 5)")
     add("--prompt-lookup", type=int, metavar="K", help="speculative decoding without a draft model: draft up to K "
         "tokens copied from where the last tokens appeared before in the text")
     add("--tool-format", default=None, help="how the model writes custom calls: json (3.1, 3.3), function_tag or "
@@ -2108,6 +2124,11 @@ def main(argv: list[str] | None = None) -> None:
             _fail(f"{flag} must be >= 1, not {k}")
     if opts.compile and (opts.draft is not None or opts.prompt_lookup is not None):
         _fail("--compile decodes one token a step; it does not go with --draft or --prompt-lookup")
+    speculating = opts.draft is not None or opts.prompt_lookup is not None
+    if speculating and (opts.serve or opts.explain or opts.perplexity):
+        _fail("--draft and --prompt-lookup speed up --prompt and --chat, not --serve, --explain or --perplexity")
+    if opts.speculate_k is not None and opts.draft is None:
+        _fail("--speculate-k needs --draft (with --prompt-lookup K, K is the number drafted)")
     sampling = Sampling(opts.temperature, opts.top_p, opts.top_k, opts.repetition_penalty, opts.seed)
     try:
         check_generation_args(opts.max_new_tokens, opts.temperature, opts.top_p, opts.top_k, opts.repetition_penalty)
@@ -2163,7 +2184,7 @@ def main(argv: list[str] | None = None) -> None:
     quantized = f" with {opts.quantize} weights" if opts.quantize else ""
     print(f"loaded {ckpt} in {time.perf_counter() - t0:.1f}s: {parameter_count(model.args) / 1e9:.2f}B parameters, "
           f"{str(model.norm.weight.dtype).removeprefix('torch.')}{quantized} on {device}", file=sys.stderr)
-    drafting = Drafting(speculate_k=opts.speculate_k, prompt_lookup=opts.prompt_lookup)
+    drafting = Drafting(speculate_k=opts.speculate_k or 5, prompt_lookup=opts.prompt_lookup)
     if opts.draft is not None:
         try:
             draft = load_model(opts.draft, device, _pick_dtype(opts.dtype, device), quantize=opts.quantize)
