@@ -1070,13 +1070,20 @@ class Sampling:
     seed: int | None = None
 
 
-def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sample from the nucleus of probs (B, vocab_size) -> token ids (B, 1). Meta's rule: sort descending and keep
-    each token whose preceding mass is at most p, so the token crossing p is kept and the nucleus is never empty."""
+def nucleus(probs: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The nucleus of probs (B, vocab_size), sorted descending and renormalised, and the sort's token ids. Meta's
+    rule: keep each token whose preceding mass is at most p, so the token crossing p is kept and the nucleus is
+    never empty."""
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)  # (B, vocab_size)
     probs_sum = torch.cumsum(probs_sort, dim=-1)
     probs_sort[probs_sum - probs_sort > p] = 0.0
     probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
+    return probs_sort, probs_idx
+
+
+def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample from the nucleus of probs (B, vocab_size) -> token ids (B, 1)."""
+    probs_sort, probs_idx = nucleus(probs, p)
     next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)  # (B, 1) index into the sort
     return torch.gather(probs_idx, -1, next_token)  # (B, 1) token ids
 
@@ -1090,16 +1097,21 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return logits.scatter(1, seen, score)
 
 
+def tempered_probs(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
+    """softmax(logits / temperature) over the top_k largest logits of each row (all if None): (B, vocab_size)."""
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1), the k-th largest logit
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
 def sample(logits: torch.Tensor, temperature: float = 0.6, top_p: float = 0.9, top_k: int | None = None,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """Pick the next token from logits (B, vocab_size) -> (B,) int64."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1), the k-th largest logit
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)  # (B, vocab_size)
+    probs = tempered_probs(logits, temperature, top_k)  # (B, vocab_size)
     if top_p < 1.0:
         return sample_top_p(probs, top_p, generator).squeeze(-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
@@ -1322,16 +1334,11 @@ def sampling_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     to logits before.)"""
     if sampling.temperature <= 0:
         return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
-    logits = logits.float() / sampling.temperature
-    if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)  # (B, vocab_size)
+    probs = tempered_probs(logits, sampling.temperature, sampling.top_k)  # (B, vocab_size)
     if sampling.top_p < 1.0:
-        probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
-        probs_sort[torch.cumsum(probs_sort, dim=-1) - probs_sort > sampling.top_p] = 0.0  # sample_top_p's rule
-        probs = torch.zeros_like(probs).scatter_(-1, probs_idx, probs_sort)
-    return probs / probs.sum(dim=-1, keepdim=True)
+        probs_sort, probs_idx = nucleus(probs, sampling.top_p)
+        probs = torch.zeros_like(probs).scatter_(-1, probs_idx, probs_sort)  # back in token order
+    return probs
 
 
 def next_probs(logits: torch.Tensor, seen: list[int], sampling: Sampling) -> torch.Tensor:
