@@ -451,7 +451,7 @@ class Transformer(nn.Module):
 
 ENGINE_ROOM = {"use_cpu_speed_paths": "A", "shard_model": "B", "join_process_group": "B", "read_on_rank_0": "B",
                "shared_seed": "B", "static_cache": "C", "compiled_decode": "C", "quantize_weights": "D",
-               "serve_address": "E", "serve": "E"}
+               "serve_socket": "E", "serve": "E"}
 
 
 def engine_room(name: str, needed_by: str | None = None) -> Callable | None:
@@ -1717,7 +1717,9 @@ def json_schema(hint: object) -> dict:
             return json_schema(kept[0])
         raise ValueError(f"{hint}: a union of several types; give one type (or X | None)")
     if origin in (list, tuple, set):
-        args = typing.get_args(hint)
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]  # tuple[int, ...]: any number of ints
+        if len(set(args)) > 1:
+            raise ValueError(f"{hint}: items of different types; a JSON array here holds one type (list[int])")
         return {"type": "array", "items": json_schema(args[0])} if args else {"type": "array"}
     if origin is dict:
         return {"type": "object"}
@@ -1731,8 +1733,11 @@ def tool_parameter(schema: dict, description: str, required: bool) -> dict:
         choices = ", ".join(json.dumps(v) for v in schema["enum"])
         sentence = description.rstrip(".")
         description = f"{sentence}. One of: {choices}." if sentence else f"One of: {choices}."
-    return {"param_type": PYTHON_TYPE_NAMES.get(schema.get("type"), "str"), "description": description,
-            "required": required}
+    kind = schema.get("type")
+    if isinstance(kind, list):  # ["string", "null"]: the type that is not null
+        kind = next((k for k in kind if k != "null"), None)
+    return {"param_type": PYTHON_TYPE_NAMES.get(kind, "str") if isinstance(kind, str) else "str",
+            "description": description, "required": required}
 
 
 def describe_function(fn: Callable) -> dict:
@@ -1756,6 +1761,9 @@ def describe_function(fn: Callable) -> dict:
     for p in inspect.signature(fn).parameters.values():
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
+        if p.kind == p.POSITIONAL_ONLY:  # a model's call names every argument
+            raise ValueError(f"{fn.__name__}: parameter {p.name} is positional-only (before /), so no call by name "
+                             "can pass it")
         said = re.search(rf"^\s*(?::param\s+)?{p.name}\s*(?:\([^)]*\))?:\s*(.+)$", doc, re.MULTILINE)
         try:
             schema = json_schema(hints.get(p.name, p.empty))
@@ -1997,9 +2005,9 @@ class Chat:
                 return f"error: bad arguments for {name}: {key}: {e}"
         try:
             result = fn(*bound.args, **bound.kwargs)
-        except Exception as e:  # noqa: BLE001 (the function's own failure goes back to the model)
+            return result if isinstance(result, str) else json.dumps(result, default=str)
+        except Exception as e:  # noqa: BLE001 (the function's own failure, or a result JSON cannot write, goes back)
             return f"error: {name} raised {type(e).__name__}: {e}"
-        return result if isinstance(result, str) else json.dumps(result, default=str)
 
 
 # -----------------------------------------------------------------------------
@@ -2099,6 +2107,8 @@ def _parser() -> argparse.ArgumentParser:
         "(/v1/chat/completions, /v1/completions, /v1/models) at HOST:PORT (default 127.0.0.1:8000, this machine "
         "only); request fields override the sampling flags (appendix E)")
     add("--api-key", default=None, metavar="KEY", help="with --serve: every request needs Authorization: Bearer KEY")
+    add("--timeout", type=float, default=None, metavar="SECONDS", help="with --serve: a client that neither sends "
+        "nor reads for this long loses its request, and the next one starts (default 60)")
     p.error = _fail  # one line, exit code 2, instead of argparse's usage block
     return p
 
@@ -2118,8 +2128,11 @@ def main(argv: list[str] | None = None) -> None:
     for flag in ("--system", "--tools", "--builtin-tools", "--tool-format"):
         if getattr(opts, flag[2:].replace("-", "_")) and not opts.chat and not (opts.serve and flag == "--tool-format"):
             _fail(f"{flag} needs --chat")
-    if opts.api_key is not None and not opts.serve:
-        _fail("--api-key needs --serve")
+    for flag in ("--api-key", "--timeout"):
+        if getattr(opts, flag[2:].replace("-", "_")) is not None and not opts.serve:
+            _fail(f"{flag} needs --serve")
+    if opts.timeout is not None and not 0 < opts.timeout < math.inf:
+        _fail(f"--timeout must be a number of seconds > 0, not {opts.timeout}")
     if opts.tool_format is not None and opts.tool_format not in TOOL_FORMATS:
         _fail(f"--tool-format must be one of {', '.join(TOOL_FORMATS)}, not {opts.tool_format!r}")
     if "" in opts.stop:
@@ -2151,14 +2164,19 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer = Tokenizer(tokenizer_path)
     except (CheckpointError, TokenizerError) as e:
         _fail(str(e))
+    if opts.draft is not None:  # a draft that is not there is said before the model loads, not after
+        try:
+            opts.draft = resolve_checkpoint(opts.draft)
+            CheckpointReader(opts.draft)
+        except CheckpointError as e:
+            _fail(f"--draft {opts.draft}: {e}")
 
     try:  # a flag whose appendix this copy of the file lacks: said before the model loads
         if opts.compile:
             engine_room("compiled_decode", "--compile")
         if opts.quantize:
             engine_room("quantize_weights", "--quantize")
-        if opts.serve:
-            engine_room("serve_address", "--serve")(opts.serve)
+        listening = engine_room("serve_socket", "--serve")(opts.serve) if opts.serve else None  # bound before loading
     except ValueError as e:
         _fail(str(e))
     tokens = tokenizer.encode(text, bos=True, eos=False) if text is not None else []
@@ -2213,8 +2231,9 @@ def main(argv: list[str] | None = None) -> None:
         if opts.serve:  # appendix E
             name = opts.ckpt if opts.ckpt and not Path(opts.ckpt).exists() else ckpt.name  # a repo id, or the folder
             try:
-                engine_room("serve", "--serve")(model, tokenizer, opts.serve, name, api_key=opts.api_key,
-                                                tool_format=opts.tool_format, sampling=sampling)
+                engine_room("serve", "--serve")(model, tokenizer, listening, name, api_key=opts.api_key,
+                                                tool_format=opts.tool_format, sampling=sampling,
+                                                timeout=opts.timeout or 60.0)
             except ValueError as e:
                 _fail(str(e))
         elif text is not None:
@@ -2980,28 +2999,51 @@ def quantize_weights(model: Transformer, weights: Iterator[tuple[str, torch.Tens
 # =============================================================================
 # Appendix E: an OpenAI-compatible server (--serve)
 #
-# Editors, notebooks, agents and chat UIs talk to a local model through OpenAI's
-# HTTP API. This serves GET /v1/models, POST /v1/chat/completions and POST
-# /v1/completions on the standard library's http.server. A chat request's prompt
-# is ChatFormat's encoding of its messages (OpenAI's tools become the tool prompt
-# --tools writes; a tool message is an ipython message), so greedy answers equal
-# generate's on the same tokens. One generation runs at a time, in arrival order;
-# the server keeps the last request's cache and token list and feeds only what
-# follows the longest shared prefix (reuse_prefix, as Chat does): a chat client
-# resends the whole history each turn, and a turn then costs its new tokens. The
-# server never runs a tool: calls go back to the client as tool_calls.
+# Editors, notebooks, agents, chat UIs and evaluation harnesses talk to a local model through OpenAI's HTTP API.
+# This serves GET /v1/models, POST /v1/chat/completions and POST /v1/completions, and the tokenizer as vLLM serves
+# it (GET /tokenizer_info, POST /tokenize, POST /detokenize), on the standard library's http.server. A chat
+# request's prompt is ChatFormat's encoding of its messages (OpenAI's tools become the tool prompt --tools writes;
+# a tool message is an ipython message), so greedy answers equal generate's on the same tokens. The server never
+# runs a tool: calls go back to the client as tool_calls.
+#
+# Two kinds of thread, so that no client can hold up the others:
+# - One thread per connection reads and checks the request (a mistake is a 4xx naming the field, before the model
+#   sees anything) and writes the answer. Its socket has a timeout (--timeout): a client that neither sends nor
+#   reads for that long loses its request, and one that closes its connection is noticed within 0.2 s.
+# - One engine thread owns the model and runs one request at a time, in arrival order. It never touches a socket,
+#   so a client that stops reading cannot hold it: tokens wait in the request's queue, and the connection's thread
+#   cancels the request (the engine stops at the next token) when its client times out or leaves.
+# The engine keeps the last request's cache and feeds only what follows the longest shared prefix (reuse_prefix,
+# as Chat does): a chat client resends the whole history each turn, and a turn then costs its new tokens. A request
+# with a seed is fed whole instead, as it would be alone: how many positions one forward covers changes how bf16
+# rounds, and a seed promises the same answer whatever came before.
 # =============================================================================
 
 # Imported here, not at the top: deleting the appendix deletes what only it uses.
+import hmac
+import queue
 import select
 import socket
 import threading
 import uuid
+from dataclasses import field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 # A body past 8 MiB is refused (413): a 128K-token conversation is about 0.5 MB of text.
 MAX_BODY_BYTES = 8 << 20
 OPENAI_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "ipython"}
+# The fields each endpoint honours. Any other field is refused (400 naming it), never silently ignored, except
+# those that change nothing about the answer (OpenAI's bookkeeping: who asked, what to store).
+CHAT_FIELDS = {"messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
+               "stop", "stream", "stream_options", "tools", "tool_choice", "parallel_tool_calls", "logprobs",
+               "top_logprobs", "frequency_penalty", "presence_penalty", "repetition_penalty", "logit_bias", "n",
+               "response_format"}
+COMPLETION_FIELDS = {"prompt", "model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream",
+                     "stream_options", "logprobs", "echo", "frequency_penalty", "presence_penalty",
+                     "repetition_penalty", "logit_bias", "n", "best_of", "suffix"}
+INERT_FIELDS = {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"}
+# OpenAI's limits: up to 20 alternatives per token in chat, 5 in completions.
+MAX_TOP_LOGPROBS = {"chat": 20, "completions": 5}
 
 
 class APIError(Exception):
@@ -3030,6 +3072,14 @@ def _field(body: dict, name: str, kinds: type | tuple[type, ...], default=None):
     return value
 
 
+def _number(body: dict, name: str, default: float | None, low: float, high: float) -> float | None:
+    """A number field in [low, high] (NaN is not), or default when absent or null."""
+    value = _field(body, name, (int, float), default)
+    if value is not None and not low <= value <= high:
+        raise APIError(400, f"{name} must be between {low} and {high}, not {value}", name)
+    return value
+
+
 def _text(content, where: str) -> str:
     """A message's content: a string, or a list of text parts (joined with newlines, as vLLM joins them)."""
     if isinstance(content, str):
@@ -3040,30 +3090,70 @@ def _text(content, where: str) -> str:
     raise APIError(400, f"{where} must be a string or a list of text parts", where)
 
 
+def check_fields(body: dict, honoured: set[str]) -> None:
+    """Refuse the first field this endpoint does not honour, and the values of honoured fields it cannot meet."""
+    for name in body:
+        if name not in honoured and name not in INERT_FIELDS:
+            raise APIError(400, f"{name} is not supported by this server", name, "unsupported_field")
+    for name in ("n", "best_of"):
+        if _field(body, name, int, 1) != 1:
+            raise APIError(400, f"{name} must be 1: one answer per prompt", name)
+    if _field(body, "suffix", str, ""):
+        raise APIError(400, "suffix is not supported: Llama 3 text models do not fill in the middle", "suffix")
+    response_format = _field(body, "response_format", dict, {"type": "text"})
+    if response_format != {"type": "text"}:
+        raise APIError(400, 'response_format must be {"type": "text"}: structured output is not supported yet',
+                       "response_format")
+
+
+def _schema_type(schema: dict, where: str) -> str | None:
+    """A JSON schema's "type": one name, or the first of a list that is not "null" (["string", "null"])."""
+    kind = schema.get("type")
+    if isinstance(kind, list) and all(isinstance(k, str) for k in kind):
+        kind = next((k for k in kind if k != "null"), None)
+    if kind is not None and not isinstance(kind, str):
+        raise APIError(400, f"{where}.type must be a type name or a list of them", where)
+    return kind
+
+
 def function_definition(tool: dict, where: str) -> dict:
     """An OpenAI tool ({"type": "function", "function": {name, description, parameters: JSON schema}}) as the
     definition tokenizer.tool_prompt takes, the shape describe_function gives for --tools."""
     function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
-    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
         raise APIError(400, f"{where} must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}", where)
+    description = function.get("description") or ""
     schema = function.get("parameters") or {}
-    properties = schema.get("properties", {}) if isinstance(schema, dict) else None
-    if not isinstance(properties, dict) or not all(isinstance(p, dict) for p in properties.values()):
-        raise APIError(400, f"{where}.function.parameters must be a JSON schema of an object", where)
-    required = schema.get("required", [])
+    properties = (schema.get("properties") or {}) if isinstance(schema, dict) else None
+    required = (schema.get("required") or []) if isinstance(schema, dict) else None
+    if not isinstance(description, str):
+        raise APIError(400, f"{where}.function.description must be a string", where)
+    if (not isinstance(properties, dict) or not all(isinstance(p, dict) for p in properties.values())
+            or not isinstance(required, list) or not all(isinstance(r, str) for r in required)):
+        raise APIError(400, f"{where}.function.parameters must be a JSON schema of an object: properties an object "
+                       "of schemas, required a list of names", where)
     params = {}
     for name, p in properties.items():
-        params[name] = tool_parameter(p, p.get("description", ""), name in required)  # as --tools describes them
+        said = p.get("description") or ""
+        enum = p.get("enum")
+        if not isinstance(said, str) or not isinstance(enum, (list, type(None))):
+            raise APIError(400, f"{where}: parameter {name}: description must be a string, enum a list", where)
+        simple = {**p, "type": _schema_type(p, f"{where}.function.parameters.properties.{name}")}
+        params[name] = tool_parameter(simple, said, name in required)  # as --tools describes them
         if "default" in p:
             params[name]["default"] = p["default"]
-    return {"name": function["name"], "description": function.get("description", ""), "parameters": params}
+    return {"name": function["name"], "description": description, "parameters": params}
 
 
-def chat_dialog(body: dict, tool_format: str, today: str, call_stops: dict[str, str]) -> tuple[list[dict],
-                                                                                             tuple[str, ...]]:
-    """A chat request's messages and tools -> our dialog (tokenizer.py's message dicts) and the call formats to
-    read in the answer (none unless tools were offered). call_stops: the stop ("eom" or "eot") each call id this
-    server gave ended on, so a call comes back as the model's own tokens and the cache's prefix holds."""
+def call_id(stop: str | None) -> str:
+    """A tool call's id, carrying the stop token its message ended on ("eom" or "eot"): when the client sends the
+    call back, it is encoded as the model's own tokens, so the cache's prefix holds, with no state kept here."""
+    return f"call_{stop or 'eom'}_{uuid.uuid4().hex[:24]}"
+
+
+def chat_dialog(body: dict, tool_format: str, today: str) -> tuple[list[dict], tuple[str, ...], set[str]]:
+    """A chat request's messages and tools -> our dialog (tokenizer.py's message dicts), the call formats to read
+    in the answer (none unless tools were offered) and the names of the functions offered."""
     from tokenizer import BUILTIN_TOOLS, tool_prompt
 
     messages = _field(body, "messages", list)
@@ -3072,17 +3162,18 @@ def chat_dialog(body: dict, tool_format: str, today: str, call_stops: dict[str, 
     dialog = []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
-        if not isinstance(m, dict) or m.get("role") not in OPENAI_ROLES:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in OPENAI_ROLES:
             role = m.get("role") if isinstance(m, dict) else m
-            raise APIError(400, f"{where}.role must be one of {', '.join(OPENAI_ROLES)}, not {role!r}", where)
+            raise APIError(400, f"{where}.role must be one of {', '.join(OPENAI_ROLES)}, not {json.dumps(role)[:40]}",
+                           where)
         message = {"role": OPENAI_ROLES[m["role"]]}
         calls = m.get("tool_calls") if m["role"] == "assistant" else None
+        if calls is not None and not isinstance(calls, list):
+            raise APIError(400, f"{where}.tool_calls must be a list", where)
         if calls:
-            if not isinstance(calls, list):
-                raise APIError(400, f"{where}.tool_calls must be a list", where)
             message["tool_calls"] = [_call(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(calls)]
-            first_id = calls[0].get("id") if isinstance(calls[0], dict) else None
-            message["stop"] = call_stops.get(first_id, "eom")  # unknown: eom, "run it, then let me go on"
+            first_id = calls[0].get("id")
+            message["stop"] = "eot" if isinstance(first_id, str) and first_id.startswith("call_eot_") else "eom"
         message["content"] = "" if m.get("content") is None and calls else _text(m.get("content"), where + ".content")
         dialog.append(message)
     tools = _field(body, "tools", list, [])
@@ -3090,61 +3181,146 @@ def chat_dialog(body: dict, tool_format: str, today: str, call_stops: dict[str, 
     if choice not in ("auto", "none"):
         raise APIError(400, 'tool_choice must be "auto" or "none" (a required or named call is not supported)',
                        "tool_choice")
-    if not tools or choice == "none":
-        return dialog, ()
     functions = [function_definition(t, f"tools[{i}]") for i, t in enumerate(tools)]
+    if not tools or choice == "none":
+        return dialog, (), set()
     builtin = any(f["name"] in BUILTIN_TOOLS for f in functions)  # the built-ins only if the client names them
     custom = [f for f in functions if f["name"] not in BUILTIN_TOOLS]
     system = dialog.pop(0)["content"] if dialog and dialog[0]["role"] == "system" else None
     opening = tool_prompt(custom, tool_format, builtin, system, today)
-    return [*opening, *dialog], (tool_format,) * bool(custom) + ("builtin",) * builtin
+    formats = (tool_format,) * bool(custom) + ("builtin",) * builtin
+    return [*opening, *dialog], formats, {f["name"] for f in functions}
 
 
 def _call(c: dict, where: str) -> dict:
     """An OpenAI tool call the client sends back -> ours ({"name", "arguments": dict})."""
+    from tokenizer import BUILTIN_TOOLS
+
     function = c.get("function") if isinstance(c, dict) else None
     if not isinstance(function, dict) or not isinstance(function.get("name"), str):
         raise APIError(400, f"{where}.function.name must be a string", where)
     try:
         arguments = json.loads(function.get("arguments") or "{}")
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         arguments = None
     if not isinstance(arguments, dict):
         raise APIError(400, f"{where}.function.arguments must be a JSON object, as a string", where)
-    return {"name": function["name"], "arguments": arguments}
+    name = function["name"]
+    key = "code" if name == "code_interpreter" else "query"
+    if name in BUILTIN_TOOLS and not isinstance(arguments.get(key), str):
+        raise APIError(400, f"{where}.function.arguments: {name} takes {{\"{key}\": a string}}", where)
+    return {"name": name, "arguments": arguments}
 
 
-class FifoLock:
-    """A lock taken in the order it was asked for (threading.Lock promises no order)."""
+def completion_prompts(body: dict, tokenizer: Tokenizer, vocab_size: int) -> list[tuple[list[int], str]]:
+    """/v1/completions' prompt as OpenAI's legacy API takes it: a string, a list of token ids, or a list of either
+    (several prompts) -> each prompt's token ids and text. A string is encoded as --prompt encodes it (with
+    <|begin_of_text|>); token ids are taken as they are."""
+    prompt = _field(body, "prompt", (str, list))
+    if prompt is None:
+        raise APIError(400, "prompt is required: a string, a list of token ids, or a list of either", "prompt")
+    if isinstance(prompt, str) or (prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+        prompt = [prompt]
+    prompts = []
+    for i, p in enumerate(prompt):
+        if isinstance(p, str):
+            prompts.append((tokenizer.encode(p, bos=True, eos=False), p))
+        elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            if not all(0 <= t < min(vocab_size, tokenizer.n_words) for t in p):
+                raise APIError(400, f"prompt[{i}] holds a token id outside the vocabulary "
+                               f"(0..{min(vocab_size, tokenizer.n_words) - 1})", "prompt")
+            prompts.append((p, tokenizer.decode(p)))
+        else:
+            raise APIError(400, "prompt must be a string, a non-empty list of token ids, or a non-empty list of "
+                           "either", "prompt")
+    if not prompts:
+        raise APIError(400, "prompt must not be an empty list", "prompt")
+    return prompts
 
-    def __init__(self):
-        self.turns = threading.Condition()
-        self.next = 0  # the ticket of the next request to be given
-        self.serving = 0  # the ticket that holds the lock
 
-    def __enter__(self) -> None:
-        with self.turns:
-            ticket = self.next
-            self.next += 1
-            self.turns.wait_for(lambda: self.serving == ticket)
+@dataclass
+class Job:
+    """One generation the engine runs, and the queue its results go to (see ServedAnswer.follow)."""
+    prompt: list[int]
+    max_tokens: int
+    sampling: Sampling
+    stops: list[str]
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: int | None = None  # alternatives reported per token (0-20); None: no logprobs at all
+    echo_logprobs: bool = False  # the prompt's tokens' logprobs too (completions' echo)
+    events: queue.Queue = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
 
-    def __exit__(self, *exc) -> None:
-        with self.turns:
-            self.serving += 1
-            self.turns.notify_all()
+
+@torch.inference_mode()
+def served_tokens(model: Transformer, cache: list[KVCache], job: Job,
+                  reuse: int) -> Iterator[tuple[int, torch.Tensor, bool]]:
+    """The engine's decoding: feed job.prompt[reuse:] through the cache, then choose one token at a time, yielding
+    (token, logprobs, False), logprobs being the model's float32 log-softmax (vocab_size,) the token was chosen
+    from, before penalties and temperature. The token is fed when the next one is asked for, so closing the
+    generator after a token leaves it unfed, as generate leaves its last. With job.echo_logprobs (reuse 0), every
+    prompt position's logits are computed and each prompt token after the first comes first as (token, logprobs,
+    True). Sampling is generate's (sample(), the same generator) after OpenAI's penalties:
+    logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty + logit_bias[j], count[j] being
+    how often token j was generated so far in this answer."""
+    device = model.tok_embeddings.weight.device
+    s = job.sampling
+    generator = torch.Generator(device=device).manual_seed(s.seed) if s.seed is not None else None
+    tokens = torch.tensor([job.prompt], device=device)  # (1, T)
+    if job.echo_logprobs:  # every position's logits, chunk by chunk, not only the last one's
+        for i in range(0, len(job.prompt), PREFILL_CHUNK):
+            logits = model(tokens[:, i : i + PREFILL_CHUNK], i, cache)[0]  # (chunk, vocab_size)
+            logprobs = torch.log_softmax(logits, dim=-1)
+            for j, after in enumerate(job.prompt[i + 1 : i + 1 + len(logits)]):  # position i + j predicts after
+                yield after, logprobs[j], True
+        logits = logits[-1:]  # (1, vocab_size)
+    else:
+        logits = prefill(model, tokens[:, reuse:], reuse, cache)  # (1, vocab_size)
+    counts = torch.zeros(model.args.vocab_size, device=device)  # of each token in the answer so far
+    bias = torch.zeros(model.args.vocab_size, device=device)
+    for token, value in job.logit_bias.items():
+        bias[token] = value
+    seen = list(job.prompt)  # what the repetition penalty discourages: the prompt and the answer
+    for pos in range(len(job.prompt), model.args.max_seq_len):
+        if not bool(torch.isfinite(logits).all()):
+            raise FloatingPointError(f"the logits at position {pos} are NaN or inf: corrupt weights or settings")
+        chosen_from = logits
+        if s.repetition_penalty != 1.0:
+            chosen_from = apply_repetition_penalty(chosen_from, torch.tensor([seen], device=device),
+                                                   s.repetition_penalty)
+        chosen_from = (chosen_from - counts * job.frequency_penalty - (counts > 0) * job.presence_penalty + bias)
+        token = int(sample(chosen_from, s.temperature, s.top_p, s.top_k, generator)[0])
+        yield token, torch.log_softmax(logits[0], dim=-1), False
+        counts[token] += 1
+        seen.append(token)
+        if pos + 1 < model.args.max_seq_len:
+            logits = model(torch.tensor([[token]], device=device), pos, cache, last_only=True)[:, -1]
+
+
+def top_logprobs(logprobs: torch.Tensor, token: int, n: int) -> tuple[float, list[tuple[int, float]]]:
+    """The chosen token's logprob and the n most likely tokens with theirs, most likely first."""
+    values, ids = torch.topk(logprobs, n) if n else (logprobs[:0], logprobs[:0].long())
+    return float(logprobs[token]), list(zip(ids.tolist(), values.tolist()))
 
 
 class LlamaServer(ThreadingHTTPServer):
-    """The served model and what the requests share: one generation at a time, and the last request's cache."""
+    """The served model: the engine thread that generates, and what the connections' threads share."""
 
     daemon_threads = True  # a client still connected never keeps the process from ending
 
-    def __init__(self, address: tuple[str, int], model: Transformer, tokenizer: Tokenizer, name: str, *,
-                 api_key: str | None = None, tool_format: str | None = None, sampling: Sampling = Sampling(),
-                 today: str | None = None, log: TextIO | None = None):
+    def __init__(self, address: tuple[str, int] | socket.socket, model: Transformer, tokenizer: Tokenizer,
+                 name: str, *, api_key: str | None = None, tool_format: str | None = None,
+                 sampling: Sampling = Sampling(), today: str | None = None, log: TextIO | None = None,
+                 timeout: float = 60.0):
         from tokenizer import ChatFormat
 
-        super().__init__(address, ServeHandler)
+        bound = isinstance(address, socket.socket)  # serve_socket's, bound before the model loaded
+        super().__init__(address.getsockname() if bound else address, ServeHandler, bind_and_activate=not bound)
+        if bound:
+            self.socket.close()
+            self.socket = address
         self.model = model
         self.tokenizer = tokenizer
         self.format = ChatFormat(tokenizer)
@@ -3154,43 +3330,64 @@ class LlamaServer(ThreadingHTTPServer):
         self.sampling = sampling  # the command line's, for fields a request leaves out
         self.today = today
         self.log = log or sys.stderr
-        self.turn = FifoLock()
+        self.client_timeout = timeout
+        self.jobs: queue.Queue[Job | None] = queue.Queue()  # in arrival order; None ends the engine
         self.cache = model.new_cache(1, min(model.args.max_seq_len, 8192))
         self.cached: list[int] = []  # the tokens whose K/V the cache holds
-        self.call_stops: dict[str, str] = {}  # the last answer's call ids -> the stop token its calls ended on
+        threading.Thread(target=self.engine, daemon=True).start()
 
-    def run(self, prompt: list[int], max_tokens: int, sampling: Sampling, stops: list[str],
-            emit: Callable[[str], bool]) -> tuple[list[int], str, bool]:
-        """Generate for prompt after the requests before it, reusing the cache's shared prefix. emit(text) gets the
-        text as it comes and returns True when the client has gone, which ends generation at that token. Returns
-        the new tokens (with the stop token that ended them), the text, and whether a stop string ended it."""
+    def server_close(self) -> None:
+        self.jobs.put(None)
+        super().server_close()
+
+    def engine(self) -> None:
+        """Run the jobs one at a time as they come. A failure of the model (NaN logits, out of memory) goes to its
+        job's client as a 500 and to the log; the engine goes on with the next job."""
+        while (job := self.jobs.get()) is not None:
+            if job.cancelled.is_set():
+                continue
+            try:
+                self.run(job)
+            except Exception as e:  # noqa: BLE001 (the model's own failure, answered and logged)
+                print(f"llama3.py: generation failed: {type(e).__name__}: {e}", file=self.log)
+                job.events.put(("error", e))
+
+    def run(self, job: Job) -> None:
+        """Generate for one job, putting ("prompt", token, logprobs) for echoed prompt tokens, ("token", token, text,
+        logprobs) for each new token and ("end", text, finish_reason, new tokens) on its queue; logprobs is
+        (logprob, [(id, logprob), ...]) or None. Ends at a stop token, a stop string, max_tokens or cancellation."""
         from tokenizer import StreamDecoder
 
-        with self.turn:
-            self.cache, reuse = reuse_prefix(self.model, self.cache, self.cached, prompt, max_tokens)
-            self.cached = prompt[:reuse]  # all that is sure to stay if generation fails
-            new = []
-            shown = []
-            decoder = StreamDecoder(self.tokenizer)
-            text = StopText(stops)
-
-            def on_token(_row: int, token: int) -> bool:
-                new.append(token)
-                if token in self.tokenizer.stop_tokens:
-                    return True
-                piece = text.push(decoder.push(token))
-                shown.append(piece)
-                return (bool(piece) and emit(piece)) or text.stopped
-
-            generate(self.model, [prompt], max_tokens, sampling.temperature, sampling.top_p, sampling.top_k,
-                     stop_tokens=[], seed=sampling.seed, on_token=on_token, cache=self.cache, cached_len=reuse,
-                     repetition_penalty=sampling.repetition_penalty)
-            self.cached = (prompt + new)[:-1] if new else prompt[:reuse]  # the last token chosen was never fed
-        tail = text.push(decoder.finish()) + text.finish()
-        if tail:
-            shown.append(tail)
-            emit(tail)
-        return new, "".join(shown), text.stopped
+        kept = [] if job.sampling.seed is not None or job.echo_logprobs else self.cached  # fed whole, as alone
+        self.cache, reuse = reuse_prefix(self.model, self.cache, kept, job.prompt, job.max_tokens)
+        self.cached = job.prompt[:reuse]  # all that is sure to stay if generation fails
+        decoder = StreamDecoder(self.tokenizer)
+        text = StopText(job.stops)
+        new = []
+        finish = "length"
+        steps = served_tokens(self.model, self.cache, job, reuse)
+        for token, logprobs, in_prompt in steps:
+            if job.cancelled.is_set():
+                print(f"llama3.py: a client left; its generation ended after {len(new)} tokens", file=self.log)
+                break
+            said = top_logprobs(logprobs, token, job.logprobs) if job.logprobs is not None else None
+            if in_prompt:
+                job.events.put(("prompt", token, said))
+                continue
+            if len(new) == job.max_tokens:
+                break
+            new.append(token)
+            if token in self.tokenizer.stop_tokens:
+                finish = "stop"
+                job.events.put(("token", token, "", said))
+                break
+            job.events.put(("token", token, text.push(decoder.push(token)), said))
+            if text.stopped:
+                finish = "stop"
+                break
+        steps.close()
+        self.cached = (job.prompt + new)[:-1] if new else job.prompt[:reuse]  # the last token chosen is not fed
+        job.events.put(("end", text.push(decoder.finish()) + text.finish(), finish, new))
 
 
 class ServeHandler(BaseHTTPRequestHandler):
@@ -3199,29 +3396,50 @@ class ServeHandler(BaseHTTPRequestHandler):
     server: LlamaServer
     server_version = "llama3.py"
 
+    def setup(self) -> None:
+        self.timeout = self.server.client_timeout  # the socket's: reads and writes wait at most this long
+        self.answering: ServedAnswer | None = None
+        super().setup()
+
     def log_message(self, format: str, *args) -> None:
         print(f"{self.address_string()} {format % args}", file=self.server.log)
 
     def do_GET(self) -> None:
-        self.answer(self.models)
+        self.answer(self.info)
 
     def do_POST(self) -> None:
         self.answer(self.completion)
 
     def answer(self, handle: Callable[[], None]) -> None:
         """Run handle, and answer any refusal or failure with OpenAI's error object: never a traceback."""
+        key = self.server.api_key
+        self.answering = None
         try:
-            if self.server.api_key is not None and self.headers.get("Authorization") != f"Bearer {self.server.api_key}":
+            if key is not None and not hmac.compare_digest(self.headers.get("Authorization", "").encode(),
+                                                           f"Bearer {key}".encode()):  # in constant time
                 raise APIError(401, "a valid API key is needed: Authorization: Bearer KEY (--api-key)",
                                code="invalid_api_key")
             handle()
         except APIError as e:
-            self.send_json(e.status, e.body())
+            self.fail(e)
         except (ConnectionError, TimeoutError):
-            pass  # the client has gone
+            self.close_connection = True  # the client has gone or stopped reading: nothing more to say
+        except RecursionError:  # json.dumps of a tool schema nested nearly as deep as json.loads allows
+            self.fail(APIError(400, "the request nests too deeply"))
         except Exception as e:  # noqa: BLE001 (NaN logits, out of memory: said to the client and in the log)
             print(f"llama3.py: {self.path}: {type(e).__name__}: {e}", file=self.server.log)
-            self.send_json(500, APIError(500, f"{type(e).__name__}: {e}").body())
+            self.fail(APIError(500, f"{type(e).__name__}: {e}"))
+
+    def fail(self, error: APIError) -> None:
+        """The error object as the answer, or, once a stream has started, as its last event before [DONE]."""
+        try:
+            if self.answering is not None and self.answering.started:
+                self.answering.event(error.body())
+                self.answering.event("[DONE]")
+            else:
+                self.send_json(error.status, error.body())
+        except OSError:
+            pass
 
     def send_json(self, status: int, body: dict) -> None:
         data = json.dumps(body).encode()
@@ -3231,164 +3449,352 @@ class ServeHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def models(self) -> None:
-        if self.path.rstrip("/") != "/v1/models":
-            raise APIError(404, f"no endpoint GET {self.path}; this server has GET /v1/models", code="unknown_url")
-        self.send_json(200, {"object": "list", "data": [{"id": self.server.name, "object": "model", "created": 0,
-                                                         "owned_by": "llama3.py"}]})
+    def info(self) -> None:
+        path = self.path.rstrip("/")
+        tok = self.server.tokenizer
+        if path == "/v1/models":
+            self.send_json(200, {"object": "list", "data": [{"id": self.server.name, "object": "model", "created": 0,
+                                                             "owned_by": "llama3.py"}]})
+        elif path == "/tokenizer_info":  # vLLM's, which lm-evaluation-harness's remote tokenizer reads
+            self.send_json(200, {"tokenizer_class": "tiktoken", "bos_token": "<|begin_of_text|>",
+                                 "eos_token": "<|end_of_text|>", "pad_token": "<|finetune_right_pad_id|>",
+                                 "stop_tokens": [tok.decode([t]) for t in tok.stop_tokens],
+                                 "model_max_length": self.server.model.args.max_seq_len})
+        else:
+            raise APIError(404, f"no endpoint GET {self.path}; this server has GET /v1/models and GET "
+                           "/tokenizer_info", code="unknown_url")
 
     def read_body(self) -> dict:
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            raise APIError(400, "the request needs a Content-Length") from None
+        """The request's JSON object. The body is read only after its Content-Length is known to be a number within
+        MAX_BODY_BYTES: a missing one is 411, a bad one 400, a large one 413."""
+        length = self.headers.get("Content-Length")
+        if length is None:
+            self.close_connection = True
+            raise APIError(411, "the request needs a Content-Length (chunked bodies are not read)")
+        if not re.fullmatch(r"[0-9]{1,18}", length.strip()):
+            self.close_connection = True
+            raise APIError(400, f"Content-Length must be a number of bytes, not {length[:20]!r}")
+        length = int(length)
         if length > MAX_BODY_BYTES:
             left = min(length, 4 * MAX_BODY_BYTES)  # read (a bounded amount of) it, so the client reads our answer
             while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
                 left -= len(chunk)
             self.close_connection = True
             raise APIError(413, f"the body is {length} bytes; this server takes at most {MAX_BODY_BYTES}")
+        data = self.rfile.read(length)
+        if len(data) < length:
+            raise ConnectionAbortedError  # the client closed before its body was sent
         try:
-            body = json.loads(self.rfile.read(length))
-        except ValueError as e:
-            raise APIError(400, f"the body is not JSON: {e}") from None
+            body = json.loads(data, parse_constant=lambda name: float("nan"))  # NaN fails every range check
+        except (ValueError, RecursionError) as e:
+            raise APIError(400, f"the body is not JSON: {str(e)[:200]}") from None
         if not isinstance(body, dict):
             raise APIError(400, "the body must be a JSON object")
         return body
 
     def completion(self) -> None:
         path = self.path.rstrip("/")
-        if path not in ("/v1/chat/completions", "/v1/completions"):
-            raise APIError(404, f"no endpoint POST {self.path}; this server has POST /v1/chat/completions and "
-                           "POST /v1/completions", code="unknown_url")
-        body = self.read_body()
-        server = self.server
-        chat = path == "/v1/chat/completions"
-        formats = ()
-        if chat:
-            today = server.today or time.strftime("%d %B %Y")
-            dialog, formats = chat_dialog(body, server.tool_format, today, server.call_stops)
-            prompt = server.format.encode_dialog_prompt(dialog, server.tool_format)
-        else:
-            text = _field(body, "prompt", (str, list))
-            if isinstance(text, list):  # one prompt in a list, as some clients send it
-                text = text[0] if len(text) == 1 and isinstance(text[0], str) else None
-            if text is None:
-                raise APIError(400, "prompt must be a string (one prompt)", "prompt")
-            prompt = server.tokenizer.encode(text, bos=True, eos=False)  # as --prompt encodes it
-        limit = server.model.args.max_seq_len
+        routes = {"/v1/chat/completions": self.chat, "/v1/completions": self.text_completion,
+                  "/tokenize": self.tokenize, "/detokenize": self.detokenize}
+        if path not in routes:
+            raise APIError(404, f"no endpoint POST {self.path}; this server has POST /v1/chat/completions, "
+                           "/v1/completions, /tokenize and /detokenize", code="unknown_url")
+        routes[path](self.read_body())
+
+    def tokenize(self, body: dict) -> None:
+        """vLLM's POST /tokenize: {"prompt", "add_special_tokens" (default true: <|begin_of_text|>)} -> tokens. Special
+        tokens' text becomes their ids, as a Hugging Face tokenizer reads it."""
+        check_fields(body, {"prompt", "add_special_tokens", "model"})
+        text = _field(body, "prompt", str)
+        if text is None:
+            raise APIError(400, "prompt must be a string", "prompt")
+        tokens = self.server.tokenizer.encode(text, bos=_field(body, "add_special_tokens", bool, True), eos=False,
+                                              allowed_special="all")
+        self.send_json(200, {"tokens": tokens, "count": len(tokens),
+                             "max_model_len": self.server.model.args.max_seq_len})
+
+    def detokenize(self, body: dict) -> None:
+        """vLLM's POST /detokenize: {"tokens"} -> {"prompt": the text}."""
+        check_fields(body, {"tokens", "model"})
+        tokens = _field(body, "tokens", list)
+        n = self.server.tokenizer.n_words
+        if tokens is None or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < n for t in tokens):
+            raise APIError(400, f"tokens must be a list of token ids (0..{n - 1})", "tokens")
+        self.send_json(200, {"prompt": self.server.tokenizer.decode(tokens)})
+
+    def job(self, body: dict, prompt: list[int], default_max: int | None, where: str, logprobs: int | None,
+            echo: bool = False) -> Job:
+        """The request's generation settings for one prompt, each checked; the server's flags fill the gaps."""
+        limit = self.server.model.args.max_seq_len
         if len(prompt) >= limit:
-            raise APIError(400, f"the prompt is {len(prompt)} tokens; the context holds {limit}", "messages"
-                           if chat else "prompt", "context_length_exceeded")
-        if _field(body, "n", int, 1) != 1:
-            raise APIError(400, "n must be 1: one answer per request", "n")
-        max_tokens = _field(body, "max_completion_tokens", int, _field(body, "max_tokens", int, limit - len(prompt)))
-        if max_tokens < 1:
-            raise APIError(400, f"max_tokens must be >= 1, not {max_tokens}", "max_tokens")
-        max_tokens = min(max_tokens, limit - len(prompt))  # clipped to the context, as the command line does
+            raise APIError(400, f"the prompt is {len(prompt)} tokens; the context holds {limit}", where,
+                           "context_length_exceeded")
+        max_tokens = _field(body, "max_completion_tokens", int, _field(body, "max_tokens", int, default_max))
+        max_tokens = limit - len(prompt) if max_tokens is None else max_tokens
+        if max_tokens < (0 if echo else 1):
+            raise APIError(400, f"max_tokens must be >= {0 if echo else 1}, not {max_tokens}", "max_tokens")
+        if len(prompt) + max_tokens > limit:
+            raise APIError(400, f"the prompt's {len(prompt)} tokens and max_tokens {max_tokens} exceed the context of "
+                           f"{limit} tokens", "max_tokens", "context_length_exceeded")
         stops = _field(body, "stop", (str, list), [])
         stops = [stops] if isinstance(stops, str) else stops
         if not all(isinstance(s, str) and s for s in stops):
             raise APIError(400, "stop must be a non-empty string or a list of them", "stop")
-        d = server.sampling
-        sampling = Sampling(_field(body, "temperature", (int, float), d.temperature),
-                            _field(body, "top_p", (int, float), d.top_p), d.top_k, d.repetition_penalty,
-                            _field(body, "seed", int, d.seed))
-        try:
-            check_generation_args(max_tokens, sampling.temperature, sampling.top_p, None, 1.0)
-        except ValueError as e:
-            raise APIError(400, str(e), str(e).split(" ")[0]) from None
-        streaming = _field(body, "stream", bool, False)
-        options = _field(body, "stream_options", dict, {})
-        reply = Reply(self, chat, streaming and not formats, bool(options.get("include_usage")))
-        new, shown, stopped = server.run(prompt, max_tokens, sampling, stops, reply.emit)
-        message = server.format.decode_assistant_message(new, formats)
+        d = self.server.sampling
+        temperature = _number(body, "temperature", d.temperature, 0.0, 2.0)
+        if 0 < temperature < 1e-6:  # logits / 1e-320 overflow: say so rather than sample from NaN
+            raise APIError(400, "temperature must be 0 (greedy) or at least 0.000001", "temperature")
+        top_k = _field(body, "top_k", int, d.top_k)
+        if top_k is not None and top_k < 1:
+            raise APIError(400, f"top_k must be >= 1, not {top_k}", "top_k")
+        seed = _field(body, "seed", int, d.seed)
+        if seed is not None and not -(2**63) <= seed < 2**64:
+            raise APIError(400, "seed must be a 64-bit integer", "seed")
+        sampling = Sampling(temperature, _number(body, "top_p", d.top_p, 0.0, 1.0), top_k,
+                            _number(body, "repetition_penalty", d.repetition_penalty, 0.01, 100.0),
+                            None if seed is None else seed % 2**64)
+        if sampling.top_p == 0:
+            raise APIError(400, "top_p must be greater than 0", "top_p")
+        bias = _field(body, "logit_bias", dict, {})
+        logit_bias = {}
+        for key, value in bias.items():
+            if not re.fullmatch(r"[0-9]{1,7}", key) or int(key) >= self.server.model.args.vocab_size:
+                raise APIError(400, f"logit_bias keys must be token ids, not {key[:20]!r}", "logit_bias")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+                raise APIError(400, f"logit_bias values must be numbers from -100 to 100, not {value!r}"[:80],
+                               "logit_bias")
+            logit_bias[int(key)] = float(value)
+        return Job(prompt, max_tokens, sampling, stops, _number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+                   _number(body, "presence_penalty", 0.0, -2.0, 2.0), logit_bias, logprobs,
+                   echo and logprobs is not None)
+
+    def chat(self, body: dict) -> None:
+        check_fields(body, CHAT_FIELDS)
+        server = self.server
+        today = server.today or time.strftime("%d %B %Y")
+        dialog, formats, offered = chat_dialog(body, server.tool_format, today)
+        prompt = server.format.encode_dialog_prompt(dialog, server.tool_format)
+        top = _field(body, "top_logprobs", int)
+        if _field(body, "logprobs", bool, False):
+            top = top or 0
+            if not 0 <= top <= MAX_TOP_LOGPROBS["chat"]:
+                raise APIError(400, f"top_logprobs must be between 0 and 20, not {top}", "top_logprobs")
+        elif top is not None:
+            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        job = self.job(body, prompt, None, "messages", top)
+        answer = self.start_answer(body, True, hold_text=bool(formats))
+        got = answer.follow(0, job, None)
+        message = server.format.decode_assistant_message(got["new"], formats)
         calls = message["tool_calls"]
-        ids = [f"call_{uuid.uuid4().hex[:24]}" for _ in calls]
-        server.call_stops = dict.fromkeys(ids, message["stop"] or "eom")
-        stop_token = bool(new) and new[-1] in server.tokenizer.stop_tokens
-        finish = "tool_calls" if calls else "stop" if stopped or stop_token else "length"
-        usage = {"prompt_tokens": len(prompt), "completion_tokens": len(new),
-                 "total_tokens": len(prompt) + len(new)}
-        reply.end("" if calls else shown, list(zip(ids, calls)), finish, usage, streaming)
+        if not all(c["name"] in offered for c in calls):  # a call of a function not offered is text
+            calls = []
+        if not _field(body, "parallel_tool_calls", bool, True):
+            calls = calls[:1]  # one call per answer, as the client asked
+        calls = [(call_id(message["stop"]), c) for c in calls]
+        answer.choices[0]["text"] = "" if calls else got["text"]
+        answer.choices[0]["calls"] = calls
+        answer.choices[0]["finish"] = "tool_calls" if calls else got["finish"]
+        answer.finish()
+
+    def text_completion(self, body: dict) -> None:
+        check_fields(body, COMPLETION_FIELDS)
+        prompts = completion_prompts(body, self.server.tokenizer, self.server.model.args.vocab_size)
+        logprobs = _field(body, "logprobs", int)
+        if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS["completions"]:
+            raise APIError(400, f"logprobs must be between 0 and 5, not {logprobs}", "logprobs")
+        echo = _field(body, "echo", bool, False)
+        jobs = [self.job(body, p, 16, "prompt", logprobs, echo) for p, _ in prompts]  # all checked before any runs
+        answer = self.start_answer(body, False, hold_text=False)
+        for i, ((_, text), job) in enumerate(zip(prompts, jobs)):  # one after another, in prompt order
+            answer.follow(i, job, text if echo else None)
+        answer.finish()
+
+    def start_answer(self, body: dict, chat: bool, hold_text: bool) -> ServedAnswer:
+        options = _field(body, "stream_options", dict, {})
+        self.answering = ServedAnswer(self, chat, _field(body, "stream", bool, False),
+                                      bool(options.get("include_usage")), hold_text)
+        return self.answering
 
 
-class Reply:
+class ServedAnswer:
     """One answer, sent whole as JSON or streamed as server-sent events (data: {chunk} lines, then data: [DONE]).
-    With tools offered, the text is held until the end: only then is it known to be a call or an answer."""
+    With tools offered, a chat's text is held until the end: only then is it known to be a call or an answer."""
 
-    def __init__(self, handler: ServeHandler, chat: bool, stream_text: bool, include_usage: bool):
+    def __init__(self, handler: ServeHandler, chat: bool, stream: bool, include_usage: bool, hold_text: bool):
         self.handler = handler
         self.chat = chat
-        self.stream_text = stream_text
+        self.stream = stream
         self.include_usage = include_usage
+        self.hold_text = hold_text
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.started = False  # the event stream's headers are sent
-        self.gone = False  # the client closed the connection
+        self.choices: list[dict] = []
+        self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
 
-    def chunk(self, delta: dict | None, text: str | None, finish: str | None) -> dict:
-        choice = {"index": 0, "delta": delta} if self.chat else {"index": 0, "text": text, "logprobs": None}
+    def gone(self) -> bool:
+        """Whether the client closed its end: the socket reads as ready, and what it holds is nothing."""
+        conn = self.handler.connection
+        try:
+            return bool(select.select([conn], [], [], 0)[0]) and not conn.recv(1, socket.MSG_PEEK)
+        except OSError:
+            return True
+
+    def follow(self, index: int, job: Job, echo: str | None) -> dict:
+        """Queue job and take its results as they come: streamed at once, or kept for finish(). A client that
+        leaves or stops reading cancels the job (ConnectionAbortedError). Returns the choice: its text, finish
+        reason, new tokens and logprobs."""
+        from tokenizer import StreamDecoder
+
+        tok = self.handler.server.tokenizer
+        choice = {"index": index, "text": echo or "", "finish": None, "new": [], "calls": [], "lp": []}
+        self.choices.append(choice)
+        offsets = StreamDecoder(tok)  # each token's text, for completions' text_offset
+        at = 0
+        if echo is not None and job.logprobs is not None:  # the first prompt token has no logprob
+            first = job.prompt[0]
+            width = 0 if first == tok.bos_id and not echo.startswith("<|begin_of_text|>") else len(offsets.push(first))
+            choice["lp"].append((first, None, 0))
+            at = width
+        self.handler.server.jobs.put(job)
+        try:
+            if echo and self.stream:
+                self.send_delta(choice, echo, choice["lp"][:1])
+            self.take(choice, job, at, offsets)
+        except ConnectionError:
+            job.cancelled.set()  # the engine ends it at the next token
+            raise
+        n_prompt = len(job.prompt)
+        self.usage["prompt_tokens"] += n_prompt
+        self.usage["completion_tokens"] += len(choice["new"])
+        self.usage["total_tokens"] += n_prompt + len(choice["new"])
+        return choice
+
+    def take(self, choice: dict, job: Job, at: int, offsets) -> None:
+        """The job's events into choice, streamed as they come unless held; at: the next token's text offset."""
+        tok = self.handler.server.tokenizer
+        while True:
+            try:
+                event = job.events.get(timeout=0.2)
+            except queue.Empty:
+                if self.gone():
+                    raise ConnectionAbortedError from None
+                continue
+            kind = event[0]
+            if kind == "error":
+                raise APIError(500, f"{type(event[1]).__name__}: {event[1]}")
+            if kind == "end":
+                _, tail, finish, new = event
+                choice["finish"] = finish
+                choice["new"] = new
+                self.add_text(choice, tail, [])
+                break
+            token, said = event[1], event[-1]
+            logged = []
+            if said is not None and not (self.chat and token in tok.stop_tokens):  # chat shows no end token
+                logged = [(token, said, at)]
+                at += len(offsets.push(token)) if token not in tok.stop_tokens else 0
+            choice["lp"] += logged
+            if kind == "prompt" and self.stream and logged:
+                self.send_delta(choice, "", logged)
+            elif kind == "token":
+                self.add_text(choice, event[2], logged)
+
+    def add_text(self, choice: dict, text: str, logged: list) -> None:
+        if self.stream and not self.hold_text and (text or logged):
+            self.send_delta(choice, text, logged)
+        choice["text"] += text
+
+    def send_delta(self, choice: dict, text: str, logged: list) -> None:
+        if self.chat:
+            if not self.started:
+                self.event(self.chunk(0, {"role": "assistant", "content": ""}, None, None))
+            self.event(self.chunk(0, {"content": text}, self.logprobs(logged), None))
+        else:
+            self.event(self.chunk(choice["index"], text, self.logprobs(logged), None))
+
+    def chunk(self, index: int, delta: dict | str, logprobs: dict | None, finish: str | None) -> dict:
+        choice = {"index": index, "delta": delta} if self.chat else {"index": index, "text": delta}
         return {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
                 "created": self.created, "model": self.handler.server.name,
-                "choices": [{**choice, "finish_reason": finish}]}
+                "choices": [{**choice, "logprobs": logprobs, "finish_reason": finish}]}
 
-    def event(self, body: dict | str) -> bool:
-        """Send one event; True when the client has gone (its side of the socket closed, or the write failed)."""
+    def logprobs(self, logged: list[tuple[int, tuple | None, int]]) -> dict | None:
+        """(token, (logprob, top), text offset) entries as OpenAI's API shapes them: chat's content list, or
+        completions' four parallel lists (top_logprobs a dict per position, the chosen token in it too)."""
+        if not logged:
+            return None
+        tok = self.handler.server.tokenizer
+
+        def token_bytes(t: int) -> bytes:
+            return tok.model.decode_single_token_bytes(t)
+
+        def text(t: int) -> str:
+            return token_bytes(t).decode("utf-8", errors="replace")
+
+        if self.chat:
+            return {"content": [{"token": text(t), "logprob": lp, "bytes": list(token_bytes(t)),
+                                 "top_logprobs": [{"token": text(i), "logprob": v, "bytes": list(token_bytes(i))}
+                                                  for i, v in top]} for t, (lp, top), _ in logged]}
+        return {"tokens": [text(t) for t, _, _ in logged],
+                "token_logprobs": [said and said[0] for _, said, _ in logged],
+                "top_logprobs": [said and {**{text(i): v for i, v in said[1]}, text(t): said[0]}
+                                 for t, said, _ in logged],
+                "text_offset": [at for _, _, at in logged]}
+
+    def event(self, body: dict | str) -> None:
+        """Send one event; a client gone or not reading for --timeout raises ConnectionAbortedError."""
         h = self.handler
-        if not self.started:
-            self.started = True
-            h.send_response(200)
-            h.send_header("Content-Type", "text/event-stream")
-            h.send_header("Cache-Control", "no-cache")
-            h.end_headers()
-            h.close_connection = True  # the stream ends when the connection does
         try:
-            readable, _, _ = select.select([h.connection], [], [], 0)
-            if readable and not h.connection.recv(1, socket.MSG_PEEK):
-                raise ConnectionResetError  # a read of nothing: the client closed its end
+            if not self.started:
+                self.started = True
+                h.send_response(200)
+                h.send_header("Content-Type", "text/event-stream")
+                h.send_header("Cache-Control", "no-cache")
+                h.end_headers()
+                h.close_connection = True  # the stream ends when the connection does
             data = body if isinstance(body, str) else json.dumps(body)
             h.wfile.write(f"data: {data}\n\n".encode())
             h.wfile.flush()
-        except OSError:
-            self.gone = True
-        return self.gone
+        except OSError:  # reset, broken pipe, or the socket's timeout
+            raise ConnectionAbortedError from None
 
-    def emit(self, text: str) -> bool:
-        if not self.stream_text or self.gone:
-            return self.gone
-        if not self.started and self.chat:
-            self.event(self.chunk({"role": "assistant", "content": ""}, None, None))
-        return self.event(self.chunk({"content": text}, None, None) if self.chat else self.chunk(None, text, None))
-
-    def end(self, text: str, calls: list[tuple[str, dict]], finish: str, usage: dict, streaming: bool) -> None:
-        """The answer (all of it, or what streaming has not sent), its finish_reason and usage; calls: (id, call)."""
-        tool_calls = [{"id": i, "type": "function", "function": {"name": c["name"], "arguments":
-                                                                  json.dumps(c["arguments"], ensure_ascii=False)}}
-                      for i, c in calls]
-        if not streaming:
-            if self.chat:
-                message = {"role": "assistant", "content": None if calls else text}
-                choice = {"index": 0, "message": {**message, **({"tool_calls": tool_calls} if calls else {})}}
-            else:
-                choice = {"index": 0, "text": text, "logprobs": None}
-            self.handler.send_json(200, {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
-                                         "created": self.created, "model": self.handler.server.name,
-                                         "choices": [{**choice, "finish_reason": finish}], "usage": usage})
+    def finish(self) -> None:
+        """The answer (all of it, or what streaming has not sent), its finish reasons and usage."""
+        for c in self.choices:
+            c["tool_calls"] = [{"id": i, "type": "function", "function": {
+                "name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}
+                for i, call in c["calls"]]
+        if not self.stream:
+            choices = []
+            for c in self.choices:
+                if self.chat:
+                    message = {"role": "assistant", "content": None if c["calls"] else c["text"]}
+                    if c["calls"]:
+                        message["tool_calls"] = c["tool_calls"]
+                    shown = [entry for entry in c["lp"] if not c["calls"]]
+                    choices.append({"index": c["index"], "message": message, "logprobs": self.logprobs(shown),
+                                    "finish_reason": c["finish"]})
+                else:
+                    choices.append({"index": c["index"], "text": c["text"], "logprobs": self.logprobs(c["lp"]),
+                                    "finish_reason": c["finish"]})
+            self.handler.send_json(200, {"id": self.id, "object": "chat.completion" if self.chat else
+                                         "text_completion", "created": self.created,
+                                         "model": self.handler.server.name, "choices": choices, "usage": self.usage})
             return
-        if self.gone:
-            return
-        if not self.stream_text and (text or calls):  # held until the end: sent as one delta
-            delta = {"role": "assistant", "content": text or None}
-            if calls:
-                delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(tool_calls)]
-            self.event(self.chunk(delta, None, None) if self.chat else self.chunk(None, text, None))
-        elif not self.started and self.chat:
-            self.event(self.chunk({"role": "assistant", "content": ""}, None, None))
-        self.event(self.chunk({}, None, finish) if self.chat else self.chunk(None, "", finish))
+        for c in self.choices:
+            if self.chat and self.hold_text and (c["text"] or c["calls"]):  # held until the end: sent as one delta
+                delta = {"role": "assistant", "content": c["text"] or None}
+                if c["calls"]:
+                    delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(c["tool_calls"])]
+                self.event(self.chunk(0, delta, None, None))
+            elif self.chat and not self.started:
+                self.event(self.chunk(0, {"role": "assistant", "content": ""}, None, None))
+            self.event(self.chunk(c["index"], {} if self.chat else "", None, c["finish"]))
         if self.include_usage:
             self.event({"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                        "created": self.created, "model": self.handler.server.name, "choices": [], "usage": usage})
+                        "created": self.created, "model": self.handler.server.name, "choices": [],
+                        "usage": self.usage})
         self.event("[DONE]")
 
 
@@ -3397,18 +3803,28 @@ def serve_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit() or int(port) > 65535:
         raise ValueError(f"--serve takes HOST:PORT, such as 127.0.0.1:8000, not {address!r}")
-    return host, int(port)
+    return host.strip("[]"), int(port)
 
 
-def serve(model: Transformer, tokenizer: Tokenizer, address: str, name: str, *, api_key: str | None = None,
-          tool_format: str | None = None, sampling: Sampling = Sampling()) -> None:
-    """--serve HOST:PORT: answer requests until Ctrl-C (exit 130) or SIGTERM (exit 0). Says where on stderr once it
-    accepts requests, with the port it bound (port 0 picks a free one)."""
+def serve_socket(address: str) -> socket.socket:
+    """--serve HOST:PORT bound and listening, before the model loads: a port in use is said at once, not after
+    minutes of loading. ValueError naming the flag."""
+    host, port = serve_address(address)
     try:
-        server = LlamaServer(serve_address(address), model, tokenizer, name, api_key=api_key,
-                             tool_format=tool_format, sampling=sampling)
+        return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     except OSError as e:
         raise ValueError(f"--serve {address}: {e.strerror or e}") from None
+
+
+def serve(model: Transformer, tokenizer: Tokenizer, address: str | socket.socket, name: str, *,
+          api_key: str | None = None, tool_format: str | None = None, sampling: Sampling = Sampling(),
+          timeout: float = 60.0) -> None:
+    """--serve HOST:PORT: answer requests until Ctrl-C (exit 130) or SIGTERM (exit 0). Says where on stderr once it
+    accepts requests, with the port it bound (port 0 picks a free one). timeout: seconds a client may neither send
+    nor read before it loses its request (--timeout)."""
+    sock = serve_socket(address) if isinstance(address, str) else address
+    server = LlamaServer(sock, model, tokenizer, name, api_key=api_key, tool_format=tool_format, sampling=sampling,
+                         timeout=timeout)
 
     def stop(*_) -> None:
         raise SystemExit(0)

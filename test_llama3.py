@@ -4185,6 +4185,20 @@ def http(server, method: str, path: str, body: bytes | None = None, headers: dic
         conn.close()
 
 
+class ScriptedServing:
+    """A stand-in for the server's served_tokens: answers each request with the next scripted text, token by token,
+    and records the prompts and the cached lengths reused for them."""
+
+    def __init__(self, tok, answers: list[str]):
+        self.tok, self.answers, self.prompts, self.cached = tok, list(answers), [], []
+
+    def __call__(self, model, cache, job, reuse):
+        self.prompts.append(job.prompt)
+        self.cached.append(reuse)
+        for t in self.tok.encode(self.answers.pop(0), bos=False, eos=False, allowed_special="all"):
+            yield t, torch.zeros(model.args.vocab_size), False
+
+
 def greedy_text(server, tok, prompt: list[int], n: int) -> tuple[str, list[int]]:
     """generate's greedy answer to prompt (up to n tokens) as text, and its tokens with the stop token if one ended
     it, computed afresh (no cache kept)."""
@@ -4207,14 +4221,13 @@ def test_served_chat_answers_equal_generate_on_chat_formats_tokens_and_reuse_the
     from tokenizer import ChatFormat
 
     server, client = served
-    cached_lens, original = [], llama3.generate
+    cached_lens, original = [], llama3.served_tokens
 
-    def spy(*a, **kw):
-        if "cache" in kw:  # the server's call, not greedy_text's
-            cached_lens.append(kw["cached_len"])
-        return original(*a, **kw)
+    def spy(model, cache, job, reuse):
+        cached_lens.append(reuse)
+        return original(model, cache, job, reuse)
 
-    monkeypatch.setattr(llama3, "generate", spy)
+    monkeypatch.setattr(llama3, "served_tokens", spy)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
     ours = list(messages)  # our message dicts for the same conversation
     for _ in range(2):
@@ -4231,16 +4244,22 @@ def test_served_chat_answers_equal_generate_on_chat_formats_tokens_and_reuse_the
     assert cached_lens[0] == 0 and cached_lens[1] > len(ChatFormat(tok).encode_dialog_prompt(ours[:2]))
 
 
-def test_served_text_completion_equals_generate_and_clips_max_tokens_to_the_context(served, tok):
-    # /v1/completions encodes the prompt as --prompt does (with <|begin_of_text|>), and a max_tokens past the
-    # context is clipped to it rather than refused.
+def test_served_text_completion_equals_generate_and_refuses_max_tokens_past_the_context(served, tok):
+    # /v1/completions encodes the prompt as --prompt does (with <|begin_of_text|>); max_tokens may fill the context
+    # but not pass it (400 context_length_exceeded, as OpenAI and vLLM answer), and without it 16 tokens come.
+    openai = require("openai")
     server, client = served
     prompt = tok.encode("Once upon a time", bos=True, eos=False)
     room = server.model.args.max_seq_len - len(prompt)
-    r = client.completions.create(model="tiny", prompt="Once upon a time", temperature=0, max_tokens=10_000)
+    r = client.completions.create(model="tiny", prompt="Once upon a time", temperature=0, max_tokens=room)
     text, new = greedy_text(server, tok, prompt, room)
     assert r.choices[0].text == text and r.usage.completion_tokens == len(new) <= room
     assert r.choices[0].finish_reason == ("stop" if new[-1] in tok.stop_tokens else "length")
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model="tiny", prompt="Once upon a time", temperature=0, max_tokens=room + 1)
+    assert refused.value.body["code"] == "context_length_exceeded" and refused.value.body["param"] == "max_tokens"
+    r = client.completions.create(model="tiny", prompt="Once upon a time", temperature=0)
+    assert r.usage.completion_tokens == min(16, len(greedy_text(server, tok, prompt, 16)[1]))
 
 
 @pytest.mark.parametrize("chat", [True, False])
@@ -4300,8 +4319,8 @@ def test_tool_calls_go_to_the_client_and_tool_results_come_back_as_ipython_messa
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="unused",
                            max_retries=0, timeout=60)
     call_text = json.dumps({"type": "function", "name": "get_weather", "parameters": {"city": "Paris"}})
-    script = ScriptedModel(tok, [call_text + "<|eom_id|>", "It is 25 C.<|eot_id|>"])
-    monkeypatch.setattr(llama3, "generate", script)
+    script = ScriptedServing(tok, [call_text + "<|eom_id|>", "It is 25 C.<|eot_id|>"])
+    monkeypatch.setattr(llama3, "served_tokens", script)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"}]
     ask = {"model": "tiny", "messages": messages, "tools": [openai_tool(get_weather)], "temperature": 0}
     if stream:
@@ -4316,10 +4335,10 @@ def test_tool_calls_go_to_the_client_and_tool_results_come_back_as_ipython_messa
     assert finish == "tool_calls" and len(calls) == 1 and calls[0].type == "function"
     assert calls[0].function.name == "get_weather" and json.loads(calls[0].function.arguments) == {"city": "Paris"}
     chat, _, _ = tool_chat(tok, monkeypatch, [], tools=[get_weather])  # what --tools would have fed
+    monkeypatch.setattr(llama3, "served_tokens", script)
     assert script.prompts[0] == ChatFormat(tok).encode_dialog_prompt(chat.dialog + messages[1:])
     messages += [{"role": "assistant", "content": None, "tool_calls": [calls[0].model_dump(exclude={"index"})]},
                  {"role": "tool", "tool_call_id": calls[0].id, "content": "25 C in Paris"}]
-    monkeypatch.setattr(llama3, "generate", script)
     r = client.chat.completions.create(**{**ask, "messages": messages})
     assert r.choices[0].message.content == "It is 25 C." and r.choices[0].finish_reason == "stop"
     ours = [*chat.dialog, messages[1], {"role": "assistant", "content": "", "stop": "eom",
@@ -4336,7 +4355,7 @@ def test_without_tools_a_call_shaped_answer_is_text(served, tok, monkeypatch):
     _, client = served
     answer = '{"name": "Alice", "age": 30}'
     for extra in ({}, {"tools": [openai_tool(get_weather)], "tool_choice": "none"}):
-        monkeypatch.setattr(llama3, "generate", ScriptedModel(tok, [answer + "<|eot_id|>"]))
+        monkeypatch.setattr(llama3, "served_tokens", ScriptedServing(tok, [answer + "<|eot_id|>"]))
         r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Who?"}], **extra)
         assert r.choices[0].message.content == answer and not r.choices[0].message.tool_calls
 
@@ -4404,17 +4423,15 @@ def slowed_generate(monkeypatch, seconds: float) -> list[int]:
     """Make every served token take `seconds` longer; returns the list the tokens chosen are added to."""
     import time
 
-    chosen, original = [], llama3.generate
+    chosen, original = [], llama3.served_tokens
 
-    def slow(*a, on_token=None, **kw):
-        def tick(row: int, token: int) -> bool:
+    def slow(*a):
+        for step in original(*a):
             time.sleep(seconds)
-            chosen.append(token)
-            return on_token(row, token)
+            chosen.append(step[0])
+            yield step
 
-        return original(*a, on_token=tick, **kw)
-
-    monkeypatch.setattr(llama3, "generate", slow)
+    monkeypatch.setattr(llama3, "served_tokens", slow)
     return chosen
 
 

@@ -396,9 +396,20 @@ def parse_python_list(text: str) -> list[dict] | None:
             if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.args):
                 return None
             calls.append({"name": node.func.id, "arguments": {k.arg: ast.literal_eval(k.value) for k in node.keywords}})
-        return calls if all(k.arg is not None for n in tree.elts for k in n.keywords) else None
+        if not all(k.arg is not None for n in tree.elts for k in n.keywords):
+            return None
+        return calls if all(is_json_object(c["arguments"]) for c in calls) else None  # not {"Paris"}, a set
     except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
         return None
+
+
+def is_json_object(value) -> bool:
+    """Whether value is a dict that JSON carries as it is: string keys, and values JSON has (no set, tuple,
+    bytes or complex number, which a Python literal can be)."""
+    try:
+        return isinstance(value, dict) and json.loads(json.dumps(value)) == value
+    except (TypeError, ValueError, RecursionError):
+        return False
 
 
 def parse_tool_calls(text: str, python_tag: bool, formats: Collection[str] = ALL_CALL_FORMATS) -> list[dict]:
@@ -412,23 +423,26 @@ def parse_tool_calls(text: str, python_tag: bool, formats: Collection[str] = ALL
         # reading one JSON value from the "{" has neither problem.
         try:
             args, _ = decoder.raw_decode(text, m.end())
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
-        if isinstance(args, dict):
+        if is_json_object(args):
             calls.append({"name": m.group(1), "arguments": args})
     if not calls and "json" in formats:
         try:
             body = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             body = None
         # llama-models also takes {"type": "function"} without a name, and fails on it.
-        if isinstance(body, dict) and isinstance(body.get("name"), str):
+        # The arguments must be an object: "parameters": "weather" or null is an answer, not a call.
+        if (isinstance(body, dict) and isinstance(body.get("name"), str)
+                and is_json_object(body.get("parameters", {}))):
             calls = [{"name": body["name"], "arguments": body.get("parameters", {})}]
     calls = calls or ("python_list" in formats and parse_python_list(text)) or []
     for call in calls:  # a built-in tool written as a custom call: its first value is the query (or code)
         if call["name"] in BUILTIN_TOOLS:
             key = "code" if call["name"] == "code_interpreter" else "query"
-            call["arguments"] = {key: next(iter(call["arguments"].values()), "")}
+            value = next(iter(call["arguments"].values()), "")
+            call["arguments"] = {key: value if isinstance(value, str) else json.dumps(value)}
     if calls or "builtin" not in formats:
         return calls
     m = re.search(r"\b(\w+)\.call\(query=", text)
