@@ -2169,7 +2169,7 @@ def main(argv: list[str] | None = None) -> None:
             opts.draft = resolve_checkpoint(opts.draft)
             CheckpointReader(opts.draft)
         except CheckpointError as e:
-            _fail(f"--draft {opts.draft}: {e}")
+            _fail(f"--draft: {e}")
 
     try:  # a flag whose appendix this copy of the file lacks: said before the model loads
         if opts.compile:
@@ -3399,6 +3399,10 @@ class ServeHandler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         self.timeout = self.server.client_timeout  # the socket's: reads and writes wait at most this long
         self.answering: ServedAnswer | None = None
+        self.unread = False  # a body is left unread (too large), see linger
+        # A small send buffer, so that writes to a client that stopped reading wait (and time out) after tens of
+        # KiB, not after the megabytes the kernel would otherwise take.
+        self.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 15)
         super().setup()
 
     def log_message(self, format: str, *args) -> None:
@@ -3440,6 +3444,21 @@ class ServeHandler(BaseHTTPRequestHandler):
                 self.send_json(error.status, error.body())
         except OSError:
             pass
+        if self.unread:  # a body left unread: closing now could reset the connection before the client reads
+            self.linger()
+
+    def linger(self) -> None:
+        """Close our side, then read (and drop) what the client still sends, for at most a second and 32 MiB, so
+        that it reads our answer rather than a reset."""
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(1.0)
+            left = 4 * MAX_BODY_BYTES
+            while left > 0 and (chunk := self.connection.recv(1 << 16)):
+                left -= len(chunk)
+        except OSError:
+            pass
 
     def send_json(self, status: int, body: dict) -> None:
         data = json.dumps(body).encode()
@@ -3476,10 +3495,8 @@ class ServeHandler(BaseHTTPRequestHandler):
             raise APIError(400, f"Content-Length must be a number of bytes, not {length[:20]!r}")
         length = int(length)
         if length > MAX_BODY_BYTES:
-            left = min(length, 4 * MAX_BODY_BYTES)  # read (a bounded amount of) it, so the client reads our answer
-            while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
-                left -= len(chunk)
             self.close_connection = True
+            self.unread = True
             raise APIError(413, f"the body is {length} bytes; this server takes at most {MAX_BODY_BYTES}")
         data = self.rfile.read(length)
         if len(data) < length:
@@ -3677,8 +3694,10 @@ class ServedAnswer:
             try:
                 event = job.events.get(timeout=0.2)
             except queue.Empty:
-                if self.gone():
-                    raise ConnectionAbortedError from None
+                event = None
+            if self.gone():  # checked at every token too: a plain request's client may leave while tokens come
+                raise ConnectionAbortedError
+            if event is None:
                 continue
             kind = event[0]
             if kind == "error":

@@ -4506,6 +4506,444 @@ def test_serve_command_line_prints_its_address_and_ends_cleanly_on_sigterm(cli_c
         p.wait(timeout=60)
 
 
+# The server survives its clients (issue 33): clients that stop reading or leave, lying headers, a fuzz of odd
+# requests, logprobs and penalties against independent references, no state shared between requests.
+
+
+def raw_request(server, head: str, body: bytes = b"", rcvbuf: int | None = None):
+    """A socket that sent one raw HTTP request (head: the request line and headers, without the blank line)."""
+    import socket
+
+    sock = socket.socket()
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # set before connecting, as TCP needs
+    sock.settimeout(30)
+    sock.connect(("127.0.0.1", server.server_address[1]))
+    sock.sendall(head.encode() + b"\r\n\r\n" + body)
+    return sock
+
+
+def read_all(sock) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    sock.close()
+    return data
+
+
+def post(path: str, body: dict | bytes) -> tuple[str, bytes]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(data)}",
+            data)
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_a_client_that_stops_reading_or_leaves_gives_way_to_the_next_within_seconds(cli_ckpt, tok, monkeypatch,
+                                                                                      streaming):
+    # Streaming: a client with a 4 KiB receive buffer that never reads, asking for large events (top_logprobs 20);
+    # plain: a client that closes its connection 0.3 s after asking for many tokens. Either way the next request
+    # is answered within seconds (--timeout 3), long before the first generation would have ended (12 s), and the
+    # log says in one line that a client left.
+    import time
+
+    openai = require("openai")
+    server = start_server(load_model(cli_ckpt[0], dtype=torch.float32), tok, timeout=3)
+    try:
+        chosen = slowed_generate(monkeypatch, 0.12)  # 100 tokens would take 12 s
+        ask = {"messages": [{"role": "user", "content": "Tell me"}], "max_tokens": 100, "temperature": 0,
+               "stream": streaming, "logprobs": True, "top_logprobs": 20}
+        stalled = raw_request(server, *post("/v1/chat/completions", ask), rcvbuf=4096)
+        time.sleep(0.3)
+        if not streaming:
+            stalled.close()
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="unused",
+                               max_retries=0, timeout=60)
+        t0 = time.perf_counter()
+        r = client.completions.create(model="tiny", prompt="Hi", max_tokens=2)
+        waited = time.perf_counter() - t0
+        assert r.usage.completion_tokens == 2 and waited < 8, waited
+        assert 0 < len(chosen) < 80  # the first generation started and was cut short
+        assert "a client left; its generation ended after" in server.log.getvalue()
+        stalled.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("length, status", [(None, 411), ("-1", 400), ("abc", 400), ("1e3", 400),
+                                            ("99999999999999999999999", 400), (str(9 << 20), 413)])
+def test_a_missing_or_lying_content_length_is_refused_without_reading_the_body(served, length, status):
+    # -1 once made rfile.read(-1) read a 9.4 MB body; now the header is checked first and the limit always holds.
+    server, client = served
+    body = b'{"prompt": "' + b"x" * (9 << 20) + b'"}'
+    head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+    head += f"\r\nContent-Length: {length}" if length is not None else ""
+    sock = raw_request(server, head, body[: 1 << 20])
+    answer = read_all(sock).decode()
+    assert answer.startswith(f"HTTP/1.0 {status} "), answer[:200]
+    assert json.loads(answer.split("\r\n\r\n", 1)[1])["error"]["message"]
+    assert client.completions.create(model="tiny", prompt="Hi", max_tokens=1).usage.completion_tokens == 1
+
+
+JSON_KINDS = [None, True, False, 0, -1, 1.5, 2**64, -(2**70), "", "x", "<|eot_id|>", [], [1], ["a"], [None],
+              [[1, 2]], {}, {"a": 1}, {"type": "function"}, [{"role": "user"}]]
+
+
+def fuzz_requests() -> list[tuple[str, bytes]]:
+    """Several hundred odd requests: each field of a valid chat and completion request replaced by each JSON kind,
+    odd messages, tools, calls and bodies."""
+    tool = {"type": "function", "function": {"name": "get_weather", "description": "Weather.", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "description": "A city."}},
+        "required": ["city"]}}}
+    call = {"id": "call_eom_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "P"}'}}
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0,
+            "top_p": 0.9, "seed": 1, "stop": ["x"], "stream": False, "tools": [tool], "tool_choice": "auto",
+            "logprobs": True, "top_logprobs": 2, "frequency_penalty": 0.5, "presence_penalty": 0.5,
+            "logit_bias": {"15": 1}, "n": 1, "response_format": {"type": "text"}, "user": "u",
+            "stream_options": {"include_usage": True}, "max_completion_tokens": 2, "parallel_tool_calls": True}
+    completion = {"model": "tiny", "prompt": "Hi", "max_tokens": 2, "temperature": 0, "echo": True, "logprobs": 2,
+                  "best_of": 1, "suffix": None, "seed": 1, "stop": "x", "stream": False}
+    requests = []
+    for path, base in (("/v1/chat/completions", chat), ("/v1/completions", completion)):
+        for name in base:
+            for value in JSON_KINDS:
+                requests.append((path, {**base, name: value}))
+    odd_messages = [[{"role": "user"}], [{"role": "user", "content": None}], [{"role": ["user"], "content": "x"}],
+                    [{"role": "assistant", "tool_calls": "x"}], [{"role": "assistant", "tool_calls": [None]}],
+                    [{"role": "assistant", "tool_calls": [{"function": {"name": 1}}]}],
+                    [{"role": "assistant", "tool_calls": [{**call, "function": {"name": "brave_search",
+                                                                                "arguments": "{}"}}]}],
+                    [{"role": "assistant", "tool_calls": [{**call, "function": {"name": "f", "arguments": "[1]"}}]}],
+                    [{"role": "assistant", "tool_calls": [{**call, "id": ["x"]}]}, {"role": "tool", "content": "x"}],
+                    [{"role": "user", "content": [{"type": "image_url"}]}], [{"role": "tool", "content": 5}], [[]]]
+    for messages in odd_messages:
+        requests.append(("/v1/chat/completions", {**chat, "messages": messages}))
+    odd_tools = [{"type": "function", "function": {"name": "f", "parameters": {"properties": {"a": {
+                     "type": ["string", "null"]}}}}},
+                 {"type": "function", "function": {"name": "f", "parameters": "weather"}},
+                 {"type": "function", "function": {"name": "f", "parameters": {"properties": {"a": 1}}}},
+                 {"type": "function", "function": {"name": "f", "parameters": {"properties": {"a": {
+                     "enum": "x"}}, "required": "a"}}},
+                 {"type": "function", "function": {"name": "f", "description": 5}},
+                 {"type": "function", "function": {"name": "brave_search"}},
+                 {"type": "function", "function": {"name": ""}}]
+    for t in odd_tools:
+        requests.append(("/v1/chat/completions", {**chat, "tools": [t]}))
+    for t in JSON_KINDS:
+        requests.append(("/v1/chat/completions", {**chat, "tools": [{"type": "function", "function": {
+            "name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "string", "default": t,
+                                                                              "description": "A."}}}}}]}))
+    for body in (b"", b"null", b"[]", b'"x"', b"{", b"[" * 100_000, b'{"a": NaN}', b"\xff\xfe", b'{"prompt": "x"' +
+                 b', "max_tokens": 1}' + b" " * 10):
+        requests.append(("/v1/completions", body))
+        requests.append(("/v1/chat/completions", body))
+    requests.append(("/v1/chat/completions", {**chat, "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {"a": json.loads("[" * 900 + "]" * 900)}}}}]}))
+    for path, body in (("/tokenize", {"prompt": "x"}), ("/detokenize", {"tokens": [1]})):
+        for name in body:
+            for value in JSON_KINDS:
+                requests.append((path, {**body, name: value}))
+    return [(p, b if isinstance(b, bytes) else json.dumps(b).encode()) for p, b in requests]
+
+
+def test_a_fuzz_of_odd_requests_gets_no_5xx_and_the_server_serves_on(served):
+    # Every request a client can send gets a 2xx or a 4xx with OpenAI's error object, never a 5xx, a traceback or a
+    # dropped connection.
+    import http.client
+
+    server, client = served
+    requests = fuzz_requests()
+    assert len(requests) > 400
+    seen = {}
+    for path, body in requests:
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=60)
+        try:
+            conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+            r = conn.getresponse()
+            status, answer = r.status, r.read()
+        finally:
+            conn.close()
+        assert status < 500, (path, body[:300], answer[:300])
+        if status >= 400:
+            error = json.loads(answer)["error"]
+            assert error["message"] and set(error) == {"message", "type", "param", "code"}
+        seen[status] = seen.get(status, 0) + 1
+    assert seen.get(200, 0) > 50 and seen.get(400, 0) > 100, seen  # both kinds were exercised
+    assert "Traceback" not in server.log.getvalue() and "generation failed" not in server.log.getvalue()
+    assert client.completions.create(model="tiny", prompt="Hi", max_tokens=1).usage.completion_tokens == 1
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"response_format": {"type": "json_object"}}, "response_format"), ({"n": 2}, "n"),
+    ({"tool_choice": "required"}, "tool_choice"), ({"functions": []}, "functions"), ({"audio": {}}, "audio"),
+    ({"top_logprobs": 3}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"frequency_penalty": 2.5}, "frequency_penalty"), ({"presence_penalty": -3}, "presence_penalty"),
+    ({"logit_bias": {"x": 1}}, "logit_bias"), ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"seed": 2**64}, "seed"), ({"temperature": 1e-300}, "temperature"), ({"max_tokens": 10**9}, "max_tokens")])
+def test_a_field_the_server_does_not_honour_is_refused_naming_it(served, body, param):
+    # Never silently ignored: a field that would change the answer and that this server cannot honour is a 400
+    # naming it; fields that change nothing (user, metadata) are accepted.
+    server, _ = served
+    base = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    status, answer = http(server, "POST", "/v1/chat/completions", json.dumps({**base, **body}).encode())
+    assert status == 400 and answer["error"]["param"] == param, answer
+    status, answer = http(server, "POST", "/v1/chat/completions",
+                          json.dumps({**base, "user": "u", "metadata": {"k": "v"}, "store": False}).encode())
+    assert status == 200, answer
+    for refused, name in (({"suffix": "x"}, "suffix"), ({"best_of": 2}, "best_of"), ({"logprobs": 6}, "logprobs")):
+        status, answer = http(server, "POST", "/v1/completions", json.dumps({"prompt": "Hi", **refused}).encode())
+        assert status == 400 and answer["error"]["param"] == name, answer
+
+
+def float32_logprobs(model, tokens: list[int]) -> torch.Tensor:
+    """An independent float32 forward over the whole sequence: (len(tokens), vocab) log-softmax."""
+    with torch.no_grad():
+        return torch.log_softmax(model.float()(torch.tensor([tokens]))[0].double(), dim=-1).float()
+
+
+def test_chat_logprobs_equal_a_float32_forward_of_the_library_model(served, tok):
+    # choices[0].logprobs.content: one entry per generated token, its logprob the model's log-softmax at that
+    # position (before temperature and penalties) and top_logprobs the most likely first, as OpenAI shapes them.
+    from tokenizer import ChatFormat
+
+    server, client = served
+    messages = [{"role": "user", "content": "Tell me a story"}]
+    r = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=6, logprobs=True,
+                                       top_logprobs=4, frequency_penalty=1.0)
+    prompt = ChatFormat(tok).encode_dialog_prompt(messages)
+    content = r.choices[0].logprobs.content
+    new = [tok.model.encode_single_token(bytes(e.bytes)) for e in content]
+    assert "".join(e.token for e in content) == r.choices[0].message.content and len(content) == 6
+    reference = float32_logprobs(server.model, prompt + new)
+    for i, (entry, token) in enumerate(zip(content, new)):
+        row = reference[len(prompt) - 1 + i]
+        assert entry.logprob == pytest.approx(float(row[token]), abs=1e-4)
+        top = torch.topk(row, 4)
+        assert [tok.model.encode_single_token(bytes(t.bytes)) for t in entry.top_logprobs] == top.indices.tolist()
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+
+
+def test_echoed_token_id_prompts_score_as_lm_evaluation_harness_reads_them(served, tok):
+    # lm-evaluation-harness's local-completions scores a continuation by sending token ids (several prompts at
+    # once), echo, logprobs 1, max_tokens 1, and reading token_logprobs[ctxlen:-1] and top_logprobs: each value is
+    # the float32 log-softmax of the prompt token given those before it; the first prompt token has none.
+    server, _ = served
+    prompts = [tok.encode(t, bos=True, eos=False) for t in ("The capital of France is Paris", "Hello world")]
+    status, r = http(server, "POST", "/v1/completions", json.dumps({
+        "model": "tiny", "prompt": prompts, "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234,
+        "echo": True}).encode())
+    assert status == 200 and [c["index"] for c in r["choices"]] == [0, 1]
+    for choice, prompt in zip(r["choices"], prompts):
+        lp = choice["logprobs"]
+        assert len(lp["token_logprobs"]) == len(prompt) + 1 and lp["token_logprobs"][0] is None
+        assert lp["top_logprobs"][0] is None and choice["text"].startswith(tok.decode(prompt))
+        reference = float32_logprobs(server.model, prompt)
+        for i in range(1, len(prompt)):
+            assert lp["token_logprobs"][i] == pytest.approx(float(reference[i - 1, prompt[i]]), abs=1e-4)
+            greedy = int(reference[i - 1].argmax())
+            assert (lp["token_logprobs"][i] == max(lp["top_logprobs"][i].values())) == (greedy == prompt[i])
+        assert lp["tokens"][: len(prompt)] == [tok.decode([t]) for t in prompt]
+        assert lp["text_offset"][1] == len("<|begin_of_text|>")  # offsets index the echoed text
+    assert r["usage"]["prompt_tokens"] == sum(len(p) for p in prompts)
+
+
+def test_string_prompts_several_and_echoed_and_the_tokenizer_endpoints(served, tok):
+    # OpenAI's legacy prompt: a list of strings gives one choice each, in order; echo puts the prompt first. The
+    # tokenizer endpoints answer as vLLM's (lm-evaluation-harness's remote tokenizer reads them).
+    server, client = served
+    r = client.completions.create(model="tiny", prompt=["Once upon a time", "Hello"], temperature=0, max_tokens=3,
+                                  echo=True, logprobs=0)
+    for choice, text in zip(r.choices, ["Once upon a time", "Hello"]):
+        answer, _ = greedy_text(server, tok, tok.encode(text, bos=True, eos=False), 3)
+        assert choice.text == text + answer
+        assert choice.logprobs.text_offset[:2] == [0, 0]  # <|begin_of_text|> is not in a string prompt's text
+        assert all(choice.text[o:].startswith(t) for o, t in zip(choice.logprobs.text_offset[1:],
+                                                                 choice.logprobs.tokens[1:]) if "\ufffd" not in t)
+    status, info = http(server, "GET", "/tokenizer_info")
+    assert status == 200 and info["eos_token"] == "<|end_of_text|>" and info["bos_token"] == "<|begin_of_text|>"
+    status, ids = http(server, "POST", "/tokenize", json.dumps({"prompt": "<|end_of_text|>Hi",
+                                                                "add_special_tokens": False}).encode())
+    assert status == 200 and ids["tokens"] == [tok.eos_id, *tok.encode("Hi", bos=False, eos=False)]
+    status, ids = http(server, "POST", "/tokenize", json.dumps({"prompt": "Hi"}).encode())
+    assert ids["tokens"][0] == tok.bos_id
+    status, text = http(server, "POST", "/detokenize", json.dumps({"tokens": ids["tokens"]}).encode())
+    assert status == 200 and text["prompt"] == "<|begin_of_text|>Hi"
+
+
+def test_penalties_and_logit_bias_equal_a_step_by_step_reference_of_openais_formula(served, tok):
+    # logit[j] -= c[j] * frequency_penalty + (c[j] > 0) * presence_penalty (c[j]: token j's count in the answer so
+    # far), plus logit_bias[j]; greedy then takes the largest. The reference recomputes every step from scratch.
+    server, client = served
+    prompt = tok.encode("Once upon a time", bos=True, eos=False)
+    bias = {int(tok.encode(" the", bos=False, eos=False)[0]): 5.0}
+    for frequency, presence in ((1.5, 0.0), (0.0, 2.0), (-2.0, 1.0)):
+        r = client.completions.create(model="tiny", prompt="Once upon a time", temperature=0, max_tokens=12,
+                                      frequency_penalty=frequency, presence_penalty=presence,
+                                      logit_bias={str(k): v for k, v in bias.items()})
+        tokens, counts = list(prompt), {}
+        for _ in range(12):
+            with torch.no_grad():
+                logits = server.model(torch.tensor([tokens]))[0, -1].double()
+            for j, c in counts.items():
+                logits[j] -= c * frequency + presence
+            for j, b in bias.items():
+                logits[j] += b
+            token = int(logits.argmax())
+            if token in tok.stop_tokens:
+                break
+            tokens.append(token)
+            counts[token] = counts.get(token, 0) + 1
+        assert r.choices[0].text == tok.decode(tokens[len(prompt):]), (frequency, presence)
+    plain = client.completions.create(model="tiny", prompt="Once upon a time", temperature=0, max_tokens=12)
+    assert plain.choices[0].text != r.choices[0].text  # the penalties changed something
+
+
+def test_two_clients_interleaving_tool_rounds_each_get_the_prompt_they_would_get_alone(tok, monkeypatch):
+    # A's tool call ends on <|eom_id|>; B's answer, asked in between, on <|eot_id|>. When A sends its call back,
+    # its prompt re-encodes the call with <|eom_id|>, as the model wrote it: the id carries it, nothing is shared.
+    from tokenizer import ChatFormat
+
+    openai = require("openai")
+    model = random_model(tiny_args(vocab_size=128256, dim=32, n_heads=2, n_kv_heads=1, max_seq_len=4096))
+    server = start_server(model, tok)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="unused",
+                               max_retries=0, timeout=60)
+        call_text = json.dumps({"type": "function", "name": "get_weather", "parameters": {"city": "Paris"}})
+        script = ScriptedServing(tok, [call_text + "<|eom_id|>", call_text + "<|eot_id|>", "Fine.<|eot_id|>"])
+        monkeypatch.setattr(llama3, "served_tokens", script)
+        ask = {"model": "tiny", "tools": [openai_tool(get_weather)], "temperature": 0}
+        a = [{"role": "user", "content": "Weather in Paris?"}]
+        b = [{"role": "user", "content": "And in Rome?"}]
+        first = client.chat.completions.create(**ask, messages=a).choices[0].message
+        second = client.chat.completions.create(**ask, messages=b).choices[0].message
+        assert first.tool_calls[0].id.startswith("call_eom_") and second.tool_calls[0].id.startswith("call_eot_")
+        a += [{"role": "assistant", "content": None, "tool_calls": [first.tool_calls[0].model_dump()]},
+              {"role": "tool", "tool_call_id": first.tool_calls[0].id, "content": "25 C"}]
+        client.chat.completions.create(**ask, messages=a)
+        alone = script.prompts[0] + tok.encode(call_text, bos=False, eos=False) + [tok.eom_id]
+        assert script.prompts[2][: len(alone)] == alone
+        assert script.prompts[2] == ChatFormat(tok).encode_dialog_prompt(
+            [*llama3.chat_dialog({"messages": a[:1], "tools": ask["tools"]}, "json", "21 September 2024")[0],
+             {"role": "assistant", "content": "", "stop": "eom", "tool_calls": [call("get_weather", city="Paris")]},
+             {"role": "ipython", "content": "25 C"}])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_models_odd_call_comes_back_as_text_never_a_crash(tok, monkeypatch):
+    # A set ({"Paris"}), a string or null for arguments, or a call of a function that was not offered: each is the
+    # model's text, with finish_reason stop.
+    openai = require("openai")
+    server = start_server(random_model(tiny_args(vocab_size=128256, dim=32, n_heads=2, n_kv_heads=1,
+                                                 max_seq_len=4096)), tok)  # a context that holds the tool prompt
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="unused",
+                           max_retries=0, timeout=60)
+    odd = ['[get_weather(city={"Paris"})]', json.dumps({"name": "brave_search", "parameters": "weather"}),
+           json.dumps({"name": "get_weather", "parameters": None}),
+           json.dumps({"name": "launch_rockets", "parameters": {}})]
+    for answer in odd:
+        monkeypatch.setattr(llama3, "served_tokens", ScriptedServing(tok, [answer + "<|eot_id|>"]))
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                           tools=[openai_tool(get_weather)])
+        assert r.choices[0].message.content == answer and not r.choices[0].message.tool_calls, answer
+        assert r.choices[0].finish_reason == "stop"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_failure_once_a_stream_has_started_ends_it_with_an_error_event_and_done(served, tok, monkeypatch):
+    # Not a second HTTP status line inside the event stream: an error event, then [DONE]. Unstreamed, a 500.
+    server, _ = served
+    original = llama3.served_tokens
+
+    def failing(*a):
+        for i, step in enumerate(original(*a)):
+            if i == 2:
+                raise FloatingPointError("the logits at position 9 are NaN or inf")
+            yield step
+
+    monkeypatch.setattr(llama3, "served_tokens", failing)
+    body = {"prompt": "Once upon a time", "max_tokens": 10, "temperature": 0}
+    answer = read_all(raw_request(server, *post("/v1/completions", {**body, "stream": True}))).decode()
+    events = [line[6:] for line in answer.split("\r\n\r\n", 1)[1].split("\n\n") if line.startswith("data: ")]
+    assert answer.count("HTTP/1.") == 1 and events[-1] == "[DONE]"
+    assert "NaN" in json.loads(events[-2])["error"]["message"] and len(events) == 4  # two tokens, error, [DONE]
+    status, error = http(server, "POST", "/v1/completions", json.dumps(body).encode())
+    assert status == 500 and error["error"]["type"] == "server_error"
+
+
+def test_a_seeded_request_gives_the_same_answer_whatever_came_before_in_bf16(cli_ckpt, tok):
+    # The kept cache changes how many positions one forward covers, and bf16 rounds differently: a seeded request
+    # is fed whole, as alone, so it repeats exactly after a request that shares its prefix.
+    openai = require("openai")
+    server = start_server(load_model(cli_ckpt[0], dtype=torch.bfloat16), tok)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="unused",
+                               max_retries=0, timeout=60)
+        story = "Once upon a time there was a tiny model that " * 2
+        ask = {"model": "tiny", "max_tokens": 24, "temperature": 1.0, "top_p": 1.0, "seed": 1}
+        alone = client.completions.create(prompt=story + "wrote", **ask).choices[0].text
+        client.completions.create(model="tiny", prompt=story, max_tokens=8, temperature=0)  # a shared prefix
+        assert client.completions.create(prompt=story + "wrote", **ask).choices[0].text == alone
+        assert server.cached  # the cache was kept all along
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_api_key_is_compared_in_constant_time(cli_ckpt, tok, monkeypatch):
+    # hmac.compare_digest, not !=: the time a wrong key takes says nothing of how much of it was right.
+    import hmac
+
+    compared, original = [], hmac.compare_digest
+    monkeypatch.setattr(hmac, "compare_digest", lambda a, b: compared.append((a, b)) or original(a, b))
+    server = start_server(load_model(cli_ckpt[0], dtype=torch.float32), tok, api_key="sesame")
+    try:
+        assert http(server, "GET", "/v1/models", headers={"Authorization": "Bearer sesame"})[0] == 200
+        assert compared == [(b"Bearer sesame", b"Bearer sesame")]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.slow
+def test_serve_says_a_port_in_use_and_a_missing_draft_before_loading_the_model(cli_ckpt, tmp_path):
+    # Minutes of loading 8B should not come before "address already in use" or "no such draft".
+    import socket
+
+    folder, _ = cli_ckpt
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        r = run_cli("--ckpt", str(folder), "--serve", f"127.0.0.1:{port}")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and f"--serve 127.0.0.1:{port}:" in r.stderr, r.stderr
+    assert "loaded" not in r.stderr
+    r = run_cli("--ckpt", str(folder), "--prompt", "Hi", "--draft", str(tmp_path / "nothing"))
+    assert r.returncode == 2 and "--draft: " in r.stderr and "no such checkpoint" in r.stderr, r.stderr
+    assert "loaded" not in r.stderr and r.stderr.count("\n") == 1
+    r = run_cli("--ckpt", str(folder), "--prompt", "Hi", "--timeout", "3")
+    assert r.returncode == 2 and "--timeout needs --serve" in r.stderr
+
+
+def test_tools_files_refuse_what_no_call_can_pass_and_results_json_cannot_write(tmp_path, tok, monkeypatch):
+    # A positional-only parameter can never be passed by name, and tuple[int, str] is no array of one type: both
+    # refused when the file loads. A result that json cannot write goes back to the model as an error text.
+    for source, said in (("def f(a: int, /) -> int:\n    return a\n", "positional-only"),
+                         ("def f(a: tuple[int, str]) -> int:\n    return 1\n", "items of different types")):
+        (tmp_path / "t.py").write_text(source)
+        with pytest.raises(ValueError, match=said):
+            llama3.load_tools(tmp_path / "t.py")
+    assert llama3.json_schema(tuple[int, ...]) == {"type": "array", "items": {"type": "integer"}}
+
+    def pairs() -> dict:
+        """Pairs."""
+        return {(1, 2): 3}
+
+    chat, _, _ = tool_chat(tok, monkeypatch, [], tools=[pairs])
+    assert chat.call({"name": "pairs", "arguments": {}}).startswith("error: ")
+
+
 # =============================================================================
 # The file's shape
 # =============================================================================
