@@ -4708,12 +4708,14 @@ def test_chat_logprobs_equal_a_float32_forward_of_the_library_model(served, tok)
 
     server, client = served
     messages = [{"role": "user", "content": "Tell me a story"}]
+    biased = tok.encode(" the", bos=False, eos=False)[0]  # chosen by the bias, not by the logprobs reported
     r = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=6, logprobs=True,
-                                       top_logprobs=4, frequency_penalty=1.0)
+                                       top_logprobs=4, frequency_penalty=1.0, logit_bias={str(biased): 8})
     prompt = ChatFormat(tok).encode_dialog_prompt(messages)
     content = r.choices[0].logprobs.content
     new = [tok.model.encode_single_token(bytes(e.bytes)) for e in content]
     assert "".join(e.token for e in content) == r.choices[0].message.content and len(content) == 6
+    assert new[0] == biased
     reference = float32_logprobs(server.model, prompt + new)
     for i, (entry, token) in enumerate(zip(content, new)):
         row = reference[len(prompt) - 1 + i]
@@ -4823,6 +4825,12 @@ def test_two_clients_interleaving_tool_rounds_each_get_the_prompt_they_would_get
         client.chat.completions.create(**ask, messages=a)
         alone = script.prompts[0] + tok.encode(call_text, bos=False, eos=False) + [tok.eom_id]
         assert script.prompts[2][: len(alone)] == alone
+        b += [{"role": "assistant", "content": None, "tool_calls": [second.tool_calls[0].model_dump()]},
+              {"role": "tool", "tool_call_id": second.tool_calls[0].id, "content": "20 C"}]
+        script.answers.append("Fine.<|eot_id|>")
+        client.chat.completions.create(**ask, messages=b)
+        alone = script.prompts[1] + tok.encode(call_text, bos=False, eos=False) + [tok.eot_id]
+        assert script.prompts[3][: len(alone)] == alone
         assert script.prompts[2] == ChatFormat(tok).encode_dialog_prompt(
             [*llama3.chat_dialog({"messages": a[:1], "tools": ask["tools"]}, "json", "21 September 2024")[0],
              {"role": "assistant", "content": "", "stop": "eom", "tool_calls": [call("get_weather", city="Paris")]},
@@ -4883,10 +4891,12 @@ def test_a_seeded_request_gives_the_same_answer_whatever_came_before_in_bf16(cli
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="unused",
                                max_retries=0, timeout=60)
         story = "Once upon a time there was a tiny model that " * 2
-        ask = {"model": "tiny", "max_tokens": 24, "temperature": 1.0, "top_p": 1.0, "seed": 1}
-        alone = client.completions.create(prompt=story + "wrote", **ask).choices[0].text
+        ask = {"model": "tiny", "max_tokens": 24, "temperature": 1.0, "top_p": 1.0, "seed": 1, "logprobs": 5}
+        alone = client.completions.create(prompt=story + "wrote", **ask).choices[0]
         client.completions.create(model="tiny", prompt=story, max_tokens=8, temperature=0)  # a shared prefix
-        assert client.completions.create(prompt=story + "wrote", **ask).choices[0].text == alone
+        again = client.completions.create(prompt=story + "wrote", **ask).choices[0]
+        assert again.text == alone.text  # and to the last bit of every logprob, as bf16 rounds when fed alone:
+        assert again.logprobs.token_logprobs == alone.logprobs.token_logprobs
         assert server.cached  # the cache was kept all along
     finally:
         server.shutdown()
