@@ -3031,7 +3031,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 # A body past 8 MiB is refused (413): a 128K-token conversation is about 0.5 MB of text.
 MAX_BODY_BYTES = 8 << 20
-OPENAI_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "ipython"}
+# OpenAI's "developer" role is its newer name for system messages.
+OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "ipython"}
 # The fields each endpoint honours. Any other field is refused (400 naming it), never silently ignored, except
 # those that change nothing about the answer (OpenAI's bookkeeping: who asked, what to store).
 CHAT_FIELDS = {"messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
@@ -3345,6 +3346,7 @@ class LlamaServer(ThreadingHTTPServer):
         job's client as a 500 and to the log; the engine goes on with the next job."""
         while (job := self.jobs.get()) is not None:
             if job.cancelled.is_set():
+                print("llama3.py: a client left before its generation started", file=self.log)
                 continue
             try:
                 self.run(job)
@@ -3414,6 +3416,22 @@ class ServeHandler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self.answer(self.completion)
 
+    def refuse_method(self) -> None:
+        self.answer(lambda: self.send_json(405, APIError(405, f"{self.command} is not answered here: the endpoints "
+                                                              "take GET or POST").body()))
+
+    do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = refuse_method
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (a request line it cannot read, headers too long) in OpenAI's error shape
+        rather than an HTML page."""
+        self.log_error("code %d, message %s", code, message)
+        self.close_connection = True
+        try:
+            self.send_json(code, APIError(code, message or "bad request").body())
+        except OSError:
+            pass
+
     def answer(self, handle: Callable[[], None]) -> None:
         """Run handle, and answer any refusal or failure with OpenAI's error object: never a traceback."""
         key = self.server.api_key
@@ -3428,6 +3446,7 @@ class ServeHandler(BaseHTTPRequestHandler):
             self.fail(e)
         except (ConnectionError, TimeoutError):
             self.close_connection = True  # the client has gone or stopped reading: nothing more to say
+            self.log_message('"%s" ended: the client left or stopped reading', self.requestline)
         except RecursionError:  # json.dumps of a tool schema nested nearly as deep as json.loads allows
             self.fail(APIError(400, "the request nests too deeply"))
         except Exception as e:  # noqa: BLE001 (NaN logits, out of memory: said to the client and in the log)
@@ -3471,9 +3490,14 @@ class ServeHandler(BaseHTTPRequestHandler):
     def info(self) -> None:
         path = self.path.rstrip("/")
         tok = self.server.tokenizer
+        model = {"id": self.server.name, "object": "model", "created": 0, "owned_by": "llama3.py"}
         if path == "/v1/models":
-            self.send_json(200, {"object": "list", "data": [{"id": self.server.name, "object": "model", "created": 0,
-                                                             "owned_by": "llama3.py"}]})
+            self.send_json(200, {"object": "list", "data": [model]})
+        elif path == f"/v1/models/{self.server.name}":
+            self.send_json(200, model)
+        elif path.startswith("/v1/models/"):
+            raise APIError(404, f"no model {path[len('/v1/models/'):]!r}; this server serves {self.server.name!r}",
+                           code="model_not_found")
         elif path == "/tokenizer_info":  # vLLM's, which lm-evaluation-harness's remote tokenizer reads
             self.send_json(200, {"tokenizer_class": "tiktoken", "bos_token": "<|begin_of_text|>",
                                  "eos_token": "<|end_of_text|>", "pad_token": "<|finetune_right_pad_id|>",
@@ -3627,9 +3651,12 @@ class ServeHandler(BaseHTTPRequestHandler):
         answer.finish()
 
     def start_answer(self, body: dict, chat: bool, hold_text: bool) -> ServedAnswer:
+        stream = _field(body, "stream", bool, False)
         options = _field(body, "stream_options", dict, {})
-        self.answering = ServedAnswer(self, chat, _field(body, "stream", bool, False),
-                                      bool(options.get("include_usage")), hold_text)
+        if options and not stream:
+            raise APIError(400, "stream_options is only allowed with stream: true", "stream_options")
+        check_fields(options, {"include_usage"})
+        self.answering = ServedAnswer(self, chat, stream, _field(options, "include_usage", bool, False), hold_text)
         return self.answering
 
 
@@ -3673,10 +3700,9 @@ class ServedAnswer:
             width = 0 if first == tok.bos_id and not echo.startswith("<|begin_of_text|>") else len(offsets.push(first))
             choice["lp"].append((first, None, 0))
             at = width
+        choice["unsent"] = echo if self.stream else None  # streamed with the prompt's logprobs, once they are in
         self.handler.server.jobs.put(job)
         try:
-            if echo and self.stream:
-                self.send_delta(choice, echo, choice["lp"][:1])
             self.take(choice, job, at, offsets)
         except ConnectionError:
             job.cancelled.set()  # the engine ends it at the next token
@@ -3700,6 +3726,9 @@ class ServedAnswer:
             if event is None:
                 continue
             kind = event[0]
+            if choice["unsent"] is not None and kind != "prompt":  # the echoed prompt, with its tokens' logprobs
+                self.send_delta(choice, choice["unsent"], choice["lp"])
+                choice["unsent"] = None
             if kind == "error":
                 raise APIError(500, f"{type(event[1]).__name__}: {event[1]}")
             if kind == "end":
@@ -3714,9 +3743,7 @@ class ServedAnswer:
                 logged = [(token, said, at)]
                 at += len(offsets.push(token)) if token not in tok.stop_tokens else 0
             choice["lp"] += logged
-            if kind == "prompt" and self.stream and logged:
-                self.send_delta(choice, "", logged)
-            elif kind == "token":
+            if kind == "token":
                 self.add_text(choice, event[2], logged)
 
     def add_text(self, choice: dict, text: str, logged: list) -> None:
@@ -3736,7 +3763,8 @@ class ServedAnswer:
         choice = {"index": index, "delta": delta} if self.chat else {"index": index, "text": delta}
         return {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
                 "created": self.created, "model": self.handler.server.name,
-                "choices": [{**choice, "logprobs": logprobs, "finish_reason": finish}]}
+                "choices": [{**choice, "logprobs": logprobs, "finish_reason": finish}],
+                **({"usage": None} if self.include_usage else {})}  # as OpenAI's: null until the last event
 
     def logprobs(self, logged: list[tuple[int, tuple | None, int]]) -> dict | None:
         """(token, (logprob, top), text offset) entries as OpenAI's API shapes them: chat's content list, or

@@ -4772,6 +4772,41 @@ def test_string_prompts_several_and_echoed_and_the_tokenizer_endpoints(served, t
     assert status == 200 and text["prompt"] == "<|begin_of_text|>Hi"
 
 
+def test_what_clients_of_openais_api_also_send_is_answered_in_its_shapes(served, tok):
+    # From a user's trial: the developer role (OpenAI's new name for system), GET /v1/models/ID (the openai
+    # package's models.retrieve), methods other than GET and POST and unreadable request lines (JSON, not HTML),
+    # stream_options checked, and a streamed echo whose first chunk holds the prompt with its tokens' logprobs.
+    from tokenizer import ChatFormat
+
+    server, client = served
+    asked = client.chat.completions.create(model="tiny", messages=[{"role": "developer", "content": "Be brief."},
+                                                                   {"role": "user", "content": "Hi"}],
+                                           temperature=0, max_tokens=3)
+    prompt = ChatFormat(tok).encode_dialog_prompt([{"role": "system", "content": "Be brief."},
+                                                   {"role": "user", "content": "Hi"}])
+    assert asked.choices[0].message.content == greedy_text(server, tok, prompt, 3)[0]
+    assert client.models.retrieve("tiny").id == "tiny"
+    assert http(server, "GET", "/v1/models/other")[0] == 404
+    for head in ("OPTIONS /v1/models HTTP/1.1\r\nHost: x", "DELETE /v1/models HTTP/1.1\r\nHost: x", "GARBAGE"):
+        answer = read_all(raw_request(server, head)).decode()
+        if head == "GARBAGE":  # not HTTP/1.x: http.server answers as HTTP/0.9 did, the body alone
+            answer = "HTTP/0.9 400 \r\n\r\n" + answer
+        status = int(answer.split(" ", 2)[1])
+        assert status in (400, 405) and json.loads(answer.split("\r\n\r\n", 1)[1])["error"]["message"], answer
+    for options in ({"include_usage": "yes"}, {"foo": 1}):
+        status, body = http(server, "POST", "/v1/completions", json.dumps({"prompt": "Hi", "stream": True,
+                                                                            "stream_options": options}).encode())
+        assert status == 400, body
+    status, body = http(server, "POST", "/v1/completions", json.dumps({"prompt": "Hi", "stream_options": {
+        "include_usage": True}}).encode())
+    assert status == 400 and body["error"]["param"] == "stream_options"
+    chunks = list(client.completions.create(model="tiny", prompt="Once upon", max_tokens=2, temperature=0,
+                                            echo=True, logprobs=1, stream=True))
+    first = chunks[0].choices[0]
+    assert first.text == "Once upon" and first.logprobs.tokens == ["<|begin_of_text|>", "Once", " upon"]
+    assert first.logprobs.token_logprobs[0] is None and len(chunks[1].choices[0].logprobs.tokens) == 1
+
+
 def test_penalties_and_logit_bias_equal_a_step_by_step_reference_of_openais_formula(served, tok):
     # logit[j] -= c[j] * frequency_penalty + (c[j] > 0) * presence_penalty (c[j]: token j's count in the answer so
     # far), plus logit_bias[j]; greedy then takes the largest. The reference recomputes every step from scratch.
