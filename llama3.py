@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:  # type names only: the model runs without tiktoken
+    from llama3 import JSONConstraint  # appendix F's: part 2 calls its methods, and gets one through engine_room
     from tokenizer import Tokenizer
 
 # =============================================================================
@@ -442,7 +443,8 @@ class Transformer(nn.Module):
 # Doors to the engine room
 #
 # The appendices at the end of the file are the engine room: faster CPU kernels (A), tensor parallelism (B),
-# compiled decoding (C), quantized weights (D) and an OpenAI-compatible server (E). Each can be deleted, from its
+# compiled decoding (C), quantized weights (D), an OpenAI-compatible server (E) and constrained decoding (F,
+# JSON schemas). Each can be deleted, from its
 # banner to the next, and the rest of the file still loads, generates and passes its tests. So part 2 never names
 # an appendix's functions in its code: it asks engine_room for them by name when a call needs one, and ENGINE_ROOM
 # lists every name it may ask for. Where the appendix is gone, a speed-up is skipped and a feature (quantize=,
@@ -451,7 +453,7 @@ class Transformer(nn.Module):
 
 ENGINE_ROOM = {"use_cpu_speed_paths": "A", "shard_model": "B", "join_process_group": "B", "read_on_rank_0": "B",
                "shared_seed": "B", "static_cache": "C", "compiled_decode": "C", "quantize_weights": "D",
-               "serve_address": "E", "serve": "E"}
+               "serve_address": "E", "serve": "E", "json_constraint": "F", "read_json_schema": "F"}
 
 
 def engine_room(name: str, needed_by: str | None = None) -> Callable | None:
@@ -1172,7 +1174,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
              cache: list[KVCache] | None = None, cached_len: int = 0, compile: bool = False,
              repetition_penalty: float = 1.0, prefill_chunk: int = PREFILL_CHUNK, draft: Transformer | None = None,
              speculate_k: int = 5, prompt_lookup: int | None = None,
-             speculation: Speculation | None = None) -> list[list[int]]:
+             speculation: Speculation | None = None, constraint: JSONConstraint | None = None) -> list[list[int]]:
     """Continue each prompt (a list of token ids) by up to max_new_tokens tokens -> each prompt's new tokens, without
     the stop token that ended it. Raises ValueError naming the argument that is out of range.
     stop_tokens: ids that end a row (default LLAMA3_STOP_TOKENS; [] never stops). seed: makes sampling repeatable.
@@ -1187,7 +1189,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         speculate_k tokens a round and the model checks them in one forward; prompt_lookup=K instead drafts up to K
         tokens copied from where the last few tokens appeared before. One prompt; the result is the model's own
         (greedy: token for token, up to rounding at near-ties, see below). speculation: a Speculation that counts
-        the tokens drafted and accepted."""
+        the tokens drafted and accepted.
+    constraint: only the tokens it allows are drawn (appendix F: json_constraint, tool_call_constraint), from the
+        model's own distribution restricted to them; one prompt, no speculation."""
     check_generation_args(max_new_tokens, temperature, top_p, top_k, repetition_penalty, prefill_chunk)
     stop_tokens = LLAMA3_STOP_TOKENS if stop_tokens is None else stop_tokens
     B = len(prompts)
@@ -1206,6 +1210,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
                          "(max_seq_len)")
     device = model.tok_embeddings.weight.device
     total_len = min(max_seq_len, max(lengths) + max_new_tokens)  # clip to the model's context
+    if constraint is not None and (B != 1 or draft is not None or prompt_lookup is not None):
+        raise ValueError("constraint: constrained decoding takes one prompt and no draft or prompt_lookup")
     if draft is not None or prompt_lookup is not None:  # speculative decoding, below
         check_speculation(model, B, compile, draft, speculate_k, prompt_lookup, total_len)
         generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
@@ -1250,7 +1256,11 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             raise FloatingPointError(f"the logits at position {cur_pos} are NaN or inf: {cause}")
         if repetition_penalty != 1.0:
             logits = apply_repetition_penalty(logits, tokens[:, :cur_pos], repetition_penalty)
+        if constraint is not None:  # disallowed tokens -inf before temperature, top-k and top-p (appendix F)
+            logits = constraint.mask(logits)
         next_token = sample(logits, temperature, top_p, top_k, generator)  # (B,)
+        if constraint is not None:
+            constraint.advance(int(next_token[0]))
         next_token = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
         tokens[:, cur_pos] = next_token
         new = ~is_prompt[:, cur_pos] & ~done & (cur_pos < limit)
@@ -1630,11 +1640,13 @@ class StopText:
 def stream(model: Transformer, tokenizer: Tokenizer, prompt: list[int], max_new_tokens: int = 256,
            sampling: Sampling = Sampling(), *, stops: list[str] | tuple[str, ...] = (), compile: bool = False,
            cache: list[KVCache] | None = None, cached_len: int = 0, out: TextIO | None = None,
-           log: TextIO | None = None, drafting: Drafting | None = None) -> tuple[list[int], str, bool]:
+           log: TextIO | None = None, drafting: Drafting | None = None,
+           constraint: JSONConstraint | None = None) -> tuple[list[int], str, bool]:
     """Generate for one prompt, writing the text to out as it comes and timing to log; it ends at the tokenizer's
     stop tokens or the first of the stop strings (not written). Returns the new tokens (with the stop token that
     ended them, if one did), the text written, and whether Ctrl-C ended generation. Bad arguments: ValueError.
-    drafting: decode speculatively (see Speculative decoding); the timing line says how many drafts were kept."""
+    drafting: decode speculatively (see Speculative decoding); the timing line says how many drafts were kept.
+    constraint: decode under it, as generate does (appendix F)."""
     from tokenizer import StreamDecoder
 
     out = out or sys.stdout
@@ -1665,7 +1677,8 @@ def stream(model: Transformer, tokenizer: Tokenizer, prompt: list[int], max_new_
         generate(model, [prompt], max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k,
                  stop_tokens=[], seed=sampling.seed, on_token=on_token, cache=cache, cached_len=cached_len,
                  compile=compile, repetition_penalty=sampling.repetition_penalty, draft=drafting.draft,
-                 speculate_k=drafting.speculate_k, prompt_lookup=drafting.prompt_lookup, speculation=speculation)
+                 speculate_k=drafting.speculate_k, prompt_lookup=drafting.prompt_lookup, speculation=speculation,
+                 constraint=constraint)
     except KeyboardInterrupt:
         interrupted = True
     show(text.push(decoder.finish()) + text.finish())
@@ -1885,14 +1898,16 @@ class Chat:
     goes to this function, which returns the tool's output or None to decline. tool_format: how custom calls are
     written (tokenizer.TOOL_FORMATS); default python_list for the 3.2 1B and 3B shapes, json for the rest (Meta's
     prompt-format documents). After max_tool_rounds rounds of calls the model's next message ends the turn, its
-    calls not run (0: none are run)."""
+    calls not run (0: none are run). json_schema: every answer is a JSON document valid for it, then <|eot_id|>
+    ({"type": "object"}: any object; appendix F's constrained decoding)."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, system: str | None = None, *,
                  tools: list[Callable] | tuple[Callable, ...] = (),
                  builtin_tools: Callable[[dict], str | None] | None = None, tool_format: str | None = None,
                  max_new_tokens: int = 256, sampling: Sampling = Sampling(), stops: list[str] | tuple[str, ...] = (),
                  compile: bool = False, max_tool_rounds: int = 8, today: str | None = None,
-                 out: TextIO | None = None, log: TextIO | None = None, drafting: Drafting | None = None):
+                 out: TextIO | None = None, log: TextIO | None = None, drafting: Drafting | None = None,
+                 json_schema: dict | None = None):
         from tokenizer import ChatFormat, tool_prompt
 
         self.model = model
@@ -1911,6 +1926,9 @@ class Chat:
         self.out = out
         self.log = log
         self.drafting = drafting
+        self.json_schema = json_schema
+        if json_schema is not None:  # a bad schema fails here, not at the first answer
+            engine_room("json_constraint", "json_schema")(tokenizer, json_schema)
         if tools or builtin_tools:
             self.opening = tool_prompt([describe_function(f) for f in tools], self.tool_format,
                                        builtin_tools is not None, system, today or time.strftime("%d %B %Y"))
@@ -1957,9 +1975,14 @@ class Chat:
         if len(prompt) >= limit:
             raise ContextFullError(f"the conversation ({len(prompt)} tokens) fills the {limit}-token context")
         self.cache, reuse = reuse_prefix(self.model, self.cache, self.cached, prompt, self.max_new_tokens)
+        constraint = None
+        if self.json_schema is not None:  # one per answer: it holds the answer's state
+            constraint = engine_room("json_constraint", "json_schema")(self.tokenizer, self.json_schema,
+                                                                       [self.tokenizer.eot_id])
         tokens, shown, interrupted = stream(self.model, self.tokenizer, prompt, self.max_new_tokens, self.sampling,
                                             stops=self.stops, compile=self.compile, cache=self.cache,
-                                            cached_len=reuse, out=self.out, log=self.log, drafting=self.drafting)
+                                            cached_len=reuse, out=self.out, log=self.log, drafting=self.drafting,
+                                            constraint=constraint)
         # The last token chosen was never fed, so is not cached; with no reply (Ctrl-C) the prompt may be part-fed.
         self.cached = (prompt + tokens)[:-1] if tokens else prompt[:reuse]
         reply = self.format.decode_assistant_message(tokens, self.call_formats)
@@ -2099,6 +2122,9 @@ def _parser() -> argparse.ArgumentParser:
         "(/v1/chat/completions, /v1/completions, /v1/models) at HOST:PORT (default 127.0.0.1:8000, this machine "
         "only); request fields override the sampling flags (appendix E)")
     add("--api-key", default=None, metavar="KEY", help="with --serve: every request needs Authorization: Bearer KEY")
+    add("--json-schema", metavar="FILE", help="with --prompt or --chat: the answer is JSON valid for the JSON schema "
+        "in FILE, by constrained decoding (appendix F)")
+    add("--json", action="store_true", help="with --prompt or --chat: the answer is a JSON object (appendix F)")
     p.error = _fail  # one line, exit code 2, instead of argparse's usage block
     return p
 
@@ -2136,6 +2162,13 @@ def main(argv: list[str] | None = None) -> None:
         _fail("--draft and --prompt-lookup speed up --prompt and --chat, not --serve, --explain or --perplexity")
     if opts.speculate_k is not None and opts.draft is None:
         _fail("--speculate-k needs --draft (with --prompt-lookup K, K is the number drafted)")
+    json_flag = "--json-schema" if opts.json_schema is not None else "--json" if opts.json else None
+    if opts.json and opts.json_schema is not None:
+        _fail("--json and --json-schema exclude each other: --json is the schema {\"type\": \"object\"}")
+    if json_flag and (opts.prompt is None and not opts.chat or opts.serve or opts.explain or opts.perplexity):
+        _fail(f"{json_flag} constrains the answer of --prompt or --chat (not --serve, --explain or --perplexity)")
+    if json_flag and speculating:
+        _fail(f"{json_flag} decodes one token a step; it does not go with --draft or --prompt-lookup")
     sampling = Sampling(opts.temperature, opts.top_p, opts.top_k, opts.repetition_penalty, opts.seed)
     try:
         check_generation_args(opts.max_new_tokens, opts.temperature, opts.top_p, opts.top_k, opts.repetition_penalty)
@@ -2159,6 +2192,11 @@ def main(argv: list[str] | None = None) -> None:
             engine_room("quantize_weights", "--quantize")
         if opts.serve:
             engine_room("serve_address", "--serve")(opts.serve)
+        json_schema = {"type": "object"} if json_flag else None  # --json: any object
+        if opts.json_schema is not None:
+            json_schema = engine_room("read_json_schema", "--json-schema")(opts.json_schema)
+        if json_flag:
+            engine_room("json_constraint", json_flag)
     except ValueError as e:
         _fail(str(e))
     tokens = tokenizer.encode(text, bos=True, eos=False) if text is not None else []
@@ -2242,7 +2280,8 @@ def main(argv: list[str] | None = None) -> None:
                 return read("tool> ") or None
             chat = Chat(model, tokenizer, opts.system, tools=tools, tool_format=opts.tool_format, sampling=sampling,
                         builtin_tools=typed_tool_output if opts.builtin_tools else None,
-                        max_new_tokens=opts.max_new_tokens, stops=opts.stop, compile=opts.compile, drafting=drafting)
+                        max_new_tokens=opts.max_new_tokens, stops=opts.stop, compile=opts.compile, drafting=drafting,
+                        json_schema=json_schema)
             if opts.prompt is None:
                 run_chat(chat, read)
             else:
@@ -2261,8 +2300,11 @@ def main(argv: list[str] | None = None) -> None:
             if len(prompt) >= model.args.max_seq_len:
                 _fail(f"--prompt is {len(prompt)} tokens, too long for the {model.args.max_seq_len}-position context"
                       + " (raise --max-seq-len)" * (opts.max_seq_len is not None))
+            constraint = None
+            if json_schema is not None:
+                constraint = engine_room("json_constraint", json_flag)(tokenizer, json_schema)
             _, _, interrupted = stream(model, tokenizer, prompt, opts.max_new_tokens, sampling, stops=opts.stop,
-                                       compile=opts.compile, drafting=drafting)
+                                       compile=opts.compile, drafting=drafting, constraint=constraint)
             print()
             if interrupted:
                 raise SystemExit(130)
@@ -4148,7 +4190,7 @@ def tool_call_constraint(tokenizer: Tokenizer, functions: list[dict], tool_forma
     for f in functions:
         if name is not None and f["name"] != name:
             continue
-        parameters = f.get("parameters") or {"type": "object", "properties": {}}
+        parameters = f.get("parameters") or {"type": "object", "properties": {}, "additionalProperties": False}
         try:
             check_schema(parameters)
         except ValueError as e:
@@ -4177,14 +4219,14 @@ def tool_call_constraint(tokenizer: Tokenizer, functions: list[dict], tool_forma
 
 
 def read_json_schema(path: str | Path) -> dict:
-    """--json-schema FILE: the schema in FILE, checked; ValueError naming the file and what is wrong."""
+    """--json-schema FILE: the schema in FILE, checked; ValueError naming the flag, the file and what is wrong."""
     try:
         schema = json.loads(Path(path).read_text(encoding="utf-8"))
         check_schema(schema)
     except OSError as e:
-        raise ValueError(f"{path}: {e.strerror or e}") from None
-    except ValueError as e:  # json.JSONDecodeError too
-        raise ValueError(f"{path}: {e}") from None
+        raise ValueError(f"--json-schema {path}: {e.strerror or e}") from None
+    except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError too
+        raise ValueError(f"--json-schema {path}: {e}") from None
     return schema
 
 
