@@ -4555,7 +4555,8 @@ def constrained(model, tok, constraint, n: int = 120, **kw) -> str:
     return tok.decode(new)
 
 
-@pytest.mark.parametrize("temperature", [0, 0.7, 1.5])
+@pytest.mark.parametrize("temperature", [0, pytest.param(0.7, marks=pytest.mark.slow),
+                                         pytest.param(1.5, marks=pytest.mark.slow)])
 def test_constrained_documents_parse_and_validate_against_a_nested_schema(cli_ckpt, tok, temperature):
     # The point of the appendix: whatever the model (this one never writes JSON), the answer parses and is valid.
     model = cli_ckpt[1]
@@ -4728,13 +4729,13 @@ WEATHER = [{"name": "get_weather", "description": "Weather in a city.",
 
 
 @pytest.mark.parametrize("tool_format", ["json", "function_tag", "python_list"])
-@pytest.mark.parametrize("name", [None, "get_weather"])
+@pytest.mark.parametrize("name", [pytest.param(None, marks=pytest.mark.slow), "get_weather"])
 def test_forced_tool_calls_parse_back_to_one_valid_call_in_each_format(cli_ckpt, tok, tool_format, name):
     # tool_choice "required" (name None) and named: the text is one call in the format's own syntax, parsed by
     # the chat's own parser, to an offered function, with arguments valid for its parameters.
     from tokenizer import parse_tool_calls
 
-    for seed in range(3):
+    for seed in range(2):
         constraint = llama3.tool_call_constraint(tok, WEATHER, tool_format, name)
         new = llama3.generate(cli_ckpt[1], [[tok.bos_id, 791]], 120, temperature=1.0, top_p=1.0, seed=seed,
                               stop_tokens=[], on_token=lambda _row, t: t in (tok.eom_id, tok.eot_id),
