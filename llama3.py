@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:  # type names only: the model runs without tiktoken
+    from llama3 import JSONConstraint  # appendix F's: part 2 calls its methods, and gets one through engine_room
     from tokenizer import Tokenizer
 
 # =============================================================================
@@ -442,7 +443,8 @@ class Transformer(nn.Module):
 # Doors to the engine room
 #
 # The appendices at the end of the file are the engine room: faster CPU kernels (A), tensor parallelism (B),
-# compiled decoding (C), quantized weights (D) and an OpenAI-compatible server (E). Each can be deleted, from its
+# compiled decoding (C), quantized weights (D), an OpenAI-compatible server (E) and constrained decoding (F,
+# JSON schemas). Each can be deleted, from its
 # banner to the next, and the rest of the file still loads, generates and passes its tests. So part 2 never names
 # an appendix's functions in its code: it asks engine_room for them by name when a call needs one, and ENGINE_ROOM
 # lists every name it may ask for. Where the appendix is gone, a speed-up is skipped and a feature (quantize=,
@@ -451,7 +453,7 @@ class Transformer(nn.Module):
 
 ENGINE_ROOM = {"use_cpu_speed_paths": "A", "shard_model": "B", "join_process_group": "B", "read_on_rank_0": "B",
                "shared_seed": "B", "static_cache": "C", "compiled_decode": "C", "quantize_weights": "D",
-               "serve_socket": "E", "serve": "E"}
+               "serve_socket": "E", "serve": "E", "json_constraint": "F", "read_json_schema": "F"}
 
 
 def engine_room(name: str, needed_by: str | None = None) -> Callable | None:
@@ -1172,7 +1174,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
              cache: list[KVCache] | None = None, cached_len: int = 0, compile: bool = False,
              repetition_penalty: float = 1.0, prefill_chunk: int = PREFILL_CHUNK, draft: Transformer | None = None,
              speculate_k: int = 5, prompt_lookup: int | None = None,
-             speculation: Speculation | None = None) -> list[list[int]]:
+             speculation: Speculation | None = None, constraint: JSONConstraint | None = None) -> list[list[int]]:
     """Continue each prompt (a list of token ids) by up to max_new_tokens tokens -> each prompt's new tokens, without
     the stop token that ended it. Raises ValueError naming the argument that is out of range.
     stop_tokens: ids that end a row (default LLAMA3_STOP_TOKENS; [] never stops). seed: makes sampling repeatable.
@@ -1187,7 +1189,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         speculate_k tokens a round and the model checks them in one forward; prompt_lookup=K instead drafts up to K
         tokens copied from where the last few tokens appeared before. One prompt; the result is the model's own
         (greedy: token for token, up to rounding at near-ties, see below). speculation: a Speculation that counts
-        the tokens drafted and accepted."""
+        the tokens drafted and accepted.
+    constraint: only the tokens it allows are drawn (appendix F: json_constraint, tool_call_constraint), from the
+        model's own distribution restricted to them; one prompt, no speculation."""
     check_generation_args(max_new_tokens, temperature, top_p, top_k, repetition_penalty, prefill_chunk)
     stop_tokens = LLAMA3_STOP_TOKENS if stop_tokens is None else stop_tokens
     B = len(prompts)
@@ -1206,6 +1210,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
                          "(max_seq_len)")
     device = model.tok_embeddings.weight.device
     total_len = min(max_seq_len, max(lengths) + max_new_tokens)  # clip to the model's context
+    if constraint is not None and (B != 1 or draft is not None or prompt_lookup is not None):
+        raise ValueError("constraint: constrained decoding takes one prompt and no draft or prompt_lookup")
     if draft is not None or prompt_lookup is not None:  # speculative decoding, below
         check_speculation(model, B, compile, draft, speculate_k, prompt_lookup, total_len)
         generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
@@ -1250,7 +1256,11 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             raise FloatingPointError(f"the logits at position {cur_pos} are NaN or inf: {cause}")
         if repetition_penalty != 1.0:
             logits = apply_repetition_penalty(logits, tokens[:, :cur_pos], repetition_penalty)
+        if constraint is not None:  # disallowed tokens -inf before temperature, top-k and top-p (appendix F)
+            logits = constraint.mask(logits)
         next_token = sample(logits, temperature, top_p, top_k, generator)  # (B,)
+        if constraint is not None:
+            constraint.advance(int(next_token[0]))
         next_token = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
         tokens[:, cur_pos] = next_token
         new = ~is_prompt[:, cur_pos] & ~done & (cur_pos < limit)
@@ -1630,11 +1640,13 @@ class StopText:
 def stream(model: Transformer, tokenizer: Tokenizer, prompt: list[int], max_new_tokens: int = 256,
            sampling: Sampling = Sampling(), *, stops: list[str] | tuple[str, ...] = (), compile: bool = False,
            cache: list[KVCache] | None = None, cached_len: int = 0, out: TextIO | None = None,
-           log: TextIO | None = None, drafting: Drafting | None = None) -> tuple[list[int], str, bool]:
+           log: TextIO | None = None, drafting: Drafting | None = None,
+           constraint: JSONConstraint | None = None) -> tuple[list[int], str, bool]:
     """Generate for one prompt, writing the text to out as it comes and timing to log; it ends at the tokenizer's
     stop tokens or the first of the stop strings (not written). Returns the new tokens (with the stop token that
     ended them, if one did), the text written, and whether Ctrl-C ended generation. Bad arguments: ValueError.
-    drafting: decode speculatively (see Speculative decoding); the timing line says how many drafts were kept."""
+    drafting: decode speculatively (see Speculative decoding); the timing line says how many drafts were kept.
+    constraint: decode under it, as generate does (appendix F)."""
     from tokenizer import StreamDecoder
 
     out = out or sys.stdout
@@ -1665,7 +1677,8 @@ def stream(model: Transformer, tokenizer: Tokenizer, prompt: list[int], max_new_
         generate(model, [prompt], max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k,
                  stop_tokens=[], seed=sampling.seed, on_token=on_token, cache=cache, cached_len=cached_len,
                  compile=compile, repetition_penalty=sampling.repetition_penalty, draft=drafting.draft,
-                 speculate_k=drafting.speculate_k, prompt_lookup=drafting.prompt_lookup, speculation=speculation)
+                 speculate_k=drafting.speculate_k, prompt_lookup=drafting.prompt_lookup, speculation=speculation,
+                 constraint=constraint)
     except KeyboardInterrupt:
         interrupted = True
     show(text.push(decoder.finish()) + text.finish())
@@ -1893,14 +1906,16 @@ class Chat:
     goes to this function, which returns the tool's output or None to decline. tool_format: how custom calls are
     written (tokenizer.TOOL_FORMATS); default python_list for the 3.2 1B and 3B shapes, json for the rest (Meta's
     prompt-format documents). After max_tool_rounds rounds of calls the model's next message ends the turn, its
-    calls not run (0: none are run)."""
+    calls not run (0: none are run). json_schema: every answer is a JSON document valid for it, then <|eot_id|>
+    ({"type": "object"}: any object; appendix F's constrained decoding)."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, system: str | None = None, *,
                  tools: list[Callable] | tuple[Callable, ...] = (),
                  builtin_tools: Callable[[dict], str | None] | None = None, tool_format: str | None = None,
                  max_new_tokens: int = 256, sampling: Sampling = Sampling(), stops: list[str] | tuple[str, ...] = (),
                  compile: bool = False, max_tool_rounds: int = 8, today: str | None = None,
-                 out: TextIO | None = None, log: TextIO | None = None, drafting: Drafting | None = None):
+                 out: TextIO | None = None, log: TextIO | None = None, drafting: Drafting | None = None,
+                 json_schema: dict | None = None):
         from tokenizer import ChatFormat, tool_prompt
 
         self.model = model
@@ -1919,6 +1934,9 @@ class Chat:
         self.out = out
         self.log = log
         self.drafting = drafting
+        self.json_schema = json_schema
+        if json_schema is not None:  # a bad schema fails here, not at the first answer
+            engine_room("json_constraint", "json_schema")(tokenizer, json_schema)
         if tools or builtin_tools:
             self.opening = tool_prompt([describe_function(f) for f in tools], self.tool_format,
                                        builtin_tools is not None, system, today or time.strftime("%d %B %Y"))
@@ -1965,9 +1983,14 @@ class Chat:
         if len(prompt) >= limit:
             raise ContextFullError(f"the conversation ({len(prompt)} tokens) fills the {limit}-token context")
         self.cache, reuse = reuse_prefix(self.model, self.cache, self.cached, prompt, self.max_new_tokens)
+        constraint = None
+        if self.json_schema is not None:  # one per answer: it holds the answer's state
+            constraint = engine_room("json_constraint", "json_schema")(self.tokenizer, self.json_schema,
+                                                                       [self.tokenizer.eot_id])
         tokens, shown, interrupted = stream(self.model, self.tokenizer, prompt, self.max_new_tokens, self.sampling,
                                             stops=self.stops, compile=self.compile, cache=self.cache,
-                                            cached_len=reuse, out=self.out, log=self.log, drafting=self.drafting)
+                                            cached_len=reuse, out=self.out, log=self.log, drafting=self.drafting,
+                                            constraint=constraint)
         # The last token chosen was never fed, so is not cached; with no reply (Ctrl-C) the prompt may be part-fed.
         self.cached = (prompt + tokens)[:-1] if tokens else prompt[:reuse]
         reply = self.format.decode_assistant_message(tokens, self.call_formats)
@@ -2109,6 +2132,9 @@ def _parser() -> argparse.ArgumentParser:
     add("--api-key", default=None, metavar="KEY", help="with --serve: every request needs Authorization: Bearer KEY")
     add("--timeout", type=float, default=None, metavar="SECONDS", help="with --serve: a client that neither sends "
         "nor reads for this long loses its request, and the next one starts (default 60)")
+    add("--json-schema", metavar="FILE", help="with --prompt or --chat: the answer is JSON valid for the JSON schema "
+        "in FILE, by constrained decoding (appendix F)")
+    add("--json", action="store_true", help="with --prompt or --chat: the answer is a JSON object (appendix F)")
     p.error = _fail  # one line, exit code 2, instead of argparse's usage block
     return p
 
@@ -2149,6 +2175,13 @@ def main(argv: list[str] | None = None) -> None:
         _fail("--draft and --prompt-lookup speed up --prompt and --chat, not --serve, --explain or --perplexity")
     if opts.speculate_k is not None and opts.draft is None:
         _fail("--speculate-k needs --draft (with --prompt-lookup K, K is the number drafted)")
+    json_flag = "--json-schema" if opts.json_schema is not None else "--json" if opts.json else None
+    if opts.json and opts.json_schema is not None:
+        _fail("--json and --json-schema exclude each other: --json is the schema {\"type\": \"object\"}")
+    if json_flag and (opts.prompt is None and not opts.chat or opts.serve or opts.explain or opts.perplexity):
+        _fail(f"{json_flag} constrains the answer of --prompt or --chat (not --serve, --explain or --perplexity)")
+    if json_flag and speculating:
+        _fail(f"{json_flag} decodes one token a step; it does not go with --draft or --prompt-lookup")
     sampling = Sampling(opts.temperature, opts.top_p, opts.top_k, opts.repetition_penalty, opts.seed)
     try:
         check_generation_args(opts.max_new_tokens, opts.temperature, opts.top_p, opts.top_k, opts.repetition_penalty)
@@ -2177,6 +2210,11 @@ def main(argv: list[str] | None = None) -> None:
         if opts.quantize:
             engine_room("quantize_weights", "--quantize")
         listening = engine_room("serve_socket", "--serve")(opts.serve) if opts.serve else None  # bound before loading
+        json_schema = {"type": "object"} if json_flag else None  # --json: any object
+        if opts.json_schema is not None:
+            json_schema = engine_room("read_json_schema", "--json-schema")(opts.json_schema)
+        if json_flag:
+            engine_room("json_constraint", json_flag)
     except ValueError as e:
         _fail(str(e))
     tokens = tokenizer.encode(text, bos=True, eos=False) if text is not None else []
@@ -2261,7 +2299,8 @@ def main(argv: list[str] | None = None) -> None:
                 return read("tool> ") or None
             chat = Chat(model, tokenizer, opts.system, tools=tools, tool_format=opts.tool_format, sampling=sampling,
                         builtin_tools=typed_tool_output if opts.builtin_tools else None,
-                        max_new_tokens=opts.max_new_tokens, stops=opts.stop, compile=opts.compile, drafting=drafting)
+                        max_new_tokens=opts.max_new_tokens, stops=opts.stop, compile=opts.compile, drafting=drafting,
+                        json_schema=json_schema)
             if opts.prompt is None:
                 run_chat(chat, read)
             else:
@@ -2280,8 +2319,11 @@ def main(argv: list[str] | None = None) -> None:
             if len(prompt) >= model.args.max_seq_len:
                 _fail(f"--prompt is {len(prompt)} tokens, too long for the {model.args.max_seq_len}-position context"
                       + " (raise --max-seq-len)" * (opts.max_seq_len is not None))
+            constraint = None
+            if json_schema is not None:
+                constraint = engine_room("json_constraint", json_flag)(tokenizer, json_schema)
             _, _, interrupted = stream(model, tokenizer, prompt, opts.max_new_tokens, sampling, stops=opts.stop,
-                                       compile=opts.compile, drafting=drafting)
+                                       compile=opts.compile, drafting=drafting, constraint=constraint)
             print()
             if interrupted:
                 raise SystemExit(130)
@@ -3884,6 +3926,771 @@ def serve(model: Transformer, tokenizer: Tokenizer, address: str | socket.socket
         server.serve_forever()
     finally:
         server.server_close()
+
+
+# =============================================================================
+# Appendix F: constrained decoding (JSON schemas): --json, --json-schema FILE
+#
+# A program that reads the model's answer wants JSON it can parse, of a shape it knows. Asking nicely is not
+# enough (a tiny random model never writes JSON on its own), so at each decode step this appendix allows only the
+# tokens whose text keeps the output a prefix of a valid document, and the stop token only once the document is
+# complete (after that, only stop tokens). Three pieces:
+#
+# 1. The automaton. A JSON schema is compiled into nodes (one per sub-schema; $ref points at a node, so recursive
+#    schemas are cycles, not copies), and a document is read byte by byte by a pushdown automaton: its stack holds
+#    what must still come, top last, e.g. for {"a": [1, 2]} after `{"a": [1`:
+#        ("props", object, next property 1) ("items", array, 1 item so far) ("num", integer, "1")
+#    A step pops or replaces the top. Where the schema leaves a choice (anyOf, a type list, an enum, an optional
+#    property, one more array item or "]"), the automaton keeps every open alternative: its state is a frozenset
+#    of stacks, and a byte keeps the stacks it can extend. The empty stack is a finished document.
+#    The layout is fixed, so the model cannot pad forever: json.dumps' default (", " and ": " between items, no
+#    other whitespace outside strings), an object's properties in the schema's order (optional ones may be left
+#    out), strings with JSON's escapes (\uXXXX included, but none in D800-DFFF: characters past U+FFFF are written
+#    as their UTF-8 bytes) and no raw control characters, enum and const values as json.dumps(v,
+#    ensure_ascii=False) writes them. Numbers are JSON numbers of at most 15 integer digits, 15 fraction digits
+#    and 2 exponent digits (integers: no fraction or exponent; minimum/maximum checked digit by digit), so every
+#    number, and so every document, can end. A branch that admits no finite document (an unsatisfiable optional
+#    property, a $ref loop with no way out) is never entered; a root with none is refused.
+# 2. The token check. Tokens are byte strings (a token may end inside a UTF-8 character, and the automaton tracks
+#    the bytes a character still needs). Outside strings, the allowed tokens are found by walking the vocabulary
+#    sorted by bytes as a trie: a prefix the automaton rejects prunes every token under it, and few survive. Inside
+#    a string, nearly every token is allowed, so the walk is replaced by tensor arithmetic: each token is split
+#    once into its "plain" prefix (no quote, backslash or control byte) and the rest, and a plain prefix is
+#    allowed iff its UTF-8 continues the string's (read off columns computed once per tokenizer) and fits
+#    maxLength; only the few hundred distinct rests ('"', '", ', '\\n', ...) are walked. Masks are cached per state.
+# 3. Exactness. The mask is exact (a token is allowed iff its bytes keep the text a prefix of a document: tests
+#    compare with independent enumeration), and sampling is the model's own: the logits of disallowed tokens are
+#    set to -inf after the repetition penalty and before temperature, top-k and top-p. With top_p = 1 and no
+#    top_k, each token is drawn from softmax(logits / temperature) restricted to the allowed tokens and
+#    renormalised, and a document's probability is the product of those per-token probabilities; greedy takes the
+#    most likely allowed token; top-k and the nucleus are taken among the allowed tokens, so never empty.
+#
+# The per-step interface, for a decode loop of your own (generate(constraint=...) runs exactly this):
+#     c = json_constraint(tokenizer, schema)      # or tool_call_constraint(...); one per answer
+#     logits = c.mask(logits)                     # (1, vocab_size): -inf where c.allowed() (n_words,) is False
+#     token = ...choose from logits...
+#     c.advance(token)                            # ValueError for a token the mask forbade
+#     c.is_complete()                             # the document is whole: its stop tokens are allowed
+# =============================================================================
+
+# Imported here, not at the top: deleting the appendix deletes what only it uses.
+import bisect
+
+# Keywords the automaton enforces; annotations, which say nothing about validity, are ignored; anything else is
+# refused by check_schema, naming the keyword and where it is.
+SCHEMA_KEYWORDS = {"type", "properties", "required", "additionalProperties", "enum", "const", "items", "minItems",
+                   "maxItems", "anyOf", "$defs", "definitions", "$ref", "minimum", "maximum", "minLength",
+                   "maxLength"}
+SCHEMA_ANNOTATIONS = {"title", "description", "default", "examples", "$comment", "$schema", "$id"}
+JSON_TYPES_ALL = ("string", "integer", "number", "boolean", "null", "object", "array")
+# Digits a number may have: 15 integer digits keep integers exact in a double; 2 exponent digits stay finite.
+MAX_INT_DIGITS = 15
+MAX_FRACTION_DIGITS = 15
+MAX_EXPONENT_DIGITS = 2
+NUMBER_PARTS = re.compile(r"(-?)(\d*)(\.?)(\d*)([eE]?)([+-]?)(\d*)")
+
+
+def _where(path: tuple) -> str:
+    return ".".join(str(p) for p in path) or "the root"
+
+
+def check_schema(schema: dict | bool, root: dict | bool | None = None, path: tuple = ()) -> None:
+    """ValueError naming the first unsupported keyword, or malformed value, and where it is (a dotted path such as
+    properties.city.pattern); None for a schema the automaton enforces. $refs must point inside the schema."""
+    root = schema if root is None else root
+    if isinstance(schema, bool):
+        return
+    if not isinstance(schema, dict):
+        raise ValueError(  # noqa: TRY004 (a bad schema is a bad value, as every other case here)
+            f"JSON schema at {_where(path)}: a schema is an object or true/false, not {schema!r}")
+    for key, value in schema.items():
+        here = (*path, key)
+        if key in SCHEMA_ANNOTATIONS:
+            continue
+        if key not in SCHEMA_KEYWORDS:
+            raise ValueError(f"JSON schema keyword {key!r} at {_where(here)} is not supported")
+        if key in ("properties", "$defs", "definitions"):
+            if not isinstance(value, dict):
+                raise ValueError(f"JSON schema: {_where(here)} must be an object")
+            for name, sub in value.items():
+                check_schema(sub, root, (*here, name))
+        elif key == "items":
+            if not isinstance(value, (dict, bool)):
+                raise ValueError(f"JSON schema: {_where(here)} must be one schema (a list is prefixItems, not "
+                                 "supported)")
+            check_schema(value, root, here)
+        elif key == "anyOf":
+            if not isinstance(value, list) or not value:
+                raise ValueError(f"JSON schema: {_where(here)} must be a non-empty list of schemas")
+            for i, sub in enumerate(value):
+                check_schema(sub, root, (*here, i))
+        elif key == "type":
+            names = value if isinstance(value, list) else [value]
+            if not names or any(t not in JSON_TYPES_ALL for t in names):
+                raise ValueError(f"JSON schema: {_where(here)} must name types among {', '.join(JSON_TYPES_ALL)}, "
+                                 f"not {value!r}")
+        elif key == "required":
+            if not isinstance(value, list) or not all(isinstance(r, str) for r in value):
+                raise ValueError(f"JSON schema: {_where(here)} must be a list of property names")
+        elif key == "additionalProperties":
+            if not isinstance(value, bool):
+                raise ValueError(f"JSON schema: {_where(here)} must be true or false (a schema there is not "
+                                 "supported)")
+        elif key == "enum":
+            if not isinstance(value, list) or not value:
+                raise ValueError(f"JSON schema: {_where(here)} must be a non-empty list")
+        elif key in ("minItems", "maxItems", "minLength", "maxLength"):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"JSON schema: {_where(here)} must be an integer >= 0, not {value!r}")
+        elif key in ("minimum", "maximum"):
+            types = schema.get("type")
+            types = types if isinstance(types, list) else [types]
+            if "integer" not in types or "number" in types:
+                raise ValueError(f"JSON schema: {_where(here)} is supported on integers only (type \"integer\")")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"JSON schema: {_where(here)} must be a finite number")
+        elif key == "$ref":
+            _resolve_ref(root, value, here)
+    if "$ref" in schema and set(schema) - SCHEMA_ANNOTATIONS - {"$ref", "$defs", "definitions"}:
+        raise ValueError(f"JSON schema: {_where((*path, '$ref'))} has sibling keywords; only annotations may "
+                         "stand beside a $ref")
+    if "anyOf" in schema and set(schema) - SCHEMA_ANNOTATIONS - {"anyOf", "$defs", "definitions"}:
+        raise ValueError(f"JSON schema: {_where((*path, 'anyOf'))} has sibling keywords; put them inside each "
+                         "branch")
+
+
+def _resolve_ref(root: dict, ref: object, path: tuple) -> tuple[object, str]:
+    """The schema a local $ref ("#", "#/$defs/x", "#/definitions/x", any "#/..." pointer) names, and the pointer."""
+    if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
+        raise ValueError(f"JSON schema: {_where(path)} = {ref!r}: only local references (#/...) are supported")
+    target = root
+    for part in ref[2:].split("/") if ref != "#" else ():
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(target, dict) and part in target:
+            target = target[part]
+        elif isinstance(target, list) and part.isdigit() and int(part) < len(target):
+            target = target[int(part)]
+        else:
+            raise ValueError(f"JSON schema: {_where(path)} = {ref!r} points at nothing")
+    return target, ref
+
+
+# -----------------------------------------------------------------------------
+# The automaton: schema nodes, and a stack's steps
+# -----------------------------------------------------------------------------
+
+
+@dataclass
+class SchemaNode:
+    """One compiled sub-schema. kind: "alts" (any of `alts`: anyOf, $ref, a type list), "literal" (one of
+    `literals`, bytes), "string", "integer", "number", "object", "array", or "seq" (bytes `open`, a value of
+    `items`, bytes `close`: a tool call's frame around its arguments). An object writes `open`, then each chosen
+    property as its key bytes (`props`: key bytes when first, key bytes after another, node, required), then
+    `close`; free: any keys (an object schema without properties)."""
+    kind: str
+    alts: tuple[int, ...] = ()
+    literals: tuple[bytes, ...] = ()
+    props: tuple[tuple[bytes, bytes, int, bool], ...] = ()
+    free: bool = False
+    open: bytes = b""
+    close: bytes = b""
+    items: int = -1
+    min_items: int = 0
+    max_items: int | None = None
+    min_len: int = 0
+    max_len: int | None = None
+    minimum: int = -(10**MAX_INT_DIGITS - 1)
+    maximum: int = 10**MAX_INT_DIGITS - 1
+
+
+def _literal(value: object, python: bool) -> str:
+    """A JSON value as the document writes it: json.dumps' layout; in Python syntax (python_list calls) True,
+    False and None, with strings and dict keys as JSON writes them (valid Python, as tokenizer.python_literal)."""
+    if not python:
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k, ensure_ascii=False)}: {_literal(v, True)}"
+                               for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_literal(v, True) for v in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+class SchemaCompiler:
+    """Turns a checked schema into SchemaNodes, one per location ($refs share their target's node)."""
+
+    def __init__(self, root: dict | bool, python: bool):
+        self.root = root
+        self.python = python
+        self.nodes: list[SchemaNode] = []
+        self.at: dict[str, int] = {}  # JSON pointer -> node id
+
+    def add(self, node: SchemaNode) -> int:
+        self.nodes.append(node)
+        return len(self.nodes) - 1
+
+    def any_value(self) -> int:
+        """Any JSON value: every type, objects with any keys, arrays of anything."""
+        return self.compile(True, "#any")
+
+    def compile(self, schema: dict | bool, pointer: str) -> int:
+        pointer = "#any" if schema is True else pointer  # one node for "anything", which holds itself
+        if pointer in self.at:
+            return self.at[pointer]
+        i = self.add(SchemaNode("alts"))
+        self.at[pointer] = i
+        self.nodes[i] = self.build(schema, pointer)
+        return i
+
+    def build(self, schema: dict | bool, pointer: str) -> SchemaNode:
+        if schema is False:
+            return SchemaNode("alts")  # no alternative: no value
+        if schema is True:
+            schema = {"type": list(JSON_TYPES_ALL[:1] + JSON_TYPES_ALL[2:])}  # "number" covers "integer"
+        if "$ref" in schema:
+            target, ref = _resolve_ref(self.root, schema["$ref"], ())
+            return SchemaNode("alts", alts=(self.compile(target, ref),))
+        if "anyOf" in schema:
+            return SchemaNode("alts", alts=tuple(self.compile(s, f"{pointer}/anyOf/{k}")
+                                                 for k, s in enumerate(schema["anyOf"])))
+        if "const" in schema or "enum" in schema:
+            values = [schema["const"]] if "const" in schema else schema["enum"]
+            return SchemaNode("literal", literals=tuple(dict.fromkeys(_literal(v, self.python).encode()
+                                                                      for v in values)))
+        types = schema.get("type")
+        if types is None:  # no type: what its keywords describe, else any type (its keywords applying)
+            types = "object" if "properties" in schema or "required" in schema else "array" if "items" in schema \
+                else ["string", "number", "boolean", "null", "object", "array"]
+        if isinstance(types, list):
+            if "integer" in types and "number" in types:
+                types = [t for t in types if t != "integer"]
+            if len(types) > 1:
+                return SchemaNode("alts", alts=tuple(self.compile({**schema, "type": t}, f"{pointer}/type/{t}")
+                                                     for t in types))
+            types = types[0]
+        if types in ("boolean", "null"):
+            values = (True, False) if types == "boolean" else (None,)
+            return SchemaNode("literal", literals=tuple(_literal(v, self.python).encode() for v in values))
+        if types == "string":
+            return SchemaNode("string", min_len=schema.get("minLength", 0), max_len=schema.get("maxLength"))
+        if types == "number":
+            return SchemaNode("number")
+        if types == "integer":
+            lo = math.ceil(schema.get("minimum", -math.inf)) if "minimum" in schema else None
+            hi = math.floor(schema.get("maximum", math.inf)) if "maximum" in schema else None
+            node = SchemaNode("integer")
+            node.minimum = max(node.minimum, lo) if lo is not None else node.minimum
+            node.maximum = min(node.maximum, hi) if hi is not None else node.maximum
+            return node
+        if types == "array":
+            items = schema.get("items", True)
+            return SchemaNode("array", items=self.compile(items, f"{pointer}/items"),
+                              min_items=schema.get("minItems", 0), max_items=schema.get("maxItems"))
+        return self.object(schema, pointer, b"{", b"}", python_keywords=False)
+
+    def object(self, schema: dict, pointer: str, open: bytes, close: bytes, python_keywords: bool) -> SchemaNode:
+        """An object node; python_keywords: the properties are a Python call's keyword arguments (k=v)."""
+        properties = schema.get("properties", {})
+        required = set(schema.get("required", []))
+        missing = required - set(properties)
+        if missing:
+            raise ValueError(f"JSON schema: {pointer.lstrip('#/').replace('/', '.') or 'the root'}: required "
+                             f"property {min(missing)!r} is not among its properties")
+        props = []
+        for key, sub in properties.items():
+            if python_keywords and not key.isidentifier():
+                raise ValueError(f"python_list calls name arguments as Python keywords: {key!r} is not one")
+            written = f"{key}=" if python_keywords else f"{json.dumps(key, ensure_ascii=False)}: "
+            child = self.compile(sub, f"{pointer}/properties/{key}")
+            props.append((written.encode(), f", {written}".encode(), child, key in required))
+        free = not properties and schema.get("additionalProperties", True) is not False and not python_keywords
+        return SchemaNode("object", props=tuple(props), free=free, open=open, close=close)
+
+
+def _lit(data: bytes) -> tuple:
+    """The frames that write `data`: none for b""."""
+    return (("lit", data),) if data else ()
+
+
+# UTF-8 (RFC 3629), one byte at a time: a lead byte says how many continuation bytes (80-BF) follow, and the range
+# of the first, which rules out overlong forms, surrogates (ED A0-BF) and code points past U+10FFFF.
+def utf8_step(need: int, lo: int, hi: int, byte: int) -> tuple[int, int, int] | None:
+    """(need, lo, hi) after byte, where need continuation bytes are still due, the next in [lo, hi]; None if the
+    byte breaks UTF-8."""
+    if need:
+        return (need - 1, 0x80, 0xBF) if lo <= byte <= hi else None
+    if byte < 0x80:
+        return (0, 0, 0)
+    if 0xC2 <= byte <= 0xDF:
+        return (1, 0x80, 0xBF)
+    if 0xE0 <= byte <= 0xEF:
+        return (2, 0xA0 if byte == 0xE0 else 0x80, 0x9F if byte == 0xED else 0xBF)
+    if 0xF0 <= byte <= 0xF4:
+        return (3, 0x90 if byte == 0xF0 else 0x80, 0x8F if byte == 0xF4 else 0xBF)
+    return None
+
+
+def number_state(text: str, integer: bool, lo: int, hi: int) -> tuple[bool, bool]:
+    """(whether text can begin a number the node allows, whether it is one already)."""
+    m = NUMBER_PARTS.fullmatch(text)
+    if m is None:
+        return False, False
+    sign, digits, dot, fraction, e, exp_sign, exponent = m.groups()
+    ok = (len(digits) <= MAX_INT_DIGITS and not (digits.startswith("0") and len(digits) > 1)
+          and len(fraction) <= MAX_FRACTION_DIGITS and len(exponent) <= MAX_EXPONENT_DIGITS
+          and (not dot or digits) and (not fraction or dot) and (not e or (digits and (fraction or not dot)))
+          and (not exp_sign or e) and (not exponent or e))
+    if not ok or (integer and (dot or e)):
+        return False, False
+    whole = bool(digits) and (not dot or bool(fraction)) and (not e or bool(exponent))
+    if not integer:
+        return True, whole
+    if not digits:  # "" or "-": some integer of that sign in range? (-0 is 0)
+        return (lo <= 0) if sign else (hi >= 0), False
+    value = int(digits)
+    # The integers this prefix can still become: value * 10^j + [0, 10^j) for j more digits (none after a 0).
+    more = 0 if digits == "0" else MAX_INT_DIGITS - len(digits)
+    for j in range(more + 1):
+        first = value * 10**j
+        last = first + 10**j - 1
+        a, b = (-last, -first) if sign else (first, last)
+        if a <= hi and lo <= b:
+            return True, lo <= (-value if sign else value) <= hi
+    return False, False
+
+
+class Automaton:
+    """The document's pushdown automaton over a list of SchemaNodes (see the appendix's header). A stack is a
+    tuple of frames, top last:
+        ("value", node)                  a value of node is due (expanded by settle, never left on top)
+        ("props", node, i, first)        an object's properties from the i-th (first: none written yet)
+        ("free", first)                  an object with any keys
+        ("items", node, count)           an array with count items so far
+        ("lit", bytes)                   these bytes come next
+        ("str", node, count, need, lo, hi, esc)   inside a string: count characters (kept 0 when unbounded, so
+                                         the state repeats), a UTF-8 character needing `need` bytes, the next in
+                                         [lo, hi]; esc: "" or "\\" or "u" and the hex digits read
+        ("num", node, text)              a number so far
+    A state is a frozenset of stacks (the alternatives still open), each settled: its top consumes bytes."""
+
+    def __init__(self, nodes: list[SchemaNode], root: int, key: int, any_value: int, python: bool):
+        self.nodes = nodes
+        self.key = key  # a free object's key: any string
+        self.any_value = any_value
+        self.python = python  # Python string literals have no \/ escape
+        self.finite = self.finite_nodes()
+        if not self.finite[root]:
+            raise ValueError("JSON schema admits no finite document (every branch needs itself or nothing fits)")
+        self.start = frozenset(self.settle((("value", root),)))
+
+    def finite_nodes(self) -> list[bool]:
+        """Which nodes have a finite document: the least fixpoint, from none, of "a node has one if the parts it
+        needs have one" (so a $ref loop with no way out has none)."""
+        finite = [False] * len(self.nodes)
+        changed = True
+        while changed:
+            changed = False
+            for i, n in enumerate(self.nodes):
+                if not finite[i] and self.has_document(n, finite):
+                    finite[i] = True
+                    changed = True
+        return finite
+
+    @staticmethod
+    def has_document(n: SchemaNode, finite: list[bool]) -> bool:
+        if n.kind == "alts":
+            return any(finite[a] for a in n.alts)
+        if n.kind == "literal":
+            return bool(n.literals)
+        if n.kind == "string":
+            return n.max_len is None or n.min_len <= n.max_len
+        if n.kind == "integer":
+            return n.minimum <= n.maximum
+        if n.kind == "object":
+            return all(finite[child] for _, _, child, required in n.props if required)
+        if n.kind == "array":
+            return (n.max_items is None or n.min_items <= n.max_items) and (n.min_items == 0 or finite[n.items])
+        if n.kind == "seq":
+            return finite[n.items]
+        return True  # number
+
+    def concrete(self, node: int) -> list[int]:
+        """The nodes other than "alts" that node may be, finite ones only (a $ref cycle is followed once)."""
+        seen = set()
+        out = []
+        todo = [node]
+        while todo:
+            i = todo.pop()
+            if i in seen or not self.finite[i]:
+                continue
+            seen.add(i)
+            if self.nodes[i].kind == "alts":
+                todo.extend(reversed(self.nodes[i].alts))
+            else:
+                out.append(i)
+        return out
+
+    def begin(self, i: int) -> list[tuple]:
+        """The ways a value of concrete node i begins: frames to push, top last."""
+        n = self.nodes[i]
+        if n.kind == "literal":
+            return [(("lit", v),) for v in n.literals]
+        if n.kind == "string":
+            return [(("str", i, 0, 0, 0, 0, ""), ("lit", b'"'))]
+        if n.kind in ("integer", "number"):
+            return [(("num", i, ""),)]
+        if n.kind == "array":
+            return [(("items", i, 0), ("lit", b"["))]
+        if n.kind == "seq":
+            return [(*_lit(n.close), ("value", n.items), *_lit(n.open))]
+        first = ("free", True) if n.free else ("props", i, 0, True)
+        return [(first, *_lit(n.open))]
+
+    def settle(self, stack: tuple) -> list[tuple]:
+        """Expand the top until it consumes bytes: every settled stack the stack may be."""
+        if not stack:
+            return [stack]
+        top = stack[-1]
+        rest = stack[:-1]
+        kind = top[0]
+        if kind == "value":
+            return [s for c in self.concrete(top[1]) for frames in self.begin(c) for s in self.settle(rest + frames)]
+        if kind == "props":
+            n = self.nodes[top[1]]
+            out = []
+            for j in range(top[2], len(n.props)):
+                first_key, next_key, child, required = n.props[j]
+                if self.finite[child]:
+                    key = first_key if top[3] else next_key
+                    out += self.settle(rest + (("props", top[1], j + 1, False), ("value", child), ("lit", key)))
+                if required:
+                    return out
+            return out + self.settle(rest + _lit(n.close))
+        if kind == "free":
+            member = (("free", False), ("value", self.any_value), ("lit", b": "), ("value", self.key),
+                      *_lit(b"" if top[1] else b", "))
+            return self.settle(rest + (("lit", b"}"),)) + self.settle(rest + member)
+        if kind == "items":
+            n = self.nodes[top[1]]
+            out = self.settle(rest + (("lit", b"]"),)) if top[2] >= n.min_items else []
+            if (n.max_items is None or top[2] < n.max_items) and self.finite[n.items]:
+                item = (("items", top[1], top[2] + 1), ("value", n.items), *_lit(b", " * (top[2] > 0)))
+                out += self.settle(rest + item)
+            return out
+        return [stack]
+
+    def step(self, stack: tuple, byte: int) -> list[tuple]:
+        """The settled stacks after byte; [] where the byte is not allowed."""
+        if not stack:
+            return []
+        top = stack[-1]
+        rest = stack[:-1]
+        kind = top[0]
+        if kind == "lit":
+            if top[1][0] != byte:
+                return []
+            return self.settle(rest + _lit(top[1][1:]))
+        if kind == "num":
+            n = self.nodes[top[1]]
+            out = []
+            can, _ = number_state(top[2] + chr(byte), n.kind == "integer", n.minimum, n.maximum)
+            if can:
+                out.append(rest + (("num", top[1], top[2] + chr(byte)),))
+            if number_state(top[2], n.kind == "integer", n.minimum, n.maximum)[1]:  # the number may end here
+                out += [s for r in self.settle(rest) for s in self.step(r, byte)]
+            return out
+        _, i, count, need, lo, hi, esc = top
+        n = self.nodes[i]
+        counted = n.min_len > 0 or n.max_len is not None
+        if esc == "\\":
+            if byte == ord("u"):
+                return [rest + (("str", i, count, 0, 0, 0, "u"),)]
+            ok = b'"\\bfnrt' if self.python else b'"\\/bfnrt'
+            return [rest + (("str", i, count, 0, 0, 0, ""),)] if byte in ok else []
+        if esc:  # \u and the hex digits so far; D800-DFFF (surrogates) are not characters
+            hex_digits = esc[1:] + chr(byte).lower()
+            if chr(byte) not in "0123456789abcdefABCDEF" or (len(hex_digits) == 2 and hex_digits[0] == "d"
+                                                             and hex_digits[1] in "89abcdef"):
+                return []
+            return [rest + (("str", i, count, 0, 0, 0, "" if len(hex_digits) == 4 else "u" + hex_digits),)]
+        if need == 0 and byte == ord('"'):
+            return self.settle(rest) if count >= n.min_len or not counted else []
+        if need == 0 and (byte < 0x20 or byte == ord("\\")):
+            if byte < 0x20 or (n.max_len is not None and count >= n.max_len):
+                return []
+            return [rest + (("str", i, count + counted, 0, 0, 0, "\\"),)]
+        utf8 = utf8_step(need, lo, hi, byte)
+        starts = need == 0  # a lead or ASCII byte starts a character
+        if utf8 is None or (starts and n.max_len is not None and count >= n.max_len):
+            return []
+        return [rest + (("str", i, count + (counted and starts), *utf8, ""),)]
+
+    def advance(self, state: frozenset, byte: int) -> frozenset:
+        return frozenset(s for stack in state for s in self.step(stack, byte))
+
+    def ends(self, stack: tuple) -> bool:
+        """Whether the document may end with this stack (nothing due, or a number that may stop here)."""
+        if not stack:
+            return True
+        top = stack[-1]
+        if top[0] != "num":
+            return False
+        n = self.nodes[top[1]]
+        return number_state(top[2], n.kind == "integer", n.minimum, n.maximum)[1] and any(
+            self.ends(s) for s in self.settle(stack[:-1]))
+
+
+# -----------------------------------------------------------------------------
+# The vocabulary's columns, and the constraint
+# -----------------------------------------------------------------------------
+
+
+class TokenColumns:
+    """What the token check needs of a tokenizer's vocabulary, computed once (about a second for 128,256 tokens)
+    and kept on the tokenizer. Each text token's bytes are split into a plain prefix (no '"', '\\' or control
+    byte) and a rest; of the prefix: `lead`, its leading continuation bytes (80-BF, finishing a character begun
+    before), and of what follows them (the tail): whether it is valid UTF-8 (`tail_ok`), ends inside a character
+    (`tail_open`), and how many characters it starts (`chars`). `rest` indexes the rests that begin with '"' or
+    '\\' (in `rests`, sorted), -1 for none, -2 for a rest no string can hold (a control byte, a special token)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        n = tokenizer.n_words
+        special = set(tokenizer.special_tokens.values())
+        self.n_words = n
+        self.bytes = [b"" if i in special else tokenizer.model.decode_single_token_bytes(i) for i in range(n)]
+        text_ids = [i for i in range(n) if i not in special]
+        self.order = sorted(text_ids, key=self.bytes.__getitem__)  # token ids by their bytes: a trie as a list
+        self.sorted = [self.bytes[i] for i in self.order]
+        rests = {}
+        columns = {name: [0] * n for name in ("plen", "lead", "tail_ok", "tail_open", "chars", "first", "rest")}
+        for i, b in enumerate(self.bytes):
+            plen = next((j for j, c in enumerate(b) if c < 0x20 or c in b'"\\'), len(b))
+            lead = next((j for j, c in enumerate(b[:plen]) if not 0x80 <= c <= 0xBF), plen)
+            state = (0, 0, 0)
+            chars = 0
+            for c in b[lead:plen]:
+                chars += state[0] == 0
+                state = utf8_step(*state, c)
+                if state is None:
+                    break
+            rest = -1 if plen == len(b) else -2
+            if i in special or not b:
+                rest = -2
+            elif plen < len(b) and b[plen] in b'"\\':
+                rest = rests.setdefault(b[plen:], len(rests))
+            for name, value in (("plen", plen), ("lead", lead), ("tail_ok", state is not None),
+                                ("tail_open", state is not None and state[0] > 0), ("chars", chars),
+                                ("first", b[0] if plen else -1), ("rest", rest)):
+                columns[name][i] = value
+        self.rests = sorted(rests, key=rests.__getitem__)
+        self.rest_order = sorted(range(len(self.rests)), key=self.rests.__getitem__)
+        self.rests_sorted = [self.rests[r] for r in self.rest_order]
+        for name, values in columns.items():
+            setattr(self, name, torch.tensor(values))
+        self.tail_ok = self.tail_ok.bool()
+        self.tail_open = self.tail_open.bool()
+
+
+def walk(items: list[bytes], state: frozenset, step: Callable[[frozenset, int], frozenset], lo: int = 0,
+         hi: int | None = None, depth: int = 0, found: list[int] | None = None) -> list[int]:
+    """Indices into items (sorted bytes) of those the automaton reads from `state` without failing: a trie walk
+    where the entries items[lo:hi] share their first `depth` bytes, and a rejected byte skips every entry under
+    it (found by bisection)."""
+    hi = len(items) if hi is None else hi
+    found = [] if found is None else found
+    i = lo
+    while i < hi:
+        b = items[i]
+        if len(b) == depth:  # the shared prefix itself: its parent counted it
+            i += 1
+            continue
+        c = b[depth]
+        j = bisect.bisect_left(items, b[:depth] + bytes([c + 1]), i, hi) if c < 255 else hi
+        after = step(state, c)
+        if after:
+            if len(b) == depth + 1:
+                found.append(i)
+            walk(items, after, step, i, j, depth + 1, found)
+        i = j
+    return found
+
+
+class JSONConstraint:
+    """The constraint one answer is decoded under (make it with json_constraint or tool_call_constraint; one per
+    answer, as it keeps the answer's state). allowed() is the bool mask (n_words,) of the next token's choices,
+    mask(logits) applies it, advance(token) moves past the token chosen, is_complete() says whether the document
+    is whole. Its stop tokens are allowed exactly when it is; after one, only stop tokens are."""
+
+    def __init__(self, tokenizer: Tokenizer, automaton: Automaton, stop_tokens: list[int] | tuple[int, ...]):
+        columns = getattr(tokenizer, "token_columns", None)
+        if columns is None:  # computed once per tokenizer, whose vocabulary never changes
+            columns = TokenColumns(tokenizer)
+            tokenizer.token_columns = columns
+        self.columns = columns
+        self.automaton = automaton
+        self.stop_tokens = list(stop_tokens)
+        self.state = automaton.start
+        self.stopped = False
+        self.masks: dict[frozenset, torch.Tensor] = {}  # per state: states repeat (inside a string, every step)
+        self.steps: dict[tuple[frozenset, int], frozenset] = {}
+
+    def step(self, state: frozenset, byte: int) -> frozenset:
+        key = (state, byte)
+        if key not in self.steps:
+            self.steps[key] = self.automaton.advance(state, byte)
+        return self.steps[key]
+
+    def is_complete(self) -> bool:
+        """Whether the text so far is a whole document (its stop tokens are allowed)."""
+        return self.stopped or any(self.automaton.ends(s) for s in self.state)
+
+    def allowed(self) -> torch.Tensor:
+        """(n_words,) bool: the tokens whose bytes keep the text a prefix of a document, and the stop tokens
+        where it is whole."""
+        if self.stopped:
+            mask = torch.zeros(self.columns.n_words, dtype=torch.bool)
+        elif self.state in self.masks:
+            mask = self.masks[self.state].clone()
+        else:
+            mask = self.text_mask(self.state)
+            self.masks[self.state] = mask.clone()
+        if self.is_complete():
+            mask[self.stop_tokens] = True
+        return mask
+
+    def text_mask(self, state: frozenset) -> torch.Tensor:
+        c = self.columns
+        mask = torch.zeros(c.n_words, dtype=torch.bool)
+        if all(s and s[-1][0] == "str" and s[-1][6] == "" for s in state):  # inside a string: columns, and the rests
+            for stack in state:
+                mask |= self.string_mask(stack)
+            return mask
+        found = walk(c.sorted, state, self.step)  # elsewhere few tokens fit: walk the vocabulary's trie
+        mask[[c.order[k] for k in found]] = True
+        return mask
+
+    def string_mask(self, stack: tuple) -> torch.Tensor:
+        """The tokens allowed inside the string on top of stack: plain prefix, then rest (see TokenColumns)."""
+        c = self.columns
+        _, i, count, need, lo, hi, _ = stack[-1]
+        n = self.automaton.nodes[i]
+        short = c.plen <= need  # the whole prefix finishes (part of) the pending character
+        ok = torch.where(short, c.lead == c.plen, (c.lead == need) & c.tail_ok)
+        if need:
+            ok &= (c.plen == 0) | ((c.first >= lo) & (c.first <= hi))
+        chars = torch.where(short, 0, c.chars)
+        if n.max_len is not None:
+            ok &= count + chars <= n.max_len
+        on_boundary = torch.where(short, c.plen == need, ~c.tail_open)  # the rest begins a new character
+        has_rest = c.rest >= 0
+        rest_ok = torch.zeros(c.n_words, dtype=torch.bool)
+        counted = n.min_len > 0 or n.max_len is not None
+        # The rest is read from the string after the prefix: its count grown by the prefix's characters.
+        for k in chars[has_rest].unique().tolist() if counted else [0]:
+            after = frozenset([stack[:-1] + (("str", i, count + k, 0, 0, 0, ""),)])
+            valid = torch.zeros(len(c.rests) + 1, dtype=torch.bool)
+            valid[[c.rest_order[j] for j in walk(c.rests_sorted, after, self.step)]] = True
+            here = has_rest & (chars == k) if counted else has_rest
+            rest_ok |= valid[c.rest.clamp(min=0)] & here
+        return ok & ((c.rest == -1) | (on_boundary & rest_ok))
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits (1, vocab_size) with -inf where allowed() is False (and past the tokenizer's ids)."""
+        n = min(logits.shape[-1], self.columns.n_words)
+        allowed = torch.zeros(logits.shape[-1], dtype=torch.bool)
+        allowed[:n] = self.allowed()[:n]
+        return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+
+    def advance(self, token: int) -> None:
+        """Move past the chosen token; ValueError if allowed() forbade it."""
+        if token in self.stop_tokens and self.is_complete():
+            self.stopped = True
+            return
+        data = self.columns.bytes[token] if 0 <= token < self.columns.n_words else b""
+        state = self.state
+        for byte in data if not self.stopped else b"":
+            state = self.step(state, byte)
+        if not data or self.stopped or not state:
+            raise ValueError(f"constraint: token {token} is not allowed here")
+        self.state = state
+
+
+def json_constraint(tokenizer: Tokenizer, schema: dict | bool | None = None,
+                    stop_tokens: list[int] | tuple[int, ...] | None = None) -> JSONConstraint:
+    """A constraint for one JSON document valid for schema (None: any JSON object, as OpenAI's json_object mode),
+    ending with one of stop_tokens (default: the tokenizer's). ValueError names an unsupported keyword."""
+    schema = {"type": "object"} if schema is None else schema
+    check_schema(schema)
+    compiler = SchemaCompiler(schema, python=False)
+    root = compiler.compile(schema, "#")
+    key = compiler.add(SchemaNode("string"))
+    automaton = Automaton(compiler.nodes, root, key, compiler.any_value(), python=False)
+    return JSONConstraint(tokenizer, automaton, tokenizer.stop_tokens if stop_tokens is None else stop_tokens)
+
+
+def tool_call_constraint(tokenizer: Tokenizer, functions: list[dict], tool_format: str, name: str | None = None,
+                         stop_tokens: list[int] | tuple[int, ...] | None = None) -> JSONConstraint:
+    """A constraint for one call, written as tokenizer.encode_tool_calls writes it in tool_format, to the function
+    `name`, or to any of them (None: OpenAI's tool_choice "required"). functions: OpenAI function objects, {"name",
+    "description"?, "parameters"?: a JSON schema of type object}; the arguments are valid for it, properties in
+    its order. python_list writes the declared properties only, as keywords, and dicts and lists inside them in
+    Python syntax (True, None), as its parser reads them (tokenizer.python_literal writes a dict as JSON).
+    Default stop tokens: <|eom_id|> and <|eot_id|>."""
+    from tokenizer import TOOL_FORMATS
+
+    if tool_format not in TOOL_FORMATS:
+        raise ValueError(f"tool_format {tool_format!r}: expected one of {', '.join(TOOL_FORMATS)}")
+    names = [f.get("name") if isinstance(f, dict) else None for f in functions]
+    if not functions or not all(isinstance(f, str) and f for f in names):
+        raise ValueError("functions: a non-empty list of {\"name\": str, \"parameters\": schema} objects")
+    if name is not None and name not in names:
+        raise ValueError(f"name: no function named {name!r}; the functions are: {', '.join(names)}")
+    python = tool_format == "python_list"
+    compiler = SchemaCompiler({}, python)
+    calls = []
+    for f in functions:
+        if name is not None and f["name"] != name:
+            continue
+        parameters = f.get("parameters") or {"type": "object", "properties": {}, "additionalProperties": False}
+        try:
+            check_schema(parameters)
+        except ValueError as e:
+            raise ValueError(f"function {f['name']!r}: {e}") from None
+        if parameters.get("type") != "object":
+            raise ValueError(f"function {f['name']!r}: its parameters must be a schema of type \"object\"")
+        compiler.root = parameters
+        compiler.at = {}  # each function's pointers are its own
+        if python:
+            if not f["name"].isidentifier():
+                raise ValueError(f"python_list calls need a Python name, not {f['name']!r}")
+            args = compiler.add(compiler.object(parameters, "#", b"", b"", python_keywords=True))
+            open_, close = f"[{f['name']}(", ")]"
+        elif tool_format == "json":
+            args = compiler.compile(parameters, "#")
+            open_, close = f'{{"type": "function", "name": {json.dumps(f["name"])}, "parameters": ', "}"
+        else:
+            args = compiler.compile(parameters, "#")
+            open_, close = f"<function={f['name']}>", "</function>"
+        calls.append(compiler.add(SchemaNode("seq", open=open_.encode(), items=args, close=close.encode())))
+    root = compiler.add(SchemaNode("alts", alts=tuple(calls)))
+    key = compiler.add(SchemaNode("string"))
+    automaton = Automaton(compiler.nodes, root, key, compiler.any_value(), python)
+    stops = [tokenizer.eom_id, tokenizer.eot_id] if stop_tokens is None else stop_tokens
+    return JSONConstraint(tokenizer, automaton, stops)
+
+
+def read_json_schema(path: str | Path) -> dict:
+    """--json-schema FILE: the schema in FILE, checked; ValueError naming the flag, the file and what is wrong."""
+    try:
+        schema = json.loads(Path(path).read_text(encoding="utf-8"))
+        check_schema(schema)
+    except OSError as e:
+        raise ValueError(f"--json-schema {path}: {e.strerror or e}") from None
+    except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError too
+        raise ValueError(f"--json-schema {path}: {e}") from None
+    return schema
 
 
 # =============================================================================

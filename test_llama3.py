@@ -4990,6 +4990,313 @@ def test_tools_files_refuse_what_no_call_can_pass_and_results_json_cannot_write(
 
 
 # =============================================================================
+# Appendix F: constrained decoding (JSON schemas)
+# =============================================================================
+
+
+def valid(doc, schema: dict | bool, root: dict | None = None) -> bool:
+    """An independent validator for the keywords appendix F supports (not its automaton)."""
+    root = schema if root is None else root
+    if isinstance(schema, bool):
+        return schema
+    if "$ref" in schema:
+        target = root
+        for part in schema["$ref"][2:].split("/") if schema["$ref"] != "#" else ():
+            target = target[part]
+        return valid(doc, target, root)
+    if "anyOf" in schema:
+        return any(valid(doc, s, root) for s in schema["anyOf"])
+    if "const" in schema:
+        return doc == schema["const"] and type(doc) is type(schema["const"])
+    if "enum" in schema:
+        return any(doc == v and type(doc) is type(v) for v in schema["enum"])
+    types = schema.get("type", ["string", "integer", "number", "boolean", "null", "object", "array"])
+    types = types if isinstance(types, list) else [types]
+    kinds = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "null": type(None),
+             "object": dict, "array": list}
+    if not any(isinstance(doc, kinds[t]) and not (t in ("integer", "number") and isinstance(doc, bool))
+               for t in types):
+        return False
+    if isinstance(doc, str):
+        return schema.get("minLength", 0) <= len(doc) <= schema.get("maxLength", math.inf)
+    if isinstance(doc, int) and not isinstance(doc, bool):
+        return schema.get("minimum", -math.inf) <= doc <= schema.get("maximum", math.inf)
+    if isinstance(doc, list):
+        return (schema.get("minItems", 0) <= len(doc) <= schema.get("maxItems", math.inf)
+                and all(valid(v, schema.get("items", True), root) for v in doc))
+    if isinstance(doc, dict):
+        props = schema.get("properties", {})
+        if not set(schema.get("required", [])) <= set(doc):
+            return False
+        if props and list(doc) != [k for k in props if k in doc]:  # the schema's order, nothing else
+            return False
+        return all(valid(v, props.get(k, True), root) for k, v in doc.items())
+    return True
+
+
+NESTED_SCHEMA = {"type": "object", "$defs": {"tag": {"enum": ["red", "green", None, 3]}},
+                 "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 6},
+                                "age": {"type": "integer", "minimum": -5, "maximum": 120},
+                                "score": {"type": ["number", "null"]},
+                                "ok": {"type": "boolean"},
+                                "tags": {"type": "array", "items": {"$ref": "#/$defs/tag"}, "maxItems": 3},
+                                "inner": {"type": "object", "properties": {"x": {"const": "x\u00e9"},
+                                                                           "y": {"anyOf": [{"type": "integer"},
+                                                                                           {"type": "string",
+                                                                                            "maxLength": 2}]}},
+                                          "required": ["y"]}},
+                 "required": ["name", "ok", "inner"]}
+
+
+def constrained(model, tok, constraint, n: int = 120, **kw) -> str:
+    """The text generate writes under constraint after a short prompt; the constraint must have reached a stop."""
+    new = llama3.generate(model, [[tok.bos_id, 791]], n, constraint=constraint, **kw)[0]
+    assert constraint.stopped, tok.decode(new)  # the document ended, and a stop token then
+    return tok.decode(new)
+
+
+@pytest.mark.parametrize("temperature", [0, pytest.param(0.7, marks=pytest.mark.slow),
+                                         pytest.param(1.5, marks=pytest.mark.slow)])
+def test_constrained_documents_parse_and_validate_against_a_nested_schema(cli_ckpt, tok, temperature):
+    # The point of the appendix: whatever the model (this one never writes JSON), the answer parses and is valid.
+    model = cli_ckpt[1]
+    for seed in range(2 if temperature else 1):
+        text = constrained(model, tok, llama3.json_constraint(tok, NESTED_SCHEMA), temperature=temperature,
+                           top_p=0.95, seed=seed)
+        doc = json.loads(text)
+        assert valid(doc, NESTED_SCHEMA), text
+        assert text == json.dumps(doc, ensure_ascii=False) or "\\" in text  # the fixed layout (escapes aside)
+
+
+def test_recursive_schema_is_followed_and_a_schema_with_no_finite_document_is_refused(cli_ckpt, tok):
+    # $ref cycles are the automaton's stack, not an endless compile; a schema whose documents never end is refused.
+    tree = {"type": "object", "properties": {"v": {"type": "integer", "minimum": 0, "maximum": 9},
+                                             "kids": {"type": "array", "items": {"$ref": "#"}, "maxItems": 2}},
+            "required": ["v"]}
+    text = constrained(cli_ckpt[1], tok, llama3.json_constraint(tok, tree), temperature=1.0, seed=0)
+    assert valid(json.loads(text), tree)
+    for endless in ({"$ref": "#"}, {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}):
+        with pytest.raises(ValueError, match="no finite document"):
+            llama3.json_constraint(tok, endless)
+
+
+UNSUPPORTED = ["not", "if", "then", "else", "pattern", "format", "oneOf", "allOf", "multipleOf", "exclusiveMinimum",
+               "exclusiveMaximum", "patternProperties", "uniqueItems", "prefixItems", "contains", "propertyNames",
+               "minProperties", "dependentRequired", "unevaluatedProperties", "nullable"]
+
+
+@pytest.mark.parametrize("keyword", UNSUPPORTED)
+def test_every_unsupported_keyword_is_refused_by_name_and_place(keyword):
+    # A keyword the automaton would ignore would let invalid answers through: refused, never silently passed.
+    schema = {"type": "object", "properties": {"city": {"type": "string", keyword: {}}}}
+    with pytest.raises(ValueError, match=rf"'{keyword}' at properties\.city\.{keyword} is not supported"):
+        llama3.check_schema(schema)
+
+
+@pytest.mark.parametrize("schema, message", [
+    ({"properties": {"a": {"$ref": "#/$defs/missing"}}}, "points at nothing"),
+    ({"items": {"$ref": "other.json#/x"}}, "only local references"),
+    ({"type": "number", "minimum": 0}, "integers only"),
+    ({"type": "object", "additionalProperties": {"type": "string"}}, "must be true or false"),
+    ({"type": "object", "required": ["b"], "properties": {"a": {}}}, "'b' is not among its properties")])
+def test_broken_or_unenforceable_schemas_are_refused(tok, schema, message):
+    with pytest.raises(ValueError, match=message):
+        llama3.json_constraint(tok, schema)
+
+
+def documents_mask(tok, documents: list[bytes], written: bytes, stops: list[int]) -> set[int]:
+    """The tokens that keep `written` a prefix of one of documents (and the stops where it is one), found from
+    the documents' bytes alone: the independent reference for the constraint's mask."""
+    by_bytes = {tok.model.decode_single_token_bytes(i): i for i in range(128000)}
+    allowed = set()
+    for doc in documents:
+        if doc.startswith(written):
+            rest = doc[len(written):]
+            allowed |= {by_bytes[rest[:k]] for k in range(1, len(rest) + 1) if rest[:k] in by_bytes}
+    return allowed | (set(stops) if written in documents else set())
+
+
+ENUMERATED = {"type": "object", "properties": {"ok": {"type": "boolean"}, "c": {"enum": ["red", "re", "blue"]},
+                                               "n": {"type": "integer", "minimum": 7, "maximum": 12}},
+              "required": ["ok", "c"]}
+ENUMERATED_DOCS = [json.dumps({"ok": ok, "c": c, **({"n": n} if n is not None else {})}).encode()
+                   for ok in (True, False) for c in ("red", "re", "blue") for n in (None, *range(7, 13))]
+
+
+def test_mask_and_greedy_equal_an_independent_enumeration_of_the_documents(cli_ckpt, tok):
+    # Exactness, token by token: along the greedy path, allowed() is exactly the set of tokens that continue some
+    # enumerated document (stop tokens only at a whole one), and greedy takes the most likely of them, computed
+    # from plain forwards of the whole text, no cache, no automaton.
+    model = cli_ckpt[1]
+    constraint = llama3.json_constraint(tok, ENUMERATED, [tok.eot_id])
+    new = llama3.generate(model, [[tok.bos_id, 791]], 60, temperature=0, constraint=constraint)[0]
+    tokens = [tok.bos_id, 791]
+    check = llama3.json_constraint(tok, ENUMERATED, [tok.eot_id])
+    while True:
+        written = tok.model.decode_bytes(tokens[2:])
+        expected = documents_mask(tok, ENUMERATED_DOCS, written, [tok.eot_id])
+        assert set(check.allowed().nonzero().flatten().tolist()) == expected, written
+        with torch.no_grad():
+            logits = model(torch.tensor([tokens]))[0, -1]
+        best = max(expected, key=lambda t: logits[t].item())
+        if best == tok.eot_id:
+            break
+        check.advance(best)
+        tokens.append(best)
+    assert new == tokens[2:]
+    assert tok.model.decode_bytes(new) in ENUMERATED_DOCS
+    with pytest.raises(ValueError, match="not allowed"):
+        llama3.json_constraint(tok, ENUMERATED).advance(tok.encode("[", bos=False, eos=False)[0])
+
+
+def test_top_k_and_top_p_are_taken_among_the_allowed_tokens(cli_ckpt, tok):
+    # Disallowed logits are -inf before temperature, top-k and top-p: top_k=1 and a tiny nucleus are greedy over
+    # the allowed tokens (taken before the mask, they would pick a forbidden token and advance would raise).
+    model = cli_ckpt[1]
+    greedy = constrained(model, tok, llama3.json_constraint(tok, NESTED_SCHEMA), temperature=0)
+    for kw in ({"top_k": 1, "top_p": 1.0}, {"top_p": 1e-9}):
+        assert constrained(model, tok, llama3.json_constraint(tok, NESTED_SCHEMA), temperature=1.0, seed=0,
+                           **kw) == greedy
+    with pytest.raises(ValueError, match="constraint"):
+        llama3.generate(model, [[1, 2], [3, 4]], 4, constraint=llama3.json_constraint(tok))
+    with pytest.raises(ValueError, match="constraint"):
+        llama3.generate(model, [[1, 2]], 4, prompt_lookup=2, constraint=llama3.json_constraint(tok))
+
+
+def document_probabilities(model, tok, documents: list[bytes], prompt: list[int], stop: int,
+                           renormalise: bool = True) -> list[float]:
+    """Each document's probability under sampling at temperature 1 restricted to the tokens that continue some
+    document, renormalised at each step: the sum over the token sequences that spell it (and then stop) of the
+    product of the restricted softmax, from plain forwards. renormalise=False: the model's unrestricted
+    probabilities instead (a wrong reference, to show the test can fail)."""
+    totals = dict.fromkeys(documents, 0.0)
+
+    def visit(tokens: list[int], p: float) -> None:
+        written = tok.model.decode_bytes(tokens[len(prompt):])
+        allowed = sorted(documents_mask(tok, documents, written, [stop]))
+        with torch.no_grad():
+            probs = torch.softmax(model(torch.tensor([tokens]))[0, -1].double(), -1)
+        norm = probs[allowed].sum().item() if renormalise else 1.0
+        for t in allowed:
+            if t == stop:
+                totals[written] += p * probs[t].item() / norm
+            else:
+                visit([*tokens, t], p * probs[t].item() / norm)
+
+    visit(list(prompt), 1.0)
+    return [totals[d] for d in documents]
+
+
+@pytest.mark.slow
+def test_sampled_documents_follow_the_restricted_renormalised_distribution(tok):
+    # Exactness of sampling: a chi-square test of 1500 sampled documents against their probabilities computed
+    # independently (each token path's product of restricted, renormalised softmax). The critical value is for
+    # p = 1e-4 (2 degrees of freedom: -2 ln 1e-4 = 18.4), so a correct sampler fails once in 10,000 runs; the
+    # same counts against the unrenormalised reference must fail it, so the test can see that bug.
+    model = random_model(tiny_args(vocab_size=128256, dim=32, n_heads=2, n_kv_heads=1, max_seq_len=32), seed=5)
+    with torch.no_grad():
+        model.output.weight.mul_(20)  # logits spread enough that the documents' probabilities differ
+    schema = {"enum": ["yes", "no", "maybe"]}
+    documents = [json.dumps(v).encode() for v in schema["enum"]]
+    prompt = [tok.bos_id, 791]
+    expected = document_probabilities(model, tok, documents, prompt, tok.eot_id)
+    assert abs(sum(expected) - 1) < 1e-9
+    counts = dict.fromkeys(documents, 0)
+    n = 1500
+    first = llama3.json_constraint(tok, schema, [tok.eot_id])
+    for seed in range(n):
+        constraint = llama3.json_constraint(tok, schema, [tok.eot_id])
+        constraint.masks = first.masks  # the same automaton's states: its per-state caches hold (and save time)
+        constraint.steps = first.steps
+        new = llama3.generate(model, [prompt], 12, temperature=1.0, top_p=1.0, seed=seed, constraint=constraint)
+        counts[tok.model.decode_bytes(new[0])] += 1
+
+    def chi_square(probs: list[float]) -> float:
+        return sum((counts[d] - n * p) ** 2 / (n * p) for d, p in zip(documents, probs, strict=True))
+
+    assert chi_square(expected) < 18.4, (counts, expected)
+    wrong = document_probabilities(model, tok, documents, prompt, tok.eot_id, renormalise=False)
+    assert chi_square([w / sum(wrong) for w in wrong]) > 18.4, (counts, wrong)
+
+
+WEATHER = [{"name": "get_weather", "description": "Weather in a city.",
+            "parameters": {"type": "object", "properties": {
+                "city": {"type": "string", "maxLength": 8},
+                "unit": {"enum": ["celsius", "fahrenheit"]},
+                "days": {"type": "integer", "minimum": 1, "maximum": 7},
+                "opts": {"type": "object", "properties": {"alerts": {"type": "boolean"},
+                                                         "langs": {"type": "array", "items": {"type": "null"},
+                                                                   "maxItems": 2}}}},
+                "required": ["city", "unit"]}},
+           {"name": "no_arguments"}]
+
+
+@pytest.mark.parametrize("tool_format", ["json", "function_tag", "python_list"])
+@pytest.mark.parametrize("name", [pytest.param(None, marks=pytest.mark.slow), "get_weather"])
+def test_forced_tool_calls_parse_back_to_one_valid_call_in_each_format(cli_ckpt, tok, tool_format, name):
+    # tool_choice "required" (name None) and named: the text is one call in the format's own syntax, parsed by
+    # the chat's own parser, to an offered function, with arguments valid for its parameters.
+    from tokenizer import parse_tool_calls
+
+    for seed in range(2):
+        constraint = llama3.tool_call_constraint(tok, WEATHER, tool_format, name)
+        new = llama3.generate(cli_ckpt[1], [[tok.bos_id, 791]], 120, temperature=1.0, top_p=1.0, seed=seed,
+                              stop_tokens=[], on_token=lambda _row, t: t in (tok.eom_id, tok.eot_id),
+                              constraint=constraint)[0]  # the server's way: it stops in on_token
+        assert new[-1] in (tok.eom_id, tok.eot_id)
+        calls = parse_tool_calls(tok.decode(new[:-1]), False, (tool_format,))
+        assert len(calls) == 1, tok.decode(new)
+        function = next(f for f in WEATHER if f["name"] == calls[0]["name"])
+        assert name in (None, function["name"])
+        assert valid(calls[0]["arguments"], function.get("parameters", {"type": "object", "properties": {},
+                                                                         "additionalProperties": False}))
+
+
+def test_a_stop_token_is_allowed_only_once_the_document_is_whole(tok):
+    # The server stops in its own loop: the constraint must forbid every stop token before the end, allow the
+    # stop tokens it was given at the end, and then nothing else.
+    constraint = llama3.json_constraint(tok, {"type": "integer", "minimum": 10, "maximum": 99},
+                                        [tok.eom_id, tok.eot_id])
+    assert not constraint.allowed()[tok.stop_tokens].any()
+    constraint.advance(tok.encode("4", bos=False, eos=False)[0])
+    assert not constraint.allowed()[tok.stop_tokens].any()  # "4" is not in 10..99 yet
+    constraint.advance(tok.encode("2", bos=False, eos=False)[0])
+    allowed = constraint.allowed()
+    assert allowed[[tok.eom_id, tok.eot_id]].all() and not allowed[tok.eos_id] and allowed.sum() == 2
+    constraint.advance(tok.eot_id)
+    assert constraint.allowed().sum() == 2
+
+
+def test_json_schema_flag_refuses_a_bad_file_or_keyword_in_one_line(tmp_path, cli_ckpt):
+    # Bad input ends in one line naming the file and what is wrong, exit code 2, before a model loads.
+    folder = cli_ckpt[0]
+    bad = tmp_path / "s.json"
+    bad.write_text(json.dumps({"type": "object", "properties": {"city": {"type": "string", "pattern": "^A"}}}))
+    r = run_cli("--ckpt", str(folder), "--prompt", "Hi", "--json-schema", str(bad))
+    one_line_error(r, f"--json-schema {bad}", "'pattern' at properties.city.pattern")
+    r = run_cli("--ckpt", str(folder), "--prompt", "Hi", "--json-schema", str(tmp_path / "missing.json"))
+    one_line_error(r, "--json-schema", "missing.json", "No such file")
+
+
+@pytest.mark.slow
+def test_json_flags_give_parsable_answers_from_the_command_line(tmp_path, cli_ckpt):
+    # --json-schema FILE and --json, with --prompt and --chat: stdout is the document.
+    folder = cli_ckpt[0]
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps(NESTED_SCHEMA))
+    for flags in (["--prompt", "Hi"], ["--chat", "--prompt", "Hi"]):
+        r = run_cli("--ckpt", str(folder), *flags, "--json-schema", str(schema), "--temperature", "0",
+                    "--max-new-tokens", "100")
+        assert r.returncode == 0, r.stderr
+        assert valid(json.loads(r.stdout), NESTED_SCHEMA), r.stdout
+        r = run_cli("--ckpt", str(folder), *flags, "--json", "--max-new-tokens", "12", "--seed", "0")
+        assert r.returncode == 0 and r.stdout.startswith("{"), r.stderr
+    one_line_error(run_cli("--ckpt", str(folder), "--prompt", "Hi", "--json", "--json-schema", str(schema)),
+                   "--json and --json-schema")
+
+
+
+# =============================================================================
 # The file's shape
 # =============================================================================
 
@@ -4997,7 +5304,7 @@ RULE = "# " + "=" * 77  # the first and last line of a part's banner, in llama3.
 # Each appendix: what a command line needs it for, and the one line that says so when it is gone.
 APPENDIX_FLAGS = {"A": None, "B": (["--max-new-tokens", "2"], {"WORLD_SIZE": "2"}, "torchrun"),
                   "C": (["--compile"], {}, "--compile"), "D": (["--quantize", "int8"], {}, "--quantize"),
-                  "E": (["--serve", "127.0.0.1:0"], {}, "--serve")}
+                  "E": (["--serve", "127.0.0.1:0"], {}, "--serve"), "F": (["--json"], {}, "--json")}
 
 
 def without_part(source: str, title: str) -> str:
@@ -5084,7 +5391,7 @@ def test_each_appendix_can_be_deleted_and_the_rest_still_generates(tmp_path, cli
 def test_parts_1_and_2_without_any_appendix_pass_their_own_tests(tmp_path):
     # Done when a reader can take parts 1 and 2 alone: with every appendix deleted, from llama3.py and from its
     # tests, the remaining fast tests all pass (the slow ones run the command line, checked per appendix above).
-    copy = copy_without(tmp_path / "copy", "ABCDE")
+    copy = copy_without(tmp_path / "copy", "ABCDEF")
     assert undefined_names(copy) == ""
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow", "-p", "no:cacheprovider",
                         "test_llama3.py"], cwd=copy, capture_output=True, text=True, check=False, timeout=1200)
