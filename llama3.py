@@ -453,7 +453,8 @@ class Transformer(nn.Module):
 
 ENGINE_ROOM = {"use_cpu_speed_paths": "A", "shard_model": "B", "join_process_group": "B", "read_on_rank_0": "B",
                "shared_seed": "B", "static_cache": "C", "compiled_decode": "C", "quantize_weights": "D",
-               "serve_socket": "E", "serve": "E", "json_constraint": "F", "read_json_schema": "F"}
+               "serve_socket": "E", "serve": "E", "json_constraint": "F", "tool_call_constraint": "F",
+               "read_json_schema": "F"}
 
 
 def engine_room(name: str, needed_by: str | None = None) -> Callable | None:
@@ -3143,10 +3144,6 @@ def check_fields(body: dict, honoured: set[str]) -> None:
             raise APIError(400, f"{name} must be 1: one answer per prompt", name)
     if _field(body, "suffix", str, ""):
         raise APIError(400, "suffix is not supported: Llama 3 text models do not fill in the middle", "suffix")
-    response_format = _field(body, "response_format", dict, {"type": "text"})
-    if response_format != {"type": "text"}:
-        raise APIError(400, 'response_format must be {"type": "text"}: structured output is not supported yet',
-                       "response_format")
 
 
 def _schema_type(schema: dict, where: str) -> str | None:
@@ -3221,9 +3218,6 @@ def chat_dialog(body: dict, tool_format: str, today: str) -> tuple[list[dict], t
         dialog.append(message)
     tools = _field(body, "tools", list, [])
     choice = body.get("tool_choice", "auto")
-    if choice not in ("auto", "none"):
-        raise APIError(400, 'tool_choice must be "auto" or "none" (a required or named call is not supported)',
-                       "tool_choice")
     functions = [function_definition(t, f"tools[{i}]") for i, t in enumerate(tools)]
     if not tools or choice == "none":
         return dialog, (), set()
@@ -3293,6 +3287,7 @@ class Job:
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None  # alternatives reported per token (0-20); None: no logprobs at all
     echo_logprobs: bool = False  # the prompt's tokens' logprobs too (completions' echo)
+    constraint: object = None  # appendix F's JSONConstraint: only the tokens it allows are drawn
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -3306,8 +3301,8 @@ def served_tokens(model: Transformer, cache: list[KVCache], job: Job,
     generator after a token leaves it unfed, as generate leaves its last. With job.echo_logprobs (reuse 0), every
     prompt position's logits are computed and each prompt token after the first comes first as (token, logprobs,
     True). Sampling is generate's (sample(), the same generator) after OpenAI's penalties:
-    logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty + logit_bias[j], count[j] being
-    how often token j was generated so far in this answer."""
+    logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty - logit_bias[j], count[j] being
+    how often token j was generated so far in this answer, and after job.constraint's mask."""
     device = model.tok_embeddings.weight.device
     s = job.sampling
     generator = torch.Generator(device=device).manual_seed(s.seed) if s.seed is not None else None
@@ -3334,7 +3329,11 @@ def served_tokens(model: Transformer, cache: list[KVCache], job: Job,
             chosen_from = apply_repetition_penalty(chosen_from, torch.tensor([seen], device=device),
                                                    s.repetition_penalty)
         chosen_from = (chosen_from - counts * job.frequency_penalty - (counts > 0) * job.presence_penalty + bias)
+        if job.constraint is not None:  # -inf where a token would break the document (appendix F)
+            chosen_from = job.constraint.mask(chosen_from)
         token = int(sample(chosen_from, s.temperature, s.top_p, s.top_k, generator)[0])
+        if job.constraint is not None:
+            job.constraint.advance(token)
         yield token, torch.log_softmax(logits[0], dim=-1), False
         counts[token] += 1
         seen.append(token)
@@ -3665,6 +3664,7 @@ class ServeHandler(BaseHTTPRequestHandler):
         elif top is not None:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         job = self.job(body, prompt, None, "messages", top)
+        job.constraint = self.constraint(body, formats)
         answer = self.start_answer(body, True, hold_text=bool(formats))
         got = answer.follow(0, job, None)
         message = server.format.decode_assistant_message(got["new"], formats)
@@ -3678,6 +3678,52 @@ class ServeHandler(BaseHTTPRequestHandler):
         answer.choices[0]["calls"] = calls
         answer.choices[0]["finish"] = "tool_calls" if calls else got["finish"]
         answer.finish()
+
+    def constraint(self, body: dict, formats: tuple[str, ...]) -> object:
+        """Appendix F's constraint for response_format json_object or json_schema, or for a tool_choice that forces
+        a call ("required": any offered function; {"type": "function", "function": {"name": f}}: f), written in
+        the server's tool format as the model would write it; None when the model answers freely."""
+        from tokenizer import BUILTIN_TOOLS
+
+        response_format = _field(body, "response_format", dict, {"type": "text"})
+        kind = response_format.get("type")
+        if kind not in ("text", "json_object", "json_schema"):
+            raise APIError(400, 'response_format.type must be "text", "json_object" or "json_schema"',
+                           "response_format")
+        choice = body.get("tool_choice", "auto")
+        named = isinstance(choice, dict) and choice.get("type") == "function" and isinstance(
+            choice.get("function"), dict) and isinstance(choice["function"].get("name"), str)
+        if choice not in ("auto", "none", "required") and not named:
+            raise APIError(400, 'tool_choice must be "auto", "none", "required" or {"type": "function", "function": '
+                           '{"name": ...}}', "tool_choice")
+        forced = choice == "required" or named
+        if forced and kind != "text":
+            raise APIError(400, "a forced tool call and a response_format other than text exclude each other",
+                           "response_format")
+        tok = self.server.tokenizer
+        try:
+            if forced:
+                functions = [t["function"] for t in body.get("tools") or [] if t["function"]["name"] not in
+                             BUILTIN_TOOLS]
+                name = choice["function"]["name"] if named else None
+                if not formats or not functions or (named and name not in {f["name"] for f in functions}):
+                    raise APIError(400, f"tool_choice names {name!r}, which tools does not offer" if named else
+                                   'tool_choice "required" needs a function in tools (built-in tools aside)',
+                                   "tool_choice")
+                make = engine_room("tool_call_constraint", "tool_choice")
+                return make(tok, functions, self.server.tool_format, name)
+            if kind == "text":
+                return None
+            schema = None  # json_object: any JSON object
+            if kind == "json_schema":
+                spec = response_format.get("json_schema")
+                schema = spec.get("schema") if isinstance(spec, dict) else None
+                if not isinstance(spec, dict) or not isinstance(schema, (dict, type(None))):
+                    raise APIError(400, 'response_format json_schema needs {"json_schema": {"name": ..., '
+                                   '"schema": {...}}}', "response_format")
+            return engine_room("json_constraint", "response_format")(tok, schema, [tok.eot_id])
+        except ValueError as e:  # an unsupported keyword, a broken $ref, or appendix F deleted
+            raise APIError(400, str(e), "tool_choice" if forced else "response_format") from None
 
     def text_completion(self, body: dict) -> None:
         check_fields(body, COMPLETION_FIELDS)

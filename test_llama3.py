@@ -4674,7 +4674,7 @@ def test_a_fuzz_of_odd_requests_gets_no_5xx_and_the_server_serves_on(served):
 
 
 @pytest.mark.parametrize("body, param", [
-    ({"response_format": {"type": "json_object"}}, "response_format"), ({"n": 2}, "n"),
+    ({"response_format": {"type": "xml"}}, "response_format"), ({"n": 2}, "n"),
     ({"tool_choice": "required"}, "tool_choice"), ({"functions": []}, "functions"), ({"audio": {}}, "audio"),
     ({"top_logprobs": 3}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"frequency_penalty": 2.5}, "frequency_penalty"), ({"presence_penalty": -3}, "presence_penalty"),
@@ -5294,6 +5294,87 @@ def test_json_flags_give_parsable_answers_from_the_command_line(tmp_path, cli_ck
     one_line_error(run_cli("--ckpt", str(folder), "--prompt", "Hi", "--json", "--json-schema", str(schema)),
                    "--json and --json-schema")
 
+
+
+def big_server(tok, **kw):
+    """A served random model whose context holds a tool prompt, and an openai client for it."""
+    openai = require("openai")
+    model = random_model(tiny_args(vocab_size=128256, dim=32, n_heads=2, n_kv_heads=1, max_seq_len=4096))
+    server = start_server(model, tok, **kw)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="unused",
+                           max_retries=0, timeout=60)
+    return server, client
+
+
+def test_served_response_formats_give_json_that_parses_and_follows_the_schema_streamed_or_whole(tok):
+    # response_format json_object (any object) and json_schema (strict or not): what LangChain's
+    # with_structured_output and the openai package's parse() send. The random model never writes JSON alone.
+    openai = require("openai")
+    server, client = big_server(tok)
+    try:
+        ask = {"model": "tiny", "messages": [{"role": "user", "content": "Who?"}], "max_tokens": 300}
+        person = {"name": "person", "schema": NESTED_SCHEMA}
+        # (Any object has no bound on its keys' length: greedily, this random model writes one past 300 tokens.)
+        cases = [({"type": "json_object"}, 1.0, 3), ({"type": "json_schema", "json_schema": person}, 0, None),
+                 ({"type": "json_schema", "json_schema": {**person, "strict": True}}, 1.0, 3),
+                 ({"type": "json_schema", "json_schema": {**person, "strict": False}}, 0.7, 4)]
+        for response_format, temperature, seed in cases:
+            r = client.chat.completions.create(**ask, response_format=response_format, temperature=temperature,
+                                               seed=seed)
+            doc = json.loads(r.choices[0].message.content)
+            assert isinstance(doc, dict) and r.choices[0].finish_reason == "stop"
+            if response_format["type"] == "json_schema":
+                assert valid(doc, NESTED_SCHEMA), doc
+            chunks = client.chat.completions.create(**ask, response_format=response_format, temperature=temperature,
+                                                    seed=seed, stream=True)
+            assert "".join(c.choices[0].delta.content or "" for c in chunks) == r.choices[0].message.content
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(**ask, response_format={"type": "json_schema", "json_schema": {
+                "name": "x", "schema": {"type": "string", "pattern": "^a"}}})
+        assert refused.value.body["param"] == "response_format" and "pattern" in refused.value.body["message"]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("tool_format", ["json", "function_tag", "python_list"])
+def test_forced_tool_calls_are_calls_to_the_offered_function_with_valid_arguments(tok, tool_format):
+    # tool_choice "required" (a call to one of the functions) and a named function (a call to it), arguments valid
+    # for its parameters, finish_reason tool_calls, in the tool format's own syntax: what agent frameworks send.
+    openai = require("openai")
+    server, client = big_server(tok, tool_format=tool_format)
+    try:
+        weather = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                                    "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                   "required": ["city", "days"]}
+        tools = [{"type": "function", "function": {"name": "get_weather", "parameters": weather}},
+                 {"type": "function", "function": {"name": "get_time", "parameters": {
+                     "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"]}}}]
+        ask = {"model": "tiny", "messages": [{"role": "user", "content": "Weather?"}], "tools": tools,
+               "max_tokens": 120}
+        for choice in ("required", {"type": "function", "function": {"name": "get_time"}},
+                       {"type": "function", "function": {"name": "get_weather"}}):
+            for stream in (False, True):
+                if stream:
+                    chunks = list(client.chat.completions.create(**ask, tool_choice=choice, temperature=1.0, seed=5,
+                                                                 stream=True))
+                    calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+                    finish = chunks[-1].choices[0].finish_reason
+                else:
+                    r = client.chat.completions.create(**ask, tool_choice=choice, temperature=1.0, seed=5)
+                    calls, finish = r.choices[0].message.tool_calls, r.choices[0].finish_reason
+                assert finish == "tool_calls" and len(calls) == 1, calls
+                name = calls[0].function.name
+                arguments = json.loads(calls[0].function.arguments)
+                assert name == choice["function"]["name"] if isinstance(choice, dict) else name in (
+                    "get_weather", "get_time")
+                assert valid(arguments, tools[name == "get_time"]["function"]["parameters"]), arguments
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(**ask, tool_choice={"type": "function", "function": {"name": "nope"}})
+        assert refused.value.body["param"] == "tool_choice"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # =============================================================================
