@@ -1487,7 +1487,7 @@ def emit(kept: list[int], tokens: list[int], new: list[int], stop_tokens: list[i
 # gave the same bits per row, and so did decode_rows (appendix A's CPULinear takes another route from 16 rows, see
 # FP32_FROM_ROWS, and rounds differently). In float32 MKL multiplies one row and several rows in different orders
 # (and 2 rows otherwise than 4 or more), so a row's logits differ from its batch-1 decode by a few units in the last
-# place (under 1e-6 on the tests' tiny model, 3e-6 at 1B shape): greedy answers can differ only at such near-ties,
+# place (under 1e-6 on the tests' tiny model, 1.6e-5 at 1B shape): greedy answers can differ only at such near-ties,
 # as in speculative decoding. One row through decode_rows is part 1's decode bit for bit.
 # -----------------------------------------------------------------------------
 
