@@ -2099,19 +2099,21 @@ def decode_as_an_engine(model: Transformer, prompts: list[list[int]], arrivals: 
     return out, slot_of
 
 
-@pytest.mark.parametrize("attention", ["definition", "sdpa", "cpu speed paths"])
-def test_rows_joining_and_leaving_a_batch_decode_greedily_as_each_alone(attention):
-    # Issue 35's promise: a row's answer is the one it gets alone, token for token (float32 greedy), whatever rows
-    # share its steps, whenever it joined, and whichever slot it reuses.
-    model = random_model(tiny_args(use_sdpa=attention != "definition"))
-    if attention == "cpu speed paths":
-        llama3.use_cpu_speed_paths(model, ALL_CPU_PATHS)
+def check_rows_decode_greedily_as_each_alone(model: Transformer) -> None:
+    """The scenario above through decode_as_an_engine: each request's tokens are generate's for it alone."""
     torch.manual_seed(1)
     prompts = [torch.randint(0, 256, (n,)).tolist() for n in ROW_PROMPT_LENGTHS]
     out, slot_of = decode_as_an_engine(model, prompts, ROW_ARRIVALS, ROW_NEW_TOKENS, n_slots=3)
     alone = [llama3.generate(model, [p], n, temperature=0, stop_tokens=[])[0] for p, n in zip(prompts, ROW_NEW_TOKENS)]
     assert out == alone
     assert slot_of == [0, 1, 2, 1, 2]  # the scenario above: both latecomers reuse a slot
+
+
+@pytest.mark.parametrize("use_sdpa", [False, True])
+def test_rows_joining_and_leaving_a_batch_decode_greedily_as_each_alone(use_sdpa):
+    # Issue 35's promise: a row's answer is the one it gets alone, token for token (float32 greedy), whatever rows
+    # share its steps, whenever it joined, and whichever slot it reuses. (With appendix A's paths: its tests.)
+    check_rows_decode_greedily_as_each_alone(random_model(tiny_args(use_sdpa=use_sdpa)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -3854,6 +3856,13 @@ def test_cpu_speed_paths_are_safe_with_two_threads_and_any_default_dtype():
         torch.set_default_dtype(default)
         torch.set_default_device(None)
 
+
+
+def test_rows_at_their_own_positions_decode_greedily_as_each_alone_on_the_cpu_paths():
+    # decode_rows calls the modules use_cpu_speed_paths installed (CPULinear's products over several rows,
+    # CPUAttention's sdpa for each row), so batched rows still answer as each alone.
+    check_rows_decode_greedily_as_each_alone(llama3.use_cpu_speed_paths(random_model(tiny_args(use_sdpa=True)),
+                                                                        ALL_CPU_PATHS))
 
 # =============================================================================
 # Appendix B: tensor parallelism
