@@ -1470,7 +1470,9 @@ def emit(kept: list[int], tokens: list[int], new: list[int], stop_tokens: list[i
 #
 # A server's requests arrive and finish at different times, so it cannot wait to start them together as generate
 # does. A decode step's cost is reading every weight (see speculative decoding), so one step that makes a token for
-# each of B requests costs about one request's step. Each request holds a slot (row) of one cache of R rows,
+# each of B requests costs about one request's step where the products are bound by reading: on a 2-core Zen 3, 8
+# rows made 3.1x one row's tokens/s in fp32, but 1.26x in bf16, whose products that CPU computes without bf16
+# instructions (benchmarks/README.md). Each request holds a slot (row) of one cache of R rows,
 # model.new_cache(R, length), whose layers are KVCache (R, n_kv_heads, length, head_dim): slot i holds its request's
 # K/V at positions [0, len_i). Joining: prefill_row feeds a prompt into a free slot, part 1's forward on a one-row
 # view of the slot (row_cache), a batch-1 prefill bit for bit; no other slot is read or written. Stepping:
@@ -1486,9 +1488,9 @@ def emit(kept: list[int], tokens: list[int], new: list[int], stop_tokens: list[i
 # Exactness, measured on an AMD EPYC Zen 3 (AVX2, torch 2.13, MKL/oneDNN): in bfloat16 the products of 1 to 8 rows
 # gave the same bits per row, and so did decode_rows (appendix A's CPULinear takes another route from 16 rows, see
 # FP32_FROM_ROWS, and rounds differently). In float32 MKL multiplies one row and several rows in different orders
-# (and 2 rows otherwise than 4 or more), so a row's logits differ from its batch-1 decode by a few units in the last
-# place (under 1e-6 on the tests' tiny model, 1.6e-5 at 1B shape): greedy answers can differ only at such near-ties,
-# as in speculative decoding. One row through decode_rows is part 1's decode bit for bit.
+# (and 2 or 3 rows otherwise than 4 or more), so a row's logits differ from its batch-1 decode by a few units in the
+# last place (under 1e-6 on the tests' tiny model, 1.6e-5 at 1B shape): greedy answers can differ only at such
+# near-ties, as in speculative decoding. One row through decode_rows is part 1's decode bit for bit.
 # -----------------------------------------------------------------------------
 
 
