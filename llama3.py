@@ -43,6 +43,7 @@ made by the caller.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -1473,6 +1474,127 @@ def emit(kept: list[int], tokens: list[int], new: list[int], stop_tokens: list[i
         if len(tokens) >= total_len:
             return False
     return True
+
+
+# -----------------------------------------------------------------------------
+# Decoding rows at their own positions (continuous batching, Yu et al. 2022)
+#
+# A server's requests arrive and finish at different times, so it cannot wait to start them together as generate
+# does. A decode step's cost is reading every weight (see speculative decoding), so one step that makes a token for
+# each of B requests costs about one request's step where the products are bound by reading: on a 2-core Zen 3, 8
+# rows made 3.1x one row's tokens/s in fp32, but 1.26x in bf16, whose products that CPU computes without bf16
+# instructions (benchmarks/README.md). Each request holds a slot (row) of one cache of R rows,
+# model.new_cache(R, length), whose layers are KVCache (R, n_kv_heads, length, head_dim): slot i holds its request's
+# K/V at positions [0, len_i). Joining: prefill_row feeds a prompt into a free slot, part 1's forward on a one-row
+# view of the slot (row_cache), a batch-1 prefill bit for bit; no other slot is read or written. Stepping:
+# decode_rows feeds one token for each of B slots, row b at its own position positions[b]. Leaving: the caller frees
+# the slot; the next request writes over it from position 0 and never reads past its own positions.
+#
+# decode_rows is part 1's forward with T = 1 for every row (TransformerBlock and Attention.forward line for line),
+# only the positions differ: the weight products (wq, wk, wv, wo, the feed-forward, output), which are the cost, run
+# on all B rows at once; RoPE turns each row by its own angles; attention runs per row over its own slot's positions
+# [0, positions[b]] with no mask, exactly the call a batch-1 decode makes. Attention reads each row's cache once
+# either way: one call with a padding mask (B, 1, 1, S) would save only Python calls, and would sum each row's
+# softmax over S - positions[b] - 1 extra zeros, in another order.
+# Exactness, measured on an AMD EPYC Zen 3 (AVX2, torch 2.13, MKL/oneDNN): in bfloat16 the products of 1 to 8 rows
+# gave the same bits per row, and so did decode_rows (appendix A's CPULinear takes another route from 16 rows, see
+# FP32_FROM_ROWS, and rounds differently). In float32 MKL multiplies one row and several rows in different orders
+# (and 2 or 3 rows otherwise than 4 or more), so a row's logits differ from its batch-1 decode by a few units in the
+# last place (under 1e-6 on the tests' tiny model, 1.6e-5 at 1B shape): greedy answers can differ only at such
+# near-ties, as in speculative decoding. One row through decode_rows is part 1's decode bit for bit.
+# -----------------------------------------------------------------------------
+
+
+def row_cache(cache: list[KVCache], slot: int) -> list[KVCache]:
+    """Slot `slot` of a cache of R rows as a cache of one row: per layer a KVCache whose k and v are the slot's,
+    views (1, n_kv_heads, length, head_dim), so that part 1 reads and writes the slot itself."""
+    views = []
+    for layer in cache:
+        view = copy.copy(layer)  # the same kind of cache, holding the slot's rows instead of all R
+        view.k = layer.k[slot : slot + 1]  # (1, n_kv_heads, length, head_dim)
+        view.v = layer.v[slot : slot + 1]  # (1, n_kv_heads, length, head_dim)
+        views.append(view)
+    return views
+
+
+def check_slots(cache: list[KVCache], slots: list[int], ends: list[int]) -> None:
+    """Raise ValueError unless the slots are distinct rows of the cache and each row's positions end within it."""
+    rows = cache[0].k.shape[0]
+    length = cache[0].k.shape[2]
+    if len(set(slots)) != len(slots) or not all(0 <= s < rows for s in slots):
+        raise ValueError(f"slots: {slots} must be distinct rows of the cache's {rows}")
+    if not all(0 < end <= length for end in ends):
+        raise ValueError(f"positions: a row would end at {max(ends)}, past the cache's {length} positions")
+
+
+@torch.inference_mode()
+def prefill_row(model: Transformer, cache: list[KVCache], slot: int, tokens: list[int], start_pos: int = 0,
+                chunk: int = PREFILL_CHUNK) -> torch.Tensor:
+    """Feed one request's tokens at positions [start_pos, start_pos + len(tokens)) into slot `slot` of cache (which
+    must hold [0, start_pos) already) -> the last position's logits (vocab_size,) float32."""
+    if not tokens or start_pos < 0:
+        raise ValueError("tokens: a row's prefill needs at least one token, at start_pos >= 0")
+    check_slots(cache, [slot], [start_pos + len(tokens)])
+    ids = torch.tensor([tokens], dtype=torch.long, device=model.tok_embeddings.weight.device)  # (1, T)
+    return prefill(model, ids, start_pos, row_cache(cache, slot), chunk)[0]  # (vocab_size,)
+
+
+@torch.inference_mode()
+def decode_rows(model: Transformer, cache: list[KVCache], slots: list[int], tokens: list[int] | torch.Tensor,
+                positions: list[int] | torch.Tensor) -> torch.Tensor:
+    """One decode step for B rows: row b feeds tokens[b] at position positions[b] into slot slots[b], which must
+    hold [0, positions[b]) already, and attends to that slot's [0, positions[b]] -> logits (B, vocab_size) float32."""
+    slots = [int(s) for s in slots]
+    positions = [int(p) for p in positions]
+    B = len(slots)
+    if B == 0 or len(tokens) != B or len(positions) != B:
+        raise ValueError(f"slots, tokens, positions: one of each per row, not {B}, {len(tokens)}, {len(positions)}")
+    check_slots(cache, slots, [p + 1 for p in positions])
+    if min(positions) < 0 or max(positions) >= model.args.max_seq_len:
+        raise ValueError(f"positions: {positions} must lie in [0, max_seq_len={model.args.max_seq_len})")
+    device = model.tok_embeddings.weight.device
+    ids = torch.as_tensor(tokens, dtype=torch.long, device=device).view(B, 1)  # (B, 1)
+    rows = [row_cache(cache, s) for s in slots]
+    # Each row's angles as part 1 makes them for its one position: one cos() over all B rows at once can round
+    # otherwise, as vectorised kernels hand the last few elements to a scalar routine.
+    freqs = rope_frequencies(model.args, device)  # (head_dim // 2,)
+    angles = [rope_cos_sin(freqs, pos, 1) for pos in positions]
+    cos = torch.cat([c for c, _ in angles])  # (B, head_dim // 2): row b's
+    sin = torch.cat([s for _, s in angles])  # (B, head_dim // 2)
+
+    h = model.tok_embeddings(ids)  # (B, 1, dim)
+    for i, layer in enumerate(model.layers):  # TransformerBlock.forward, with attend_rows for its attention
+        h = h + attend_rows(layer.attention, layer.attention_norm(h), cos, sin, [row[i] for row in rows], positions)
+        h = h + layer.feed_forward(layer.ffn_norm(h))
+    h = model.norm(h)
+    return model.output(h).float()[:, 0]  # (B, vocab_size)
+
+
+def attend_rows(attention: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                caches: list[KVCache], positions: list[int]) -> torch.Tensor:
+    """Attention.forward for x (B, 1, dim), row b at positions[b] with its own one-row cache caches[b] and the
+    angles in row b of cos, sin (B, head_dim // 2) -> (B, 1, dim). Calls the module's own parts, whatever their
+    class (appendix A's CPUAttention and CPULinear, appendix D's quantized layers)."""
+    B = x.shape[0]
+    xq = attention.wq(x).view(B, 1, attention.n_heads, attention.head_dim)  # (B, 1, n_heads, head_dim)
+    xk = attention.wk(x).view(B, 1, attention.n_kv_heads, attention.head_dim)  # (B, 1, n_kv_heads, head_dim)
+    xv = attention.wv(x).view(B, 1, attention.n_kv_heads, attention.head_dim)  # (B, 1, n_kv_heads, head_dim)
+    # apply_rotary_emb turns position t of its T axis by row t of cos and sin: put the rows on that axis.
+    xq = apply_rotary_emb(xq.transpose(0, 1), cos, sin).transpose(0, 1)
+    xk = apply_rotary_emb(xk.transpose(0, 1), cos, sin).transpose(0, 1)
+
+    out = []
+    for b in range(B):  # each row as part 1 decodes it alone: one query, its own keys, no mask
+        q = xq[b : b + 1].transpose(1, 2)  # (1, n_heads, 1, head_dim)
+        k = xk[b : b + 1].transpose(1, 2)  # (1, n_kv_heads, 1, head_dim)
+        v = xv[b : b + 1].transpose(1, 2)  # (1, n_kv_heads, 1, head_dim)
+        k, v = caches[b].update(positions[b], k, v)  # (1, n_kv_heads, positions[b] + 1, head_dim) each
+        if attention.use_sdpa:
+            out.append(attention.sdpa(q, k, v, None))  # (1, n_heads, 1, head_dim)
+        else:
+            out.append(attention.explicit(q, k, v, None))  # (1, n_heads, 1, head_dim)
+    out = torch.cat(out).transpose(1, 2).reshape(B, 1, attention.n_heads * attention.head_dim)  # (B, 1, dim)
+    return attention.wo(out)
 
 
 # -----------------------------------------------------------------------------

@@ -2056,6 +2056,134 @@ def test_speculation_refuses_what_it_cannot_do_in_one_value_error(kw, message):
 
 
 # -----------------------------------------------------------------------------
+# Decoding rows at their own positions
+# -----------------------------------------------------------------------------
+
+# Five requests of different lengths for three slots, arriving at different decode steps: the third joins while two
+# are mid-decode, the fourth and fifth wait for a slot a finished request left. The fifth's slot held 34 positions,
+# so stale K/V lies past each of its positions.
+ROW_PROMPT_LENGTHS = (17, 3, 9, 5, 12)
+ROW_ARRIVALS = (0, 0, 2, 5, 9)  # the decode step at which each request asks to join
+ROW_NEW_TOKENS = (30, 8, 25, 40, 14)
+
+
+def decode_as_an_engine(model: Transformer, prompts: list[list[int]], arrivals: tuple[int, ...],
+                        new_tokens: tuple[int, ...], n_slots: int) -> tuple[list[list[int]], list[int]]:
+    """Greedy continuous batching as a server's engine would run it: a request that has arrived joins when a slot
+    is free (prefill_row), each step decodes every running row (decode_rows), and a row leaves after its last
+    token, freeing its slot -> each request's new tokens, and the slot each one had."""
+    cache = model.new_cache(n_slots, model.args.max_seq_len)
+    free = list(range(n_slots))
+    waiting = list(range(len(prompts)))  # in order of arrival
+    running = {}  # slot -> request, in the order they joined: not sorted by slot
+    out = [[] for _ in prompts]
+    slot_of = [-1] * len(prompts)
+    step = 0
+    while waiting or running:
+        while waiting and arrivals[waiting[0]] <= step and free:
+            r = waiting.pop(0)
+            slot_of[r] = free.pop(0)
+            out[r].append(int(llama3.prefill_row(model, cache, slot_of[r], prompts[r]).argmax()))
+            running[slot_of[r]] = r
+        slots = list(running)
+        if slots:
+            tokens = [out[running[s]][-1] for s in slots]
+            positions = [len(prompts[running[s]]) + len(out[running[s]]) - 1 for s in slots]
+            logits = llama3.decode_rows(model, cache, slots, tokens, positions)  # (B, vocab_size)
+            for s, token in zip(slots, logits.argmax(-1).tolist()):
+                out[running[s]].append(token)
+                if len(out[running[s]]) == new_tokens[running[s]]:
+                    del running[s]
+                    free.append(s)
+        step += 1
+    return out, slot_of
+
+
+def check_rows_decode_greedily_as_each_alone(model: Transformer) -> None:
+    """The scenario above through decode_as_an_engine: each request's tokens are generate's for it alone."""
+    torch.manual_seed(1)
+    prompts = [torch.randint(0, 256, (n,)).tolist() for n in ROW_PROMPT_LENGTHS]
+    out, slot_of = decode_as_an_engine(model, prompts, ROW_ARRIVALS, ROW_NEW_TOKENS, n_slots=3)
+    alone = [llama3.generate(model, [p], n, temperature=0, stop_tokens=[])[0] for p, n in zip(prompts, ROW_NEW_TOKENS)]
+    assert out == alone
+    assert slot_of == [0, 1, 2, 1, 2]  # the scenario above: both latecomers reuse a slot
+
+
+@pytest.mark.parametrize("use_sdpa", [False, True])
+def test_rows_joining_and_leaving_a_batch_decode_greedily_as_each_alone(use_sdpa):
+    # Issue 35's promise: a row's answer is the one it gets alone, token for token (float32 greedy), whatever rows
+    # share its steps, whenever it joined, and whichever slot it reuses. (With appendix A's paths: its tests.)
+    check_rows_decode_greedily_as_each_alone(random_model(tiny_args(use_sdpa=use_sdpa)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("use_sdpa", [False, True])
+def test_each_rows_logits_are_its_decode_alone(dtype, use_sdpa):
+    # Rows at their own positions against each decoded alone with part 1's model(token, pos, cache). One row is
+    # part 1's decode bit for bit on any machine; several rows share the weight products, whose kernels may round
+    # otherwise for more rows: a few units in the last place in float32 (exact in bf16 on an AVX2 Zen 3).
+    model = random_model(tiny_args(use_sdpa=use_sdpa)).to(dtype)
+    torch.manual_seed(2)
+    prompts = [torch.randint(0, 256, (n,)).tolist() for n in (7, 2, 13, 4)]
+    for slots in ([1], [3, 0, 4, 1]):  # slot 2 stays empty
+        cache = model.new_cache(5, 32)
+        alone = [model.new_cache(1, 32) for _ in slots]
+        with torch.inference_mode():
+            for p, s, c in zip(prompts, slots, alone):
+                ours = llama3.prefill_row(model, cache, s, p)  # (vocab_size,)
+                assert torch.equal(ours, llama3.prefill(model, torch.tensor([p]), 0, c)[0])
+        tokens = [p[-1] for p in prompts[: len(slots)]]
+        positions = [len(p) for p in prompts[: len(slots)]]
+        for _ in range(6):
+            rows = llama3.decode_rows(model, cache, slots, tokens, positions)  # (B, vocab_size)
+            assert rows.shape == (len(slots), model.args.vocab_size) and rows.dtype == torch.float32
+            with torch.inference_mode():
+                ref = torch.cat([model(torch.tensor([[t]]), pos, c)[:, -1] for t, pos, c in zip(tokens, positions,
+                                                                                                   alone)])
+            if len(slots) == 1:
+                assert torch.equal(rows, ref)
+            torch.testing.assert_close(rows, ref, rtol=0, atol=1e-5 if dtype == torch.float32 else 0.02)
+            tokens = rows.argmax(-1).tolist()
+            positions = [pos + 1 for pos in positions]
+
+
+def test_a_joining_rows_prefill_and_a_step_touch_only_their_own_slots_positions():
+    # A request's prefill into a free slot while others are mid-decode writes its slot only, and fills it as a
+    # cache of its own would be filled; a step writes each of its rows at that row's position only.
+    model = random_model(tiny_args())
+    cache = model.new_cache(3, 32)
+    llama3.prefill_row(model, cache, 0, [5, 6, 7, 8, 9])
+    llama3.prefill_row(model, cache, 2, [1, 2])
+    llama3.decode_rows(model, cache, [2, 0], [3, 10], [2, 5])
+    before = [(c.k.clone(), c.v.clone()) for c in cache]
+    llama3.prefill_row(model, cache, 1, [4, 4, 4, 4], chunk=3)
+    alone = model.new_cache(1, 32)
+    with torch.inference_mode():
+        llama3.prefill(model, torch.tensor([[4, 4, 4, 4]]), 0, alone, chunk=3)
+    for c, (k, v), a in zip(cache, before, alone):
+        assert torch.equal(c.k[[0, 2]], k[[0, 2]]) and torch.equal(c.v[[0, 2]], v[[0, 2]])
+        assert torch.equal(c.k[1:2], a.k) and torch.equal(c.v[1:2], a.v)
+
+    before = [(c.k.clone(), c.v.clone()) for c in cache]
+    llama3.decode_rows(model, cache, [0, 1], [11, 5], [6, 4])
+    for c, (k, v) in zip(cache, before):
+        changed = (c.k != k).any(dim=(1, 3)) | (c.v != v).any(dim=(1, 3))  # (rows, positions)
+        assert changed.nonzero().tolist() == [[0, 6], [1, 4]]
+
+
+@pytest.mark.parametrize("slots, tokens, positions, message", [
+    ([0, 0], [1, 2], [3, 4], "^slots"), ([3], [1], [2], "^slots"), ([0, 1], [1], [2, 3], "^slots, tokens"),
+    ([0], [1], [16], "^positions"), ([0], [1], [-1], "^positions")])
+def test_decode_rows_refuses_rows_it_cannot_place(slots, tokens, positions, message):
+    model = random_model(tiny_args())
+    cache = model.new_cache(3, 16)
+    with pytest.raises(ValueError, match=message):
+        llama3.decode_rows(model, cache, slots, tokens, positions)
+    with pytest.raises(ValueError, match="^positions"):
+        llama3.prefill_row(model, cache, 0, list(range(17)))
+
+
+# -----------------------------------------------------------------------------
 # Looking inside (logit lens)
 # -----------------------------------------------------------------------------
 
@@ -3728,6 +3856,13 @@ def test_cpu_speed_paths_are_safe_with_two_threads_and_any_default_dtype():
         torch.set_default_dtype(default)
         torch.set_default_device(None)
 
+
+
+def test_rows_at_their_own_positions_decode_greedily_as_each_alone_on_the_cpu_paths():
+    # decode_rows calls the modules use_cpu_speed_paths installed (CPULinear's products over several rows,
+    # CPUAttention's sdpa for each row), so batched rows still answer as each alone.
+    check_rows_decode_greedily_as_each_alone(llama3.use_cpu_speed_paths(random_model(tiny_args(use_sdpa=True)),
+                                                                        ALL_CPU_PATHS))
 
 # =============================================================================
 # Appendix B: tensor parallelism
