@@ -3,7 +3,8 @@
 Run it:    python llama3.py --ckpt DIR --prompt "The capital of France is"
 Read it:   top to bottom. Part 1 is the model and nothing else; part 2 runs it;
            the appendices (CPU paths, tensor parallelism, compiled decoding,
-           quantized weights) are swapped in after the model is built.
+           quantized weights, an OpenAI-compatible server, constrained
+           decoding) are swapped in after the model is built.
 Copy it:   part 1 (ModelArgs to Transformer) imports only torch and the standard
            library; tiktoken and safetensors are imported where they are used.
 
