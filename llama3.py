@@ -2256,6 +2256,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--api-key", default=None, metavar="KEY", help="with --serve: every request needs Authorization: Bearer KEY")
     add("--timeout", type=float, default=None, metavar="SECONDS", help="with --serve: a client that neither sends "
         "nor reads for this long loses its request, and the next one starts (default 60)")
+    add("--max-batch", type=int, default=None, metavar="N", help="with --serve: decode up to N requests together, "
+        "one read of the weights per step for all of them; more wait in arrival order (default 8)")
     add("--json-schema", metavar="FILE", help="with --prompt or --chat: the answer is JSON valid for the JSON schema "
         "in FILE, by constrained decoding (appendix F)")
     add("--json", action="store_true", help="with --prompt or --chat: the answer is a JSON object (appendix F)")
@@ -2278,11 +2280,13 @@ def main(argv: list[str] | None = None) -> None:
     for flag in ("--system", "--tools", "--builtin-tools", "--tool-format"):
         if getattr(opts, flag[2:].replace("-", "_")) and not opts.chat and not (opts.serve and flag == "--tool-format"):
             _fail(f"{flag} needs --chat")
-    for flag in ("--api-key", "--timeout"):
+    for flag in ("--api-key", "--timeout", "--max-batch"):
         if getattr(opts, flag[2:].replace("-", "_")) is not None and not opts.serve:
             _fail(f"{flag} needs --serve")
     if opts.timeout is not None and not 0 < opts.timeout < math.inf:
         _fail(f"--timeout must be a number of seconds > 0, not {opts.timeout}")
+    if opts.max_batch is not None and opts.max_batch < 1:
+        _fail(f"--max-batch must be >= 1, not {opts.max_batch}")
     if opts.tool_format is not None and opts.tool_format not in TOOL_FORMATS:
         _fail(f"--tool-format must be one of {', '.join(TOOL_FORMATS)}, not {opts.tool_format!r}")
     if "" in opts.stop:
@@ -2395,7 +2399,7 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 engine_room("serve", "--serve")(model, tokenizer, listening, name, api_key=opts.api_key,
                                                 tool_format=opts.tool_format, sampling=sampling,
-                                                timeout=opts.timeout or 60.0)
+                                                timeout=opts.timeout or 60.0, max_batch=opts.max_batch or 8)
             except ValueError as e:
                 _fail(str(e))
         elif text is not None:
@@ -3176,13 +3180,18 @@ def quantize_weights(model: Transformer, weights: Iterator[tuple[str, torch.Tens
 # - One thread per connection reads and checks the request (a mistake is a 4xx naming the field, before the model
 #   sees anything) and writes the answer. Its socket has a timeout (--timeout): a client that neither sends nor
 #   reads for that long loses its request, and one that closes its connection is noticed within 0.2 s.
-# - One engine thread owns the model and runs one request at a time, in arrival order. It never touches a socket,
-#   so a client that stops reading cannot hold it: tokens wait in the request's queue, and the connection's thread
-#   cancels the request (the engine stops at the next token) when its client times out or leaves.
-# The engine keeps the last request's cache and feeds only what follows the longest shared prefix (reuse_prefix,
-# as Chat does): a chat client resends the whole history each turn, and a turn then costs its new tokens. A request
-# with a seed is fed whole instead, as it would be alone: how many positions one forward covers changes how bf16
-# rounds, and a seed promises the same answer whatever came before.
+# - One engine thread owns the model and decodes the requests together (continuous batching, with "Decoding rows
+#   at their own positions"): a request that arrives joins the running batch at the next step, its prompt fed
+#   into a free slot of the cache, and leaves it when it is done, so a short request is never queued behind a long
+#   one; past --max-batch rows, requests wait in arrival order. The engine never touches a socket, so a client
+#   that stops reading cannot hold it: tokens wait in the request's queue, and the connection's thread cancels the
+#   request (the engine drops its row at the next step) when its client times out or leaves.
+# Each slot keeps the tokens whose K/V it holds, and a request takes the free slot that shares the longest prefix
+# with its prompt, feeding only what follows (as Chat does): a chat client resends the whole history each turn,
+# and a turn then costs its new tokens. A request with a seed is fed whole instead, as it would be alone: how many
+# positions one forward covers changes how bf16 rounds, and a seed promises the same answer whatever came before.
+# A row's answer is the one it would get alone (its own position, cache, sampling settings, generator, stop
+# strings), up to the rounding of products over several rows that decode_rows' comment measures.
 # =============================================================================
 
 # Imported here, not at the top: deleting the appendix deletes what only it uses.
@@ -3415,59 +3424,92 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
-@torch.inference_mode()
-def served_tokens(model: Transformer, cache: list[KVCache], job: Job,
-                  reuse: int) -> Iterator[tuple[int, torch.Tensor, bool]]:
-    """The engine's decoding: feed job.prompt[reuse:] through the cache, then choose one token at a time, yielding
-    (token, logprobs, False), logprobs being the model's float32 log-softmax (vocab_size,) the token was chosen
-    from, before penalties and temperature. The token is fed when the next one is asked for, so closing the
-    generator after a token leaves it unfed, as generate leaves its last. With job.echo_logprobs (reuse 0), every
-    prompt position's logits are computed and each prompt token after the first comes first as (token, logprobs,
-    True). Sampling is generate's (sample(), the same generator) after OpenAI's penalties:
-    logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty - logit_bias[j], count[j] being
-    how often token j was generated so far in this answer, and after job.constraint's mask."""
-    device = model.tok_embeddings.weight.device
-    s = job.sampling
-    generator = torch.Generator(device=device).manual_seed(s.seed) if s.seed is not None else None
-    tokens = torch.tensor([job.prompt], device=device)  # (1, T)
-    if job.echo_logprobs:  # every position's logits, chunk by chunk, not only the last one's
-        for i in range(0, len(job.prompt), PREFILL_CHUNK):
-            logits = model(tokens[:, i : i + PREFILL_CHUNK], i, cache)[0]  # (chunk, vocab_size)
-            logprobs = torch.log_softmax(logits, dim=-1)
-            for j, after in enumerate(job.prompt[i + 1 : i + 1 + len(logits)]):  # position i + j predicts after
-                yield after, logprobs[j], True
-        logits = logits[-1:]  # (1, vocab_size)
-    else:
-        logits = prefill(model, tokens[:, reuse:], reuse, cache)  # (1, vocab_size)
-    counts = torch.zeros(model.args.vocab_size, device=device)  # of each token in the answer so far
-    bias = torch.zeros(model.args.vocab_size, device=device)
-    for token, value in job.logit_bias.items():
-        bias[token] = value
-    seen = list(job.prompt)  # what the repetition penalty discourages: the prompt and the answer
-    for pos in range(len(job.prompt), model.args.max_seq_len):
-        if not bool(torch.isfinite(logits).all()):
-            raise FloatingPointError(f"the logits at position {pos} are NaN or inf: corrupt weights or settings")
-        chosen_from = logits
-        if s.repetition_penalty != 1.0:
-            chosen_from = apply_repetition_penalty(chosen_from, torch.tensor([seen], device=device),
-                                                   s.repetition_penalty)
-        chosen_from = (chosen_from - counts * job.frequency_penalty - (counts > 0) * job.presence_penalty + bias)
-        if job.constraint is not None:  # -inf where a token would break the document (appendix F)
-            chosen_from = job.constraint.mask(chosen_from)
-        token = int(sample(chosen_from, s.temperature, s.top_p, s.top_k, generator)[0])
-        if job.constraint is not None:
-            job.constraint.advance(token)
-        yield token, torch.log_softmax(logits[0], dim=-1), False
-        counts[token] += 1
-        seen.append(token)
-        if pos + 1 < model.args.max_seq_len:
-            logits = model(torch.tensor([[token]], device=device), pos, cache, last_only=True)[:, -1]
-
-
 def top_logprobs(logprobs: torch.Tensor, token: int, n: int) -> tuple[float, list[tuple[int, float]]]:
     """The chosen token's logprob and the n most likely tokens with theirs, most likely first."""
     values, ids = torch.topk(logprobs, n) if n else (logprobs[:0], logprobs[:0].long())
     return float(logprobs[token]), list(zip(ids.tolist(), values.tolist()))
+
+
+class ServedRow:
+    """A job in the running batch: the cache slot (row) it holds, where its next token goes, and its own sampling
+    (seeded generator, penalties, constraint) and text (stop strings) state. Its events go to job.events:
+    ("prompt", token, logprobs) for echoed prompt tokens, ("token", token, text, logprobs) for each new token, then
+    ("end", text, finish_reason, new tokens); logprobs is (logprob, [(id, logprob), ...]) or None."""
+
+    def __init__(self, server: LlamaServer, job: Job, slot: int, reuse: int):
+        from tokenizer import StreamDecoder
+
+        model = server.model
+        device = model.tok_embeddings.weight.device
+        s = job.sampling
+        self.server = server
+        self.job = job
+        self.slot = slot
+        self.reuse = reuse  # prompt positions the slot already held
+        self.position = len(job.prompt)  # where the last token chosen is fed
+        self.generator = torch.Generator(device=device).manual_seed(s.seed) if s.seed is not None else None
+        self.counts = torch.zeros(model.args.vocab_size, device=device)  # of each token in the answer so far
+        self.bias = torch.zeros(model.args.vocab_size, device=device)
+        for token, value in job.logit_bias.items():
+            self.bias[token] = value
+        self.seen = list(job.prompt)  # what the repetition penalty discourages: the prompt and the answer
+        self.new: list[int] = []
+        self.decoder = StreamDecoder(server.tokenizer)
+        self.text = StopText(job.stops)
+        self.finish = "length"
+
+    def pick(self, logits: torch.Tensor) -> int:
+        """The next token from logits (vocab_size,): sampling as generate's (sample(), the row's own generator)
+        after OpenAI's penalties, logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty -
+        logit_bias[j] (count[j]: how often token j was generated so far in this answer), and after the job's
+        constraint's mask (appendix F)."""
+        job = self.job
+        s = job.sampling
+        chosen_from = logits[None]  # (1, vocab_size)
+        if s.repetition_penalty != 1.0:
+            seen = torch.tensor([self.seen], device=logits.device)
+            chosen_from = apply_repetition_penalty(chosen_from, seen, s.repetition_penalty)
+        chosen_from = chosen_from - self.counts * job.frequency_penalty - (self.counts > 0) * job.presence_penalty
+        chosen_from = chosen_from + self.bias
+        if job.constraint is not None:  # -inf where a token would break the document (appendix F)
+            chosen_from = job.constraint.mask(chosen_from)
+        token = int(sample(chosen_from, s.temperature, s.top_p, s.top_k, self.generator)[0])
+        if job.constraint is not None:
+            job.constraint.advance(token)
+        return token
+
+    def choose(self, logits: torch.Tensor) -> bool:
+        """Choose and send the next token from the model's logits (vocab_size,) at this row's position; True when
+        the row is done (a stop token, a stop string, max_tokens, or its client gone): that token is not fed."""
+        job = self.job
+        if job.cancelled.is_set():
+            print(f"llama3.py: a client left; its generation ended after {len(self.new)} tokens", file=self.server.log)
+            return True
+        if len(self.new) == job.max_tokens:  # 0, with echo: the prompt's logprobs were all that was asked
+            return True
+        if not bool(torch.isfinite(logits).all()):
+            raise FloatingPointError(f"the logits at position {self.position} are NaN or inf: corrupt weights or "
+                                     "settings")
+        token = self.pick(logits)
+        said = None
+        if job.logprobs is not None:  # the model's own, before temperature, penalties and the constraint
+            said = top_logprobs(torch.log_softmax(logits, dim=-1), token, job.logprobs)
+        self.new.append(token)
+        self.seen.append(token)
+        self.counts[token] += 1
+        if token in self.server.tokenizer.stop_tokens:
+            self.finish = "stop"
+            job.events.put(("token", token, "", said))
+            return True
+        job.events.put(("token", token, self.text.push(self.decoder.push(token)), said))
+        if self.text.stopped:
+            self.finish = "stop"
+            return True
+        return len(self.new) == job.max_tokens
+
+    def end(self) -> None:
+        tail = self.text.push(self.decoder.finish()) + self.text.finish()
+        self.job.events.put(("end", tail, self.finish, self.new))
 
 
 class LlamaServer(ThreadingHTTPServer):
@@ -3478,7 +3520,7 @@ class LlamaServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int] | socket.socket, model: Transformer, tokenizer: Tokenizer,
                  name: str, *, api_key: str | None = None, tool_format: str | None = None,
                  sampling: Sampling = Sampling(), today: str | None = None, log: TextIO | None = None,
-                 timeout: float = 60.0):
+                 timeout: float = 60.0, max_batch: int = 8):
         from tokenizer import ChatFormat
 
         bound = isinstance(address, socket.socket)  # serve_socket's, bound before the model loaded
@@ -3496,9 +3538,12 @@ class LlamaServer(ThreadingHTTPServer):
         self.today = today
         self.log = log or sys.stderr
         self.client_timeout = timeout
+        self.max_batch = max_batch
         self.jobs: queue.Queue[Job | None] = queue.Queue()  # in arrival order; None ends the engine
-        self.cache = model.new_cache(1, min(model.args.max_seq_len, 8192))
-        self.cached: list[int] = []  # the tokens whose K/V the cache holds
+        # One cache row (slot) per request in the batch, 2048 positions to start with, doubled when a request needs
+        # more: 8B's cache is 128 KiB a position, so 8 slots of its 128K context would be 128 GiB up front.
+        self.cache = model.new_cache(max_batch, min(model.args.max_seq_len, 2048))
+        self.cached: list[list[int]] = [[] for _ in range(max_batch)]  # the tokens whose K/V each slot holds
         threading.Thread(target=self.engine, daemon=True).start()
 
     def server_close(self) -> None:
@@ -3506,54 +3551,118 @@ class LlamaServer(ThreadingHTTPServer):
         super().server_close()
 
     def engine(self) -> None:
-        """Run the jobs one at a time as they come. A failure of the model (NaN logits, out of memory) goes to its
-        job's client as a 500 and to the log; the engine goes on with the next job."""
-        while (job := self.jobs.get()) is not None:
-            if job.cancelled.is_set():
-                print("llama3.py: a client left before its generation started", file=self.log)
+        """Continuous batching: before each decode step, jobs waiting in arrival order join the batch (their prompt
+        fed into a free slot) up to --max-batch rows; one decode_rows step then makes a token for every row, and a
+        row that is done leaves, freeing its slot. A short request is never queued behind a long one. A failure of
+        the model (NaN logits, out of memory) goes to its rows' clients as a 500 and to the log; the engine goes on."""
+        rows: list[ServedRow] = []
+        while True:
+            while len(rows) < self.max_batch:
+                try:
+                    job = self.jobs.get(block=not rows)  # wait only when nothing runs
+                except queue.Empty:
+                    break
+                if job is None:
+                    return
+                row = self.join(job, {r.slot for r in rows})
+                if row is not None:
+                    rows.append(row)
+            if not rows:
                 continue
             try:
-                self.run(job)
+                logits = decode_rows(self.model, self.cache, [r.slot for r in rows], [r.new[-1] for r in rows],
+                                     [r.position for r in rows])  # (B, vocab_size)
             except Exception as e:  # noqa: BLE001 (the model's own failure, answered and logged)
-                print(f"llama3.py: generation failed: {type(e).__name__}: {e}", file=self.log)
-                job.events.put(("error", e))
-
-    def run(self, job: Job) -> None:
-        """Generate for one job, putting ("prompt", token, logprobs) for echoed prompt tokens, ("token", token, text,
-        logprobs) for each new token and ("end", text, finish_reason, new tokens) on its queue; logprobs is
-        (logprob, [(id, logprob), ...]) or None. Ends at a stop token, a stop string, max_tokens or cancellation."""
-        from tokenizer import StreamDecoder
-
-        kept = [] if job.sampling.seed is not None or job.echo_logprobs else self.cached  # fed whole, as alone
-        self.cache, reuse = reuse_prefix(self.model, self.cache, kept, job.prompt, job.max_tokens)
-        self.cached = job.prompt[:reuse]  # all that is sure to stay if generation fails
-        decoder = StreamDecoder(self.tokenizer)
-        text = StopText(job.stops)
-        new = []
-        finish = "length"
-        steps = served_tokens(self.model, self.cache, job, reuse)
-        for token, logprobs, in_prompt in steps:
-            if job.cancelled.is_set():
-                print(f"llama3.py: a client left; its generation ended after {len(new)} tokens", file=self.log)
-                break
-            said = top_logprobs(logprobs, token, job.logprobs) if job.logprobs is not None else None
-            if in_prompt:
-                job.events.put(("prompt", token, said))
+                for row in rows:
+                    self.fail(row.job, e)
+                    self.cached[row.slot] = row.job.prompt[: row.reuse]
+                rows = []
                 continue
-            if len(new) == job.max_tokens:
-                break
-            new.append(token)
-            if token in self.tokenizer.stop_tokens:
-                finish = "stop"
-                job.events.put(("token", token, "", said))
-                break
-            job.events.put(("token", token, text.push(decoder.push(token)), said))
-            if text.stopped:
-                finish = "stop"
-                break
-        steps.close()
-        self.cached = (job.prompt + new)[:-1] if new else job.prompt[:reuse]  # the last token chosen is not fed
-        job.events.put(("end", text.push(decoder.finish()) + text.finish(), finish, new))
+            going = []
+            for row, row_logits in zip(rows, logits):
+                row.position += 1
+                if self.step(row, row_logits):
+                    going.append(row)
+            rows = going
+
+    def fail(self, job: Job, error: Exception) -> None:
+        print(f"llama3.py: generation failed: {type(error).__name__}: {error}", file=self.log)
+        job.events.put(("error", error))
+
+    def step(self, row: ServedRow, logits: torch.Tensor) -> bool:
+        """The row's next token; False once it has left the batch (done or failed)."""
+        try:
+            if not row.choose(logits):
+                return True
+        except Exception as e:  # noqa: BLE001 (this row's failure only)
+            self.fail(row.job, e)
+            self.cached[row.slot] = row.job.prompt[: row.reuse]
+            return False
+        self.cached[row.slot] = (row.job.prompt + row.new)[:-1]  # the last token chosen is not fed
+        row.end()
+        return False
+
+    def join(self, job: Job, busy: set[int]) -> ServedRow | None:
+        """Start a job in a free slot: the one whose kept tokens share the longest prefix with its prompt (a chat's
+        next turn finds its history there), fed from that prefix on. A request with a seed, or one that wants its
+        prompt's logprobs, is fed whole, as it would be alone. None when the job is already done."""
+        if job.cancelled.is_set():
+            print("llama3.py: a client left before its generation started", file=self.log)
+            return None
+        fresh = job.sampling.seed is not None or job.echo_logprobs
+        shared = {s: 0 if fresh else shared_prefix(self.cached[s], job.prompt) for s in range(self.max_batch)
+                  if s not in busy}
+        slot = max(shared, key=lambda s: (shared[s], -s))
+        row = ServedRow(self, job, slot, shared[slot])
+        self.cached[slot] = job.prompt[: row.reuse]  # all that is sure to stay if feeding fails
+        try:
+            self.make_room(len(job.prompt) + job.max_tokens)
+            if job.echo_logprobs:
+                logits = self.feed_echoed(row)
+            else:
+                logits = prefill_row(self.model, self.cache, slot, job.prompt[row.reuse :], row.reuse)
+            if not row.choose(logits):
+                return row
+        except Exception as e:  # noqa: BLE001 (the model's own failure, answered and logged)
+            self.fail(job, e)
+            return None
+        self.cached[slot] = (job.prompt + row.new)[:-1]
+        row.end()
+        return None
+
+    def make_room(self, need: int) -> None:
+        """Grow every slot to `need` positions (doubling, up to the context), keeping what the slots hold."""
+        length = self.cache[0].k.shape[2]
+        if need <= length:
+            return
+        bigger = self.model.new_cache(self.max_batch, min(self.model.args.max_seq_len, max(need, 2 * length)))
+        for old, new in zip(self.cache, bigger):
+            new.k[:, :, :length] = old.k
+            new.v[:, :, :length] = old.v
+        self.cache = bigger
+
+    @torch.inference_mode()
+    def feed_echoed(self, row: ServedRow) -> torch.Tensor:
+        """Feed the row's whole prompt computing every position's logits (not only the last one's), and send each
+        prompt token after the first with its logprobs -> the last position's logits (vocab_size,)."""
+        job = row.job
+        view = row_cache(self.cache, row.slot)
+        tokens = torch.tensor([job.prompt], device=self.model.tok_embeddings.weight.device)  # (1, T)
+        for i in range(0, len(job.prompt), PREFILL_CHUNK):
+            logits = self.model(tokens[:, i : i + PREFILL_CHUNK], i, view)[0]  # (chunk, vocab_size)
+            logprobs = torch.log_softmax(logits, dim=-1)
+            for j, after in enumerate(job.prompt[i + 1 : i + 1 + len(logits)]):  # position i + j predicts after
+                job.events.put(("prompt", after, top_logprobs(logprobs[j], after, job.logprobs)))
+        return logits[-1]
+
+
+def shared_prefix(cached: list[int], prompt: list[int]) -> int:
+    """How many leading tokens cached shares with prompt, at most len(prompt) - 1: the last prompt token is always
+    fed, as its logits choose the first new token."""
+    n = 0
+    while n < min(len(cached), len(prompt) - 1) and cached[n] == prompt[n]:
+        n += 1
+    return n
 
 
 class ServeHandler(BaseHTTPRequestHandler):
@@ -4076,13 +4185,13 @@ def serve_socket(address: str) -> socket.socket:
 
 def serve(model: Transformer, tokenizer: Tokenizer, address: str | socket.socket, name: str, *,
           api_key: str | None = None, tool_format: str | None = None, sampling: Sampling = Sampling(),
-          timeout: float = 60.0) -> None:
+          timeout: float = 60.0, max_batch: int = 8) -> None:
     """--serve HOST:PORT: answer requests until Ctrl-C (exit 130) or SIGTERM (exit 0). Says where on stderr once it
     accepts requests, with the port it bound (port 0 picks a free one). timeout: seconds a client may neither send
-    nor read before it loses its request (--timeout)."""
+    nor read before it loses its request (--timeout). max_batch: requests decoded together (--max-batch)."""
     sock = serve_socket(address) if isinstance(address, str) else address
     server = LlamaServer(sock, model, tokenizer, name, api_key=api_key, tool_format=tool_format, sampling=sampling,
-                         timeout=timeout)
+                         timeout=timeout, max_batch=max_batch)
 
     def stop(*_) -> None:
         raise SystemExit(0)

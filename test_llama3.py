@@ -4321,17 +4321,22 @@ def http(server, method: str, path: str, body: bytes | None = None, headers: dic
 
 
 class ScriptedServing:
-    """A stand-in for the server's served_tokens: answers each request with the next scripted text, token by token,
-    and records the prompts and the cached lengths reused for them."""
+    """A stand-in for the server's choice of tokens (ServedRow.pick): each request gets the next scripted text,
+    token by token, and the prompts and the cached lengths reused for them are recorded. install() puts it in."""
 
     def __init__(self, tok, answers: list[str]):
         self.tok, self.answers, self.prompts, self.cached = tok, list(answers), [], []
 
-    def __call__(self, model, cache, job, reuse):
-        self.prompts.append(job.prompt)
-        self.cached.append(reuse)
-        for t in self.tok.encode(self.answers.pop(0), bos=False, eos=False, allowed_special="all"):
-            yield t, torch.zeros(model.args.vocab_size), False
+    def install(self, monkeypatch) -> "ScriptedServing":
+        monkeypatch.setattr(llama3.ServedRow, "pick", lambda row, logits: self.pick(row))
+        return self
+
+    def pick(self, row) -> int:
+        if not hasattr(row, "scripted"):  # the request's first token
+            self.prompts.append(row.job.prompt)
+            self.cached.append(row.reuse)
+            row.scripted = self.tok.encode(self.answers.pop(0), bos=False, eos=False, allowed_special="all")
+        return row.scripted.pop(0)
 
 
 def greedy_text(server, tok, prompt: list[int], n: int) -> tuple[str, list[int]]:
@@ -4356,13 +4361,14 @@ def test_served_chat_answers_equal_generate_on_chat_formats_tokens_and_reuse_the
     from tokenizer import ChatFormat
 
     server, client = served
-    cached_lens, original = [], llama3.served_tokens
+    cached_lens, original = [], llama3.ServedRow.pick
 
-    def spy(model, cache, job, reuse):
-        cached_lens.append(reuse)
-        return original(model, cache, job, reuse)
+    def spy(row, logits):
+        if not row.new:  # the request's first token
+            cached_lens.append(row.reuse)
+        return original(row, logits)
 
-    monkeypatch.setattr(llama3, "served_tokens", spy)
+    monkeypatch.setattr(llama3.ServedRow, "pick", spy)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
     ours = list(messages)  # our message dicts for the same conversation
     for _ in range(2):
@@ -4455,7 +4461,7 @@ def test_tool_calls_go_to_the_client_and_tool_results_come_back_as_ipython_messa
                            max_retries=0, timeout=60)
     call_text = json.dumps({"type": "function", "name": "get_weather", "parameters": {"city": "Paris"}})
     script = ScriptedServing(tok, [call_text + "<|eom_id|>", "It is 25 C.<|eot_id|>"])
-    monkeypatch.setattr(llama3, "served_tokens", script)
+    script.install(monkeypatch)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"}]
     ask = {"model": "tiny", "messages": messages, "tools": [openai_tool(get_weather)], "temperature": 0}
     if stream:
@@ -4470,7 +4476,7 @@ def test_tool_calls_go_to_the_client_and_tool_results_come_back_as_ipython_messa
     assert finish == "tool_calls" and len(calls) == 1 and calls[0].type == "function"
     assert calls[0].function.name == "get_weather" and json.loads(calls[0].function.arguments) == {"city": "Paris"}
     chat, _, _ = tool_chat(tok, monkeypatch, [], tools=[get_weather])  # what --tools would have fed
-    monkeypatch.setattr(llama3, "served_tokens", script)
+    script.install(monkeypatch)
     assert script.prompts[0] == ChatFormat(tok).encode_dialog_prompt(chat.dialog + messages[1:])
     messages += [{"role": "assistant", "content": None, "tool_calls": [calls[0].model_dump(exclude={"index"})]},
                  {"role": "tool", "tool_call_id": calls[0].id, "content": "25 C in Paris"}]
@@ -4490,7 +4496,7 @@ def test_without_tools_a_call_shaped_answer_is_text(served, tok, monkeypatch):
     _, client = served
     answer = '{"name": "Alice", "age": 30}'
     for extra in ({}, {"tools": [openai_tool(get_weather)], "tool_choice": "none"}):
-        monkeypatch.setattr(llama3, "served_tokens", ScriptedServing(tok, [answer + "<|eot_id|>"]))
+        ScriptedServing(tok, [answer + "<|eot_id|>"]).install(monkeypatch)
         r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Who?"}], **extra)
         assert r.choices[0].message.content == answer and not r.choices[0].message.tool_calls
 
@@ -4558,15 +4564,14 @@ def slowed_generate(monkeypatch, seconds: float) -> list[int]:
     """Make every served token take `seconds` longer; returns the list the tokens chosen are added to."""
     import time
 
-    chosen, original = [], llama3.served_tokens
+    chosen, original = [], llama3.ServedRow.pick
 
-    def slow(*a):
-        for step in original(*a):
-            time.sleep(seconds)
-            chosen.append(step[0])
-            yield step
+    def slow(row, logits):
+        time.sleep(seconds)
+        chosen.append(original(row, logits))
+        return chosen[-1]
 
-    monkeypatch.setattr(llama3, "served_tokens", slow)
+    monkeypatch.setattr(llama3.ServedRow, "pick", slow)
     return chosen
 
 
@@ -4608,6 +4613,132 @@ def test_a_client_leaving_mid_stream_stops_its_generation_and_the_next_starts_at
     sock.close()
     r = client.completions.create(model="tiny", prompt="Hi", max_tokens=1)
     assert r.usage.completion_tokens == 1 and len(chosen) < 10  # the first generation's tokens, and this one's
+
+
+# Many clients per read of the weights (issue 35): the engine decodes the requests together, each row its own.
+
+
+def batch_sizes(monkeypatch) -> list[int]:
+    """Record the rows of every decode step the server takes."""
+    sizes, original = [], llama3.decode_rows
+
+    def spy(model, cache, slots, tokens, positions):
+        sizes.append(len(slots))
+        return original(model, cache, slots, tokens, positions)
+
+    monkeypatch.setattr(llama3, "decode_rows", spy)
+    return sizes
+
+
+def test_concurrent_requests_decode_together_and_each_answer_is_the_one_it_gets_alone(served, tok, monkeypatch):
+    # Six chat requests of different lengths arriving at different times: they share decode steps (more than one
+    # row a step), and each greedy answer equals the library's for its prompt alone (float32).
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tokenizer import ChatFormat
+
+    server, client = served
+    sizes = batch_sizes(monkeypatch)
+    questions = ["Hi", "Tell me a story about a dragon", "What is two plus two?", "Once", "Name a colour please",
+                 "Why is the sky blue, and why are sunsets red?"]
+    lengths = [30, 12, 25, 8, 20, 16]
+
+    def ask(i: int) -> str:
+        time.sleep(0.05 * i)  # arrivals while the others decode
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": questions[i]}],
+                                           temperature=0, max_tokens=lengths[i])
+        return r.choices[0].message.content
+
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(ask, range(6)))
+    monkeypatch.undo()
+    assert max(sizes) > 1, sizes  # decoded together
+    for question, n, answer in zip(questions, lengths, answers):
+        prompt = ChatFormat(tok).encode_dialog_prompt([{"role": "user", "content": question}])
+        assert answer == greedy_text(server, tok, prompt, n)[0], question
+
+
+def test_a_short_request_is_answered_long_before_a_long_one_ends(served, monkeypatch):
+    # It joins the running batch at the next step instead of waiting in line.
+    import threading
+    import time
+
+    _, client = served
+    slowed_generate(monkeypatch, 0.05)  # the long request's 100 tokens take 5 s or more
+    long = threading.Thread(target=lambda: client.completions.create(model="tiny", prompt="Once upon a time",
+                                                                     max_tokens=100, temperature=0))
+    long.start()
+    time.sleep(0.5)
+    t0 = time.perf_counter()
+    assert client.completions.create(model="tiny", prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+    assert time.perf_counter() - t0 < 2.0 and long.is_alive()
+    long.join()
+
+
+def test_seeded_sampled_answers_repeat_whatever_runs_beside_them(served):
+    # Each row has its own generator: a seeded request gives the same answer alone and beside three others.
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, client = served
+
+    def ask(prompt: str, seed: int | None) -> str:
+        return client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=1.0, top_p=1.0,
+                                         seed=seed).choices[0].text
+
+    alone = ask("Once upon a time", 7)
+    with ThreadPoolExecutor(4) as pool:
+        together = pool.map(ask, ["Hello", "Once upon a time", "The capital of", "A"], [None, 7, 3, None])
+        assert list(together)[1] == alone
+
+
+def test_max_batch_bounds_the_rows_and_a_client_leaving_frees_its_row(cli_ckpt, tok, monkeypatch):
+    # --max-batch 2: never more than two rows a step; the others wait in arrival order and are answered in turn. A
+    # streaming client that leaves gives its row to a waiting request at the next step.
+    import socket
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    openai = require("openai")
+    server = start_server(load_model(cli_ckpt[0], dtype=torch.float32), tok, max_batch=2)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="unused",
+                               max_retries=0, timeout=60)
+        sizes = batch_sizes(monkeypatch)
+        prompts = ["Once upon a time", "The capital of France is", "Hello", "Once upon a midnight"]
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda p: client.completions.create(model="tiny", prompt=p, temperature=0,
+                                                                        max_tokens=10).choices[0].text, prompts))
+        assert max(sizes) == 2 and sizes.count(2) > 3, sizes
+        monkeypatch.undo()
+        for prompt, answer in zip(prompts, answers):
+            assert answer == greedy_text(server, tok, tok.encode(prompt, bos=True, eos=False), 10)[0]
+        slowed_generate(monkeypatch, 0.05)
+        body = json.dumps({"prompt": "Once upon a time", "max_tokens": 100, "stream": True, "temperature": 0})
+        holders = []
+        for _ in range(2):  # both rows taken by long streams
+            sock = socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=30)
+            sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+            holders.append(sock)
+        time.sleep(0.5)
+        holders[0].close()  # one leaves: the waiting request takes its row
+        t0 = time.perf_counter()
+        assert client.completions.create(model="tiny", prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+        assert time.perf_counter() - t0 < 3.0
+        holders[1].close()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.slow
+def test_max_batch_flag_is_checked(cli_ckpt):
+    folder, _ = cli_ckpt
+    for args, said in ((["--serve", "127.0.0.1:0", "--max-batch", "0"], "--max-batch must be >= 1"),
+                       (["--prompt", "Hi", "--max-batch", "2"], "--max-batch needs --serve")):
+        r = run_cli("--ckpt", str(folder), *args)
+        assert r.returncode == 2 and said in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
 @pytest.mark.slow
@@ -4697,8 +4828,12 @@ def test_a_client_that_stops_reading_or_leaves_gives_way_to_the_next_within_seco
         r = client.completions.create(model="tiny", prompt="Hi", max_tokens=2)
         waited = time.perf_counter() - t0
         assert r.usage.completion_tokens == 2 and waited < 8, waited
-        assert 0 < len(chosen) < 80  # the first generation started and was cut short
+        for _ in range(100):  # and the stalled request itself ends within seconds: its row is free again
+            if "a client left; its generation ended after" in server.log.getvalue():
+                break
+            time.sleep(0.1)
         assert "a client left; its generation ended after" in server.log.getvalue()
+        assert 0 < len(chosen) < 80  # the first generation started and was cut short
         stalled.close()
     finally:
         server.shutdown()
@@ -4983,7 +5118,7 @@ def test_two_clients_interleaving_tool_rounds_each_get_the_prompt_they_would_get
                                max_retries=0, timeout=60)
         call_text = json.dumps({"type": "function", "name": "get_weather", "parameters": {"city": "Paris"}})
         script = ScriptedServing(tok, [call_text + "<|eom_id|>", call_text + "<|eot_id|>", "Fine.<|eot_id|>"])
-        monkeypatch.setattr(llama3, "served_tokens", script)
+        script.install(monkeypatch)
         ask = {"model": "tiny", "tools": [openai_tool(get_weather)], "temperature": 0}
         a = [{"role": "user", "content": "Weather in Paris?"}]
         b = [{"role": "user", "content": "And in Rome?"}]
@@ -5022,7 +5157,7 @@ def test_a_models_odd_call_comes_back_as_text_never_a_crash(tok, monkeypatch):
            json.dumps({"name": "get_weather", "parameters": None}),
            json.dumps({"name": "launch_rockets", "parameters": {}})]
     for answer in odd:
-        monkeypatch.setattr(llama3, "served_tokens", ScriptedServing(tok, [answer + "<|eot_id|>"]))
+        ScriptedServing(tok, [answer + "<|eot_id|>"]).install(monkeypatch)
         r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
                                            tools=[openai_tool(get_weather)])
         assert r.choices[0].message.content == answer and not r.choices[0].message.tool_calls, answer
@@ -5034,15 +5169,14 @@ def test_a_models_odd_call_comes_back_as_text_never_a_crash(tok, monkeypatch):
 def test_a_failure_once_a_stream_has_started_ends_it_with_an_error_event_and_done(served, tok, monkeypatch):
     # Not a second HTTP status line inside the event stream: an error event, then [DONE]. Unstreamed, a 500.
     server, _ = served
-    original = llama3.served_tokens
+    original = llama3.ServedRow.pick
 
-    def failing(*a):
-        for i, step in enumerate(original(*a)):
-            if i == 2:
-                raise FloatingPointError("the logits at position 9 are NaN or inf")
-            yield step
+    def failing(row, logits):
+        if len(row.new) == 2:
+            raise FloatingPointError("the logits at position 9 are NaN or inf")
+        return original(row, logits)
 
-    monkeypatch.setattr(llama3, "served_tokens", failing)
+    monkeypatch.setattr(llama3.ServedRow, "pick", failing)
     body = {"prompt": "Once upon a time", "max_tokens": 10, "temperature": 0}
     answer = read_all(raw_request(server, *post("/v1/completions", {**body, "stream": True}))).decode()
     events = [line[6:] for line in answer.split("\r\n\r\n", 1)[1].split("\n\n") if line.startswith("data: ")]
