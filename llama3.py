@@ -3603,16 +3603,18 @@ class LlamaServer(ThreadingHTTPServer):
         return False
 
     def join(self, job: Job, busy: set[int]) -> ServedRow | None:
-        """Start a job in a free slot: the one whose kept tokens share the longest prefix with its prompt (a chat's
-        next turn finds its history there), fed from that prefix on. A request with a seed, or one that wants its
-        prompt's logprobs, is fed whole, as it would be alone. None when the job is already done."""
+        """Start a job in a free slot, fed from the prefix its kept tokens share with the prompt: the slot where the
+        tokens reused most outnumber the kept tokens lost (shared - (kept - shared)), so a chat's next turn finds
+        its history, and an unrelated request takes an empty slot rather than another conversation's. A request with
+        a seed, or one that wants its prompt's logprobs, is fed whole, as it would be alone. None when the job is
+        already done."""
         if job.cancelled.is_set():
             print("llama3.py: a client left before its generation started", file=self.log)
             return None
         fresh = job.sampling.seed is not None or job.echo_logprobs
         shared = {s: 0 if fresh else shared_prefix(self.cached[s], job.prompt) for s in range(self.max_batch)
                   if s not in busy}
-        slot = max(shared, key=lambda s: (shared[s], -s))
+        slot = max(shared, key=lambda s: (2 * shared[s] - len(self.cached[s]), -s))
         row = ServedRow(self, job, slot, shared[slot])
         self.cached[slot] = job.prompt[: row.reuse]  # all that is sure to stay if feeding fails
         try:

@@ -4381,8 +4381,9 @@ def test_served_chat_answers_equal_generate_on_chat_formats_tokens_and_reuse_the
         assert r.choices[0].finish_reason == ("stop" if new[-1] in tok.stop_tokens else "length")
         messages += [{"role": "assistant", "content": text}, {"role": "user", "content": [
             {"type": "text", "text": "And"}, {"type": "text", "text": "then?"}]}]
+        client.completions.create(model="tiny", prompt="Something else", max_tokens=2)  # takes another slot
         ours += [{"role": "assistant", "content": text}, {"role": "user", "content": "And\nthen?"}]  # parts: lines
-    assert cached_lens[0] == 0 and cached_lens[1] > len(ChatFormat(tok).encode_dialog_prompt(ours[:2]))
+    assert cached_lens[0] == 0 and cached_lens[2] > len(ChatFormat(tok).encode_dialog_prompt(ours[:2]))
 
 
 def test_served_text_completion_equals_generate_and_refuses_max_tokens_past_the_context(served, tok):
