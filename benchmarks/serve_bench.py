@@ -1,6 +1,8 @@
-"""Time to first token of a follow-up chat turn over --serve, with prefix reuse against without (run by hand).
+"""Time to first token of a follow-up chat turn over --serve, with prefix reuse against without; with --clients K,
+K clients at once against one alone (continuous batching) (run by hand).
 
     python benchmarks/serve_bench.py [--ckpt-dir DIR] [--history 2000] [--rounds 5] [--dtype bf16] [--threads N]
+    python benchmarks/serve_bench.py --clients 4 [--new-tokens 32] [--rounds 3]
 
 Starts `llama3.py --serve 127.0.0.1:0` on a random checkpoint in Llama 3.2 1B shape
 (bench.py's make_checkpoint, made once in --ckpt-dir or a temporary folder; Meta's
@@ -11,9 +13,13 @@ asked for one token, so its time is the prefill of what the server feeds plus on
 request's overhead:
   reuse:    the follow-up right after the turn before it: the server's kept cache
             holds the history, and it feeds only the new tokens;
-  no reuse: the same follow-up after an unrelated request replaced the kept cache
-            (it shares only <|begin_of_text|>), so the whole history is fed again.
-Prints the CPU, each side's median and the ratio. Standard library on the client side.
+  no reuse: the same follow-up with a seed, which the server feeds whole, as it would
+            be alone, so the whole history is fed again.
+Prints the CPU, each side's median and the ratio. With --clients K, each round times
+(alternating which goes first) one client's completion of --new-tokens tokens alone,
+and K clients' completions sent at once: generated tokens per second, the K clients'
+summed against the one's; then the time to first token of a request that joins K - 1
+running ones, against alone. Standard library on the client side.
 """
 
 import argparse
@@ -74,6 +80,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--clients", type=int, default=None, help="K clients at once against one (batching)")
+    p.add_argument("--new-tokens", type=int, default=32, help="with --clients: tokens each client asks for")
     opts = p.parse_args()
     import llama_models
 
@@ -102,6 +110,9 @@ def main() -> None:
                 break
         if url is None:
             sys.exit(f"the server did not start: {line}")
+        if opts.clients:
+            batching(url, opts, ckpt)
+            return
         history = conversation(opts.history, seed=0)
         ask = {"model": "bench", "temperature": 0, "max_tokens": 1}
         _, first = post(f"{url}/chat/completions", {**ask, "messages": history})  # also warms up
@@ -114,8 +125,7 @@ def main() -> None:
             post(f"{url}/chat/completions", {**ask, "messages": history})  # the kept cache: this history
             seconds, answer = post(f"{url}/chat/completions", {**ask, "messages": follow_up})
             reuse.append(seconds)
-            post(f"{url}/completions", {**ask, "prompt": f"Something else entirely, {i}."})  # replaces it
-            seconds, _ = post(f"{url}/chat/completions", {**ask, "messages": follow_up})
+            seconds, _ = post(f"{url}/chat/completions", {**ask, "messages": follow_up, "seed": i})  # fed whole
             fresh.append(seconds)
             print(f"round {i + 1}: follow-up of {answer['usage']['prompt_tokens']} tokens: reuse {reuse[-1]:.3f} s, "
                   f"no reuse {fresh[-1]:.3f} s", flush=True)
@@ -126,6 +136,60 @@ def main() -> None:
         server.wait(timeout=60)
         if tmp is not None:
             tmp.cleanup()
+
+
+def first_chunk(url: str, body: dict) -> float:
+    """Seconds until the first event of a streamed completion; the rest is read and dropped."""
+    data = json.dumps({**body, "stream": True}).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    t0 = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=600) as r:
+        r.readline()
+        seconds = time.perf_counter() - t0
+        r.read()
+    return seconds
+
+
+def batching(url: str, opts: argparse.Namespace, ckpt: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    k = opts.clients
+    ask = {"model": "bench", "temperature": 0, "max_tokens": opts.new_tokens, "stop": []}
+    post(f"{url}/completions", {**ask, "prompt": "Warm up", "max_tokens": 4})
+    print(f"# {cpu_name()}; {ckpt.name}, {opts.dtype}, {opts.threads} threads; {k} clients, {opts.new_tokens} new "
+          "tokens each", flush=True)
+
+    def one(i: int) -> int:
+        _, answer = post(f"{url}/completions", {**ask, "prompt": f"Client {i} asks about the weather in city {i}."})
+        return answer["usage"]["completion_tokens"]
+
+    alone, together, ratios = [], [], []
+    with ThreadPoolExecutor(k) as pool:
+        for r in range(opts.rounds):
+            for side in (("alone", "together") if r % 2 == 0 else ("together", "alone")):
+                t0 = time.perf_counter()
+                tokens = one(0) if side == "alone" else sum(pool.map(one, range(k)))
+                rate = tokens / (time.perf_counter() - t0)
+                (alone if side == "alone" else together).append(rate)
+            ratios.append(together[-1] / alone[-1])
+            print(f"round {r + 1}: one client {alone[-1]:.2f} tok/s, {k} clients {together[-1]:.2f} tok/s together, "
+                  f"{ratios[-1]:.2f}x", flush=True)
+        print(f"median of {opts.rounds}: one {statistics.median(alone):.2f} tok/s, {k} together "
+              f"{statistics.median(together):.2f} tok/s, ratio {statistics.median(ratios):.2f}x", flush=True)
+        joined, lone = [], []
+        long = {**ask, "max_tokens": 4 * opts.new_tokens}
+        for r in range(opts.rounds):
+            lone.append(first_chunk(f"{url}/completions", {**ask, "prompt": "A short question."}))
+            running = [pool.submit(post, f"{url}/completions", {**long, "prompt": f"Long answer {i}."})
+                       for i in range(k - 1)]
+            time.sleep(2.0)  # the others are decoding
+            joined.append(first_chunk(f"{url}/completions", {**ask, "prompt": "A short question."}))
+            for f in running:
+                f.result()
+            print(f"round {r + 1}: time to first token alone {lone[-1]:.3f} s, joining {k - 1} running "
+                  f"{joined[-1]:.3f} s", flush=True)
+        print(f"time to first token, median: alone {statistics.median(lone):.3f} s, joining a running batch "
+              f"{statistics.median(joined):.3f} s")
 
 
 if __name__ == "__main__":
