@@ -5566,6 +5566,12 @@ def test_json_flags_give_parsable_answers_from_the_command_line(tmp_path, cli_ck
 
 
 
+
+# =============================================================================
+# Appendices E and F: structured output over HTTP (cut with either)
+# =============================================================================
+
+
 def big_server(tok, **kw):
     """A served random model whose context holds a tool prompt, and an openai client for it."""
     openai = require("openai")
@@ -5666,7 +5672,8 @@ def without_part(source: str, title: str) -> str:
 
 
 def copy_without(folder: Path, appendices: str) -> Path:
-    """The project's files in folder, with the appendices named (letters) cut from llama3.py and from the tests."""
+    """The project's files in folder, with the appendices named (letters) cut from llama3.py and from the tests,
+    and the tests of several appendices together ("Appendices E and F: ...") cut with any of them."""
     folder.mkdir()
     for name in ("tokenizer.py", "convert.py", "pyproject.toml"):
         shutil.copy(HERE / name, folder / name)
@@ -5675,6 +5682,9 @@ def copy_without(folder: Path, appendices: str) -> Path:
         text = (HERE / name).read_text()
         for letter in appendices:
             text = without_part(text, f"Appendix {letter}:")
+            for joint in re.findall(r"^# (Appendices [A-Z, and]+):", text, re.MULTILINE):
+                if letter in joint.replace(",", " ").split()[1:]:
+                    text = without_part(text, joint)
         (folder / name).write_text(text)
     return folder
 
