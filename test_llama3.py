@@ -4660,6 +4660,7 @@ def test_concurrent_requests_decode_together_and_each_answer_is_the_one_it_gets_
         assert answer == greedy_text(server, tok, prompt, n)[0], question
 
 
+@pytest.mark.slow
 def test_a_short_request_is_answered_long_before_a_long_one_ends(served, monkeypatch):
     # It joins the running batch at the next step instead of waiting in line.
     import threading
@@ -4693,6 +4694,7 @@ def test_seeded_sampled_answers_repeat_whatever_runs_beside_them(served):
         assert list(together)[1] == alone
 
 
+@pytest.mark.slow
 def test_max_batch_bounds_the_rows_and_a_client_leaving_frees_its_row(cli_ckpt, tok, monkeypatch):
     # --max-batch 2: never more than two rows a step; the others wait in arrival order and are answered in turn. A
     # streaming client that leaves gives its row to a waiting request at the next step.
@@ -4804,6 +4806,7 @@ def post(path: str, body: dict | bytes) -> tuple[str, bytes]:
             data)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("streaming", [True, False])
 def test_a_client_that_stops_reading_or_leaves_gives_way_to_the_next_within_seconds(cli_ckpt, tok, monkeypatch,
                                                                                       streaming):
@@ -4917,6 +4920,7 @@ def fuzz_requests() -> list[tuple[str, bytes]]:
     return [(p, b if isinstance(b, bytes) else json.dumps(b).encode()) for p, b in requests]
 
 
+@pytest.mark.slow
 def test_a_fuzz_of_odd_requests_gets_no_5xx_and_the_server_serves_on(served):
     # Every request a client can send gets a 2xx or a 4xx with OpenAI's error object, never a 5xx, a traceback or a
     # dropped connection.
@@ -5582,6 +5586,7 @@ def big_server(tok, **kw):
     return server, client
 
 
+@pytest.mark.slow
 def test_served_response_formats_give_json_that_parses_and_follows_the_schema_streamed_or_whole(tok):
     # response_format json_object (any object) and json_schema (strict or not): what LangChain's
     # with_structured_output and the openai package's parse() send. The random model never writes JSON alone.
@@ -5613,7 +5618,8 @@ def test_served_response_formats_give_json_that_parses_and_follows_the_schema_st
         server.server_close()
 
 
-@pytest.mark.parametrize("tool_format", ["json", "function_tag", "python_list"])
+@pytest.mark.parametrize("tool_format", ["json", pytest.param("function_tag", marks=pytest.mark.slow),
+                                         pytest.param("python_list", marks=pytest.mark.slow)])
 def test_forced_tool_calls_are_calls_to_the_offered_function_with_valid_arguments(tok, tool_format):
     # tool_choice "required" (a call to one of the functions) and a named function (a call to it), arguments valid
     # for its parameters, finish_reason tool_calls, in the tool format's own syntax: what agent frameworks send.
