@@ -3544,11 +3544,15 @@ class LlamaServer(ThreadingHTTPServer):
         # more: 8B's cache is 128 KiB a position, so 8 slots of its 128K context would be 128 GiB up front.
         self.cache = model.new_cache(max_batch, min(model.args.max_seq_len, 2048))
         self.cached: list[list[int]] = [[] for _ in range(max_batch)]  # the tokens whose K/V each slot holds
-        threading.Thread(target=self.engine, daemon=True).start()
+        self.engine_thread = threading.Thread(target=self.engine, daemon=True)
+        self.engine_thread.start()
 
     def server_close(self) -> None:
+        """Stop the engine after its current step and wait for it: a thread still running torch code while the
+        interpreter shuts down can abort the process (exit -6 instead of 0 on SIGTERM)."""
         self.jobs.put(None)
         super().server_close()
+        self.engine_thread.join(timeout=60)
 
     def engine(self) -> None:
         """Continuous batching: before each decode step, jobs waiting in arrival order join the batch (their prompt
