@@ -1995,15 +1995,22 @@ def load_tools(path: str | Path) -> list[Callable]:
     return tools
 
 
+def shared_prefix(cached: list[int], prompt: list[int]) -> int:
+    """How many leading tokens cached shares with prompt, at most len(prompt) - 1: the last prompt token is always
+    fed, as its logits choose the first new token."""
+    n = 0
+    while n < min(len(cached), len(prompt) - 1) and cached[n] == prompt[n]:
+        n += 1
+    return n
+
+
 def reuse_prefix(model: Transformer, cache: list[KVCache], cached: list[int], prompt: list[int],
                  max_new_tokens: int) -> tuple[list[KVCache], int]:
     """How much of a kept cache a new prompt can reuse: the cache, grown if prompt + max_new_tokens needs more room
     (doubling, up to the context, keeping what it holds), and the length of the longest prefix that cached (the
     tokens whose K/V the cache holds) shares with prompt. At most len(prompt) - 1: the last prompt token is always
     fed, as its logits choose the first new token."""
-    reuse = 0
-    while reuse < min(len(cached), len(prompt) - 1) and cached[reuse] == prompt[reuse]:
-        reuse += 1
+    reuse = shared_prefix(cached, prompt)
     limit = model.args.max_seq_len
     need = min(limit, len(prompt) + max_new_tokens)
     if cache[0].k.shape[2] < need:
@@ -3469,8 +3476,10 @@ class ServedRow:
         if s.repetition_penalty != 1.0:
             seen = torch.tensor([self.seen], device=logits.device)
             chosen_from = apply_repetition_penalty(chosen_from, seen, s.repetition_penalty)
-        chosen_from = chosen_from - self.counts * job.frequency_penalty - (self.counts > 0) * job.presence_penalty
-        chosen_from = chosen_from + self.bias
+        if job.frequency_penalty or job.presence_penalty:
+            chosen_from = chosen_from - self.counts * job.frequency_penalty - (self.counts > 0) * job.presence_penalty
+        if job.logit_bias:
+            chosen_from = chosen_from + self.bias
         if job.constraint is not None:  # -inf where a token would break the document (appendix F)
             chosen_from = job.constraint.mask(chosen_from)
         token = int(sample(chosen_from, s.temperature, s.top_p, s.top_k, self.generator)[0])
@@ -3661,14 +3670,6 @@ class LlamaServer(ThreadingHTTPServer):
                 job.events.put(("prompt", after, top_logprobs(logprobs[j], after, job.logprobs)))
         return logits[-1]
 
-
-def shared_prefix(cached: list[int], prompt: list[int]) -> int:
-    """How many leading tokens cached shares with prompt, at most len(prompt) - 1: the last prompt token is always
-    fed, as its logits choose the first new token."""
-    n = 0
-    while n < min(len(cached), len(prompt) - 1) and cached[n] == prompt[n]:
-        n += 1
-    return n
 
 
 class ServeHandler(BaseHTTPRequestHandler):
