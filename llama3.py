@@ -2608,15 +2608,27 @@ def row_block_linear(x: torch.Tensor, w: torch.Tensor, n_blocks: int = 16) -> to
     return out.transpose(0, 1).reshape(*x.shape[:-1], w.shape[0])  # (..., out)
 
 
+def row_block_count(out_features: int, in_features: int, least: int = 16, block_numel: int = 1 << 20) -> int | None:
+    """How many blocks row_block_linear cuts a weight (out_features, in_features) into: the fewest multiple of
+    `least` that divides out_features and leaves at most block_numel elements a block; None where none does."""
+    need = -(-out_features * in_features // block_numel)  # ceil
+    counts = range(least, out_features + 1, least)
+    return next((n for n in counts if n >= need and out_features % n == 0), None)
+
+
 class CPULinear(nn.Linear):
     """A bias-free nn.Linear that takes the paths above that its CPU level has (`paths`)."""
 
     FP32_FROM_ROWS = 16  # via fp32 overtook bf16 between 8 and 16 rows; fewer are memory-bound: bf16 reads less
-    ROW_BLOCKS = 16  # 4 to 32 blocks measured alike on 2 cores
+    ROW_BLOCKS = 16  # at least: 4 to 32 blocks measured alike on 2 cores
+    # At most: for several rows, blocks of 16M elements (the 1B output layer's 128,256 rows in 16) ran 2x slower
+    # than blocks of 1M (4 MB); one row alike (benchmarks/README.md, Zen 3 row blocks).
+    BLOCK_NUMEL = 1 << 20
 
     def __init__(self, in_features: int, out_features: int, paths: frozenset[str] = frozenset(CPU_PATHS)):
         super().__init__(in_features, out_features, bias=False)
         self.paths = paths
+        self.row_blocks = row_block_count(out_features, in_features, self.ROW_BLOCKS, self.BLOCK_NUMEL)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
@@ -2626,8 +2638,8 @@ class CPULinear(nn.Linear):
         if ("bf16_via_fp32" in self.paths and w.dtype == torch.bfloat16 and not torch.is_grad_enabled()
                 and x.numel() // x.shape[-1] >= self.FP32_FROM_ROWS):  # x's rows
             return bf16_linear_in_fp32(x, w)
-        if "row_blocks" in self.paths and w.dtype == torch.float32 and w.shape[0] % self.ROW_BLOCKS == 0:
-            return row_block_linear(x, w, self.ROW_BLOCKS)
+        if "row_blocks" in self.paths and w.dtype == torch.float32 and self.row_blocks:
+            return row_block_linear(x, w, self.row_blocks)
         return F.linear(x, w)
 
 

@@ -3820,6 +3820,22 @@ def test_fp32_product_in_row_blocks_matches_f_linear(shape):
     torch.testing.assert_close(odd(x), torch.nn.functional.linear(x, odd.weight))
 
 
+def test_row_blocks_stay_under_block_numel_and_divide_the_rows(monkeypatch):
+    # At least ROW_BLOCKS blocks, more where a block would pass BLOCK_NUMEL elements (the output layer),
+    # always a count that divides the rows; none where no count does.
+    assert llama3.row_block_count(512, 64) == 16
+    assert llama3.row_block_count(128256, 2048) == 256  # 1B's output layer: 501 rows a block, 1,026,048 elements
+    assert llama3.row_block_count(8192, 2048) == 16  # 1B's w1: 512 rows, exactly 1M
+    assert llama3.row_block_count(14336, 4096) == 64  # 8B's w1: 224 rows
+    assert llama3.row_block_count(33, 64) is None
+    counts = []
+    monkeypatch.setattr(llama3, "row_block_linear", lambda x, w, n: counts.append(n) or x @ w.T)
+    monkeypatch.setattr(llama3.CPULinear, "BLOCK_NUMEL", 1024)
+    layer = cpu_linear(64, 48 * 16)  # 49,152 elements: 48 blocks of 16 rows
+    layer(torch.randn(2, 64))
+    assert counts == [48]
+
+
 def test_cpu_speed_paths_are_safe_with_two_threads_and_any_default_dtype():
     # The speed paths keep no state between calls: two threads may share one model, and
     # a user's torch.set_default_dtype must not change what they compute.
