@@ -3201,8 +3201,9 @@ def quantize_weights(model: Transformer, weights: Iterator[tuple[str, torch.Tens
 #   reads for that long loses its request, and one that closes its connection is noticed within 0.2 s.
 # - One engine thread owns the model and decodes the requests together (continuous batching, with "Decoding rows
 #   at their own positions"): a request that arrives joins the running batch at the next step, its prompt fed
-#   into a free slot of the cache, and leaves it when it is done, so a short request is never queued behind a long
-#   one; past --max-batch rows, requests wait in arrival order. The engine never touches a socket, so a client
+#   into a free slot of the cache PREFILL_CHUNK tokens a step (the rows decoding make a token between chunks), and
+#   leaves it when it is done, so a short request is never queued behind a long one, nor behind a long prompt;
+#   past --max-batch rows, requests wait in arrival order. The engine never touches a socket, so a client
 #   that stops reading cannot hold it: tokens wait in the request's queue, and the connection's thread cancels the
 #   request (the engine drops its row at the next step) when its client times out or leaves.
 # Each slot keeps the tokens whose K/V it holds, and a request takes the free slot that shares the longest prefix
@@ -3465,6 +3466,7 @@ class ServedRow:
         self.job = job
         self.slot = slot
         self.reuse = reuse  # prompt positions the slot already held
+        self.fed = reuse  # prompt positions in the slot so far: the prompt goes in a chunk a step
         self.position = len(job.prompt)  # where the last token chosen is fed
         self.generator = torch.Generator(device=device).manual_seed(s.seed) if s.seed is not None else None
         self.counts = torch.zeros(model.args.vocab_size, device=device)  # of each token in the answer so far
@@ -3576,21 +3578,32 @@ class LlamaServer(ThreadingHTTPServer):
         self.engine_thread.join(timeout=60)
 
     def engine(self) -> None:
-        """Continuous batching: before each decode step, jobs waiting in arrival order join the batch (their prompt
-        fed into a free slot) up to --max-batch rows; one decode_rows step then makes a token for every row, and a
-        row that is done leaves, freeing its slot. A short request is never queued behind a long one. A failure of
-        the model (NaN logits, out of memory) goes to its rows' clients as a 500 and to the log; the engine goes on."""
-        rows: list[ServedRow] = []
+        """Continuous batching: before each step, jobs waiting in arrival order join the batch in free slots, up to
+        --max-batch rows. A step feeds the next PREFILL_CHUNK tokens of one joining prompt, the one fed least so far,
+        then one decode_rows step makes a token for every row whose prompt is in; a row that is done leaves, freeing
+        its slot. So a short request is never queued behind a long one, not even behind a long prompt (a request
+        that arrives while a long prompt goes in is fed at the next step), and the rows decoding make a token
+        between any two chunks of it. A failure of the model (NaN logits, out of memory) goes
+        to its rows' clients as a 500 and to the log; the engine goes on."""
+        rows: list[ServedRow] = []  # decoding
+        filling: list[ServedRow] = []  # their prompts going in, in arrival order
         while True:
-            while len(rows) < self.max_batch:
+            while len(rows) + len(filling) < self.max_batch:
                 try:
-                    job = self.jobs.get(block=not rows)  # wait only when nothing runs
+                    job = self.jobs.get(block=not rows and not filling)  # wait only when nothing runs
                 except queue.Empty:
                     break
                 if job is None:
                     return
-                row = self.join(job, {r.slot for r in rows})
+                row = self.join(job, {r.slot for r in rows + filling})
                 if row is not None:
+                    filling.append(row)
+            if filling:  # one chunk a step, of the prompt fed least so far (the oldest of those)
+                row = min(filling, key=lambda r: r.fed - r.reuse)
+                if not self.fill(row):  # gone
+                    filling.remove(row)
+                elif row.fed == len(row.job.prompt):  # in: it decodes from this step on
+                    filling.remove(row)
                     rows.append(row)
             if not rows:
                 continue
@@ -3628,8 +3641,8 @@ class LlamaServer(ThreadingHTTPServer):
         return False
 
     def join(self, job: Job, busy: set[int]) -> ServedRow | None:
-        """Start a job in a free slot, fed from the prefix its kept tokens share with the prompt: the slot where the
-        tokens reused most outnumber the kept tokens lost (shared - (kept - shared)), so a chat's next turn finds
+        """Start a job in a free slot, to be fed from the prefix its kept tokens share with the prompt: the slot where
+        the tokens reused most outnumber the kept tokens lost (shared - (kept - shared)), so a chat's next turn finds
         its history, and an unrelated request takes an empty slot rather than another conversation's. A request with
         a seed, or one that wants its prompt's logprobs, is fed whole, as it would be alone. None when the job is
         already done."""
@@ -3644,18 +3657,30 @@ class LlamaServer(ThreadingHTTPServer):
         self.cached[slot] = job.prompt[: row.reuse]  # all that is sure to stay if feeding fails
         try:
             self.make_room(len(job.prompt) + job.max_tokens)
-            if job.echo_logprobs:
-                logits = self.feed_echoed(row)
-            else:
-                logits = prefill_row(self.model, self.cache, slot, job.prompt[row.reuse :], row.reuse)
-            if not row.choose(logits):
-                return row
-        except Exception as e:  # noqa: BLE001 (the model's own failure, answered and logged)
+        except Exception as e:  # noqa: BLE001 (out of memory: answered and logged)
             self.fail(job, e)
             return None
-        self.cached[slot] = (job.prompt + row.new)[:-1]
+        return row
+
+    def fill(self, row: ServedRow) -> bool:
+        """Feed the row's next chunk of prompt; after the last one, choose its first token. False once the row has
+        left (done, failed, or its client gone), else True."""
+        job = row.job
+        if job.cancelled.is_set():
+            print("llama3.py: a client left while its prompt was fed", file=self.log)
+            self.cached[row.slot] = job.prompt[: row.fed]
+            return False
+        try:
+            logits = self.feed_chunk(row)
+            if logits is None or not row.choose(logits):
+                return True
+        except Exception as e:  # noqa: BLE001 (the model's own failure, answered and logged)
+            self.fail(job, e)
+            self.cached[row.slot] = job.prompt[: row.fed]  # the positions fed before the failure stay right
+            return False
+        self.cached[row.slot] = (job.prompt + row.new)[:-1]
         row.end()
-        return None
+        return False
 
     def make_room(self, need: int) -> None:
         """Grow every slot to `need` positions (doubling, up to the context), keeping what the slots hold."""
@@ -3669,18 +3694,24 @@ class LlamaServer(ThreadingHTTPServer):
         self.cache = bigger
 
     @torch.inference_mode()
-    def feed_echoed(self, row: ServedRow) -> torch.Tensor:
-        """Feed the row's whole prompt computing every position's logits (not only the last one's), and send each
-        prompt token after the first with its logprobs -> the last position's logits (vocab_size,)."""
+    def feed_chunk(self, row: ServedRow) -> torch.Tensor | None:
+        """Feed the row's next PREFILL_CHUNK prompt tokens into its slot, at the positions prefill would feed them
+        alone -> the last position's logits (vocab_size,) once the whole prompt is in, else None. With echoed
+        logprobs every position's logits are computed, and each prompt token after the first is sent with its own."""
         job = row.job
-        view = row_cache(self.cache, row.slot)
-        tokens = torch.tensor([job.prompt], device=self.model.tok_embeddings.weight.device)  # (1, T)
-        for i in range(0, len(job.prompt), PREFILL_CHUNK):
-            logits = self.model(tokens[:, i : i + PREFILL_CHUNK], i, view)[0]  # (chunk, vocab_size)
+        i = row.fed
+        chunk = job.prompt[i : i + PREFILL_CHUNK]
+        if job.echo_logprobs:
+            tokens = torch.tensor([chunk], device=self.model.tok_embeddings.weight.device)  # (1, T)
+            logits = self.model(tokens, i, row_cache(self.cache, row.slot))[0]  # (T, vocab_size)
             logprobs = torch.log_softmax(logits, dim=-1)
-            for j, after in enumerate(job.prompt[i + 1 : i + 1 + len(logits)]):  # position i + j predicts after
+            for j, after in enumerate(job.prompt[i + 1 : i + 1 + len(chunk)]):  # position i + j predicts after
                 job.events.put(("prompt", after, top_logprobs(logprobs[j], after, job.logprobs)))
-        return logits[-1]
+            logits = logits[-1]
+        else:
+            logits = prefill_row(self.model, self.cache, row.slot, chunk, i)
+        row.fed += len(chunk)
+        return logits if row.fed == len(job.prompt) else None
 
 
 

@@ -4694,6 +4694,75 @@ def test_a_short_request_is_answered_long_before_a_long_one_ends(served, monkeyp
     long.join()
 
 
+def test_a_long_prompt_goes_in_a_chunk_a_step_while_the_running_rows_keep_decoding(served, tok, monkeypatch):
+    # A prompt of five chunks joins a running request: between any two of its chunks the running row makes a token,
+    # a short request that arrives during its first chunk is fed next, and the answers equal greedy decoding alone,
+    # the long prompt fed in the same chunks.
+    import itertools
+    import threading
+    import time
+
+    server, client = served
+    monkeypatch.setattr(llama3, "PREFILL_CHUNK", 16)
+    slowed_generate(monkeypatch, 0.05)
+    long_prompt = "the cat sat on the mat and " * 10
+    tokens = tok.encode(long_prompt, bos=True, eos=False)
+    assert 64 < len(tokens) <= 80  # five chunks of 16
+    events, queued, feed_chunk, decode = [], threading.Event(), llama3.LlamaServer.feed_chunk, llama3.decode_rows
+
+    def spy(self, row):
+        events.append(("chunk", len(row.job.prompt)))
+        if len(row.job.prompt) == len(tokens) and row.fed == 0:
+            queued.wait(30)  # the long prompt's first chunk goes on once the short request waits in the queue
+        return feed_chunk(self, row)
+
+    monkeypatch.setattr(llama3.LlamaServer, "feed_chunk", spy)
+    monkeypatch.setattr(llama3, "decode_rows", lambda *a: events.append(("step", len(a[2]))) or decode(*a))
+    answers = {}
+
+    def ask(name: str, prompt: str, n: int) -> None:
+        answers[name] = client.completions.create(model="tiny", prompt=prompt, max_tokens=n, temperature=0,
+                                                  logprobs=1).choices[0]
+
+    asking = [threading.Thread(target=ask, args=("running", "Once upon a time", 24)),
+              threading.Thread(target=ask, args=("long", long_prompt, 4))]
+    asking[0].start()
+    while ("step", 1) not in events:
+        time.sleep(0.01)
+    asking[1].start()
+    while ("chunk", len(tokens)) not in events:
+        time.sleep(0.01)
+    asking.append(threading.Thread(target=ask, args=("short", "Hi", 2)))
+    asking[-1].start()
+    while server.jobs.empty():
+        time.sleep(0.01)
+    queued.set()
+    for thread in asking:
+        thread.join()
+    monkeypatch.undo()
+    chunks = [i for i, e in enumerate(events) if e == ("chunk", len(tokens))]
+    assert len(chunks) == 5
+    for a, b in itertools.pairwise(chunks):
+        assert ("step", 1) in events[a:b] or ("step", 2) in events[a:b], events[a:b]  # the running row decoded
+    short = len(tok.encode("Hi", bos=True, eos=False))
+    after = [e for e in events[chunks[0] + 1 :] if e[0] == "chunk"]
+    assert after[0] == ("chunk", short)  # fed next, before the rest of the long prompt
+    for name, prompt, n in (("running", "Once upon a time", 24), ("short", "Hi", 2)):
+        assert answers[name].text == greedy_text(server, tok, tok.encode(prompt, bos=True, eos=False), n)[0]
+    with torch.inference_mode():
+        cache = server.model.new_cache(1, len(tokens) + 4)
+        logits = llama3.prefill(server.model, torch.tensor([tokens]), 0, cache, chunk=16)[0]
+        new, logprobs = [], []
+        for position in range(len(tokens), len(tokens) + 4):
+            new.append(int(logits.argmax()))
+            logprobs.append(float(torch.log_softmax(logits, dim=-1)[new[-1]]))
+            if new[-1] in tok.stop_tokens:
+                break
+            logits = server.model(torch.tensor([new[-1:]]), position, cache)[0, -1]
+    assert answers["long"].text == tok.decode([t for t in new if t not in tok.stop_tokens])
+    assert answers["long"].logprobs.token_logprobs == pytest.approx(logprobs, abs=1e-5)
+
+
 def test_seeded_sampled_answers_repeat_whatever_runs_beside_them(served):
     # Each row has its own generator: a seeded request gives the same answer alone and beside three others.
     from concurrent.futures import ThreadPoolExecutor
@@ -4858,6 +4927,34 @@ def test_a_client_that_stops_reading_or_leaves_gives_way_to_the_next_within_seco
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_client_leaving_while_its_prompt_goes_in_stops_the_feeding_and_keeps_what_was_fed(served, tok, monkeypatch):
+    # Its prompt's next chunk is not fed, the log says so, and the slot keeps the positions fed (a later request
+    # with that prompt reuses them).
+    import time
+
+    server, client = served
+    monkeypatch.setattr(llama3, "PREFILL_CHUNK", 16)
+    fed, feed_chunk = [], llama3.LlamaServer.feed_chunk
+    monkeypatch.setattr(llama3.LlamaServer, "feed_chunk",
+                        lambda self, row: time.sleep(0.3) or fed.append(row.fed) or feed_chunk(self, row))
+    prompt = "the cat sat on the mat and " * 10
+    leaving = raw_request(server, *post("/v1/completions", {"prompt": prompt, "max_tokens": 2}))
+    while not fed:
+        time.sleep(0.01)
+    leaving.close()
+    for _ in range(100):
+        if "a client left while its prompt was fed" in server.log.getvalue():
+            break
+        time.sleep(0.05)
+    assert "a client left while its prompt was fed" in server.log.getvalue()
+    assert 1 <= len(fed) < 5, fed  # of five chunks
+    tokens = tok.encode(prompt, bos=True, eos=False)
+    assert tokens[: 16 * len(fed)] in server.cached
+    fed.clear()
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=2, temperature=0)
+    assert fed[0] > 0 and r.choices[0].text == greedy_text(server, tok, tokens, 2)[0]
 
 
 @pytest.mark.parametrize("length, status", [(None, 411), ("-1", 400), ("abc", 400), ("1e3", 400),

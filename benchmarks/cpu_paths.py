@@ -4,7 +4,9 @@
 
 On the Llama 3.2 1B shape, alternating the two sides of each choice and
 printing medians, with the ratio of the medians of each round:
-  - fp32 products: torch's F.linear against row_block_linear (1 to 2,048 rows);
+  - fp32 products: torch's F.linear against row_block_linear (1 to 2,048 rows); the output layer's product of
+    1, 4 and 8 rows in 16 row blocks against blocks of at most 1M elements (CPULinear's count);
+  - bf16 products of one row (a layer's shapes, the output layer): torch's bf16 kernel against row blocks;
   - bf16 products of 16 and 128 rows: torch's bf16 kernel against bf16_linear_in_fp32;
   - attention of one layer: explicit against SDPA, for a 512-token chunk and one decoded token;
   - a prompt's attention (4,096 tokens, then 16,384): one is_causal call against chunks of 512 with
@@ -99,7 +101,24 @@ def main() -> None:
                 "F.linear": lambda xs=xs: [F.linear(x, w) for x, w in zip(xs, ws)],
                 "row blocks": lambda xs=xs: [llama3.row_block_linear(x, w) for x, w in zip(xs, ws)]},
                 opts.rounds, 20 if rows == 1 else 2)
+        out = torch.randn(128256, DIM) * 0.02  # the output layer (vocabulary, dim)
+        sized = llama3.row_block_count(*out.shape)
+        for rows in (1, 4, 8):
+            x = torch.randn(1, rows, DIM)
+            compare(f"fp32, {rows} row(s), the output layer", {
+                "16 row blocks": lambda x=x, w=out: llama3.row_block_linear(x, w, 16),
+                f"{sized} row blocks (<= 1M elements each)": lambda x=x, w=out: llama3.row_block_linear(x, w, sized)},
+                opts.rounds, 2)
         wb = [w.bfloat16() for w in ws]
+        # Issue 35: on a Zen 5 bf16's one-row product gained from row blocks; here each level measures it.
+        for name, weights in (("one layer's shapes", wb), ("the output layer", [out.bfloat16()])):
+            xs = [torch.randn(1, 1, w.shape[1]).bfloat16() for w in weights]
+            compare(f"bf16, 1 row, {name}", {
+                "bf16 kernel": lambda xs=xs, ws=weights: [F.linear(x, w) for x, w in zip(xs, ws)],
+                "row blocks": lambda xs=xs, ws=weights: [
+                    llama3.row_block_linear(x, w, llama3.row_block_count(*w.shape)) for x, w in zip(xs, ws)]},
+                opts.rounds, 20 if name.startswith("one") else 3)
+        del out
         for rows in (16, 128):
             xs = [torch.randn(1, rows, w.shape[1]).bfloat16() for w in wb]
             compare(f"bf16, {rows} rows, one layer's shapes", {

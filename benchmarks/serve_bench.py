@@ -3,6 +3,7 @@ K clients at once against one alone (continuous batching) (run by hand).
 
     python benchmarks/serve_bench.py [--ckpt-dir DIR] [--history 2000] [--rounds 5] [--dtype bf16] [--threads N]
     python benchmarks/serve_bench.py --clients 4 [--new-tokens 32] [--rounds 3]
+    python benchmarks/serve_bench.py --long-prompt 2000 [--rounds 3]
 
 Starts `llama3.py --serve 127.0.0.1:0` on a random checkpoint in Llama 3.2 1B shape
 (bench.py's make_checkpoint, made once in --ckpt-dir or a temporary folder; Meta's
@@ -19,7 +20,11 @@ Prints the CPU, each side's median and the ratio. With --clients K, each round t
 (alternating which goes first) one client's completion of --new-tokens tokens alone,
 and K clients' completions sent at once: generated tokens per second, the K clients'
 summed against the one's; then the time to first token of a request that joins K - 1
-running ones, against alone. Standard library on the client side.
+running ones, against alone. With --long-prompt N, each round streams one long answer
+and, once it runs, sends a prompt of about N tokens, then half a second later a short
+request: the longest gap between the stream's tokens while the long prompt goes in
+(against its median gap before), and the short request's time to first token.
+Standard library on the client side.
 """
 
 import argparse
@@ -82,6 +87,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--clients", type=int, default=None, help="K clients at once against one (batching)")
     p.add_argument("--new-tokens", type=int, default=32, help="with --clients: tokens each client asks for")
+    p.add_argument("--long-prompt", type=int, default=None, help="a prompt of about N tokens joins a running stream")
     opts = p.parse_args()
     import llama_models
 
@@ -112,6 +118,9 @@ def main() -> None:
             sys.exit(f"the server did not start: {line}")
         if opts.clients:
             batching(url, opts, ckpt)
+            return
+        if opts.long_prompt:
+            long_prompt(url, opts, ckpt)
             return
         history = conversation(opts.history, seed=0)
         ask = {"model": "bench", "temperature": 0, "max_tokens": 1}
@@ -191,6 +200,56 @@ def batching(url: str, opts: argparse.Namespace, ckpt: Path) -> None:
         print(f"time to first token, median: alone {statistics.median(lone):.3f} s, joining a running batch "
               f"{statistics.median(joined):.3f} s")
 
+
+def long_prompt(url: str, opts: argparse.Namespace, ckpt: Path) -> None:
+    post(f"{url}/completions", {"model": "bench", "prompt": "Warm up", "max_tokens": 4})
+    print(f"# {cpu_name()}; {ckpt.name}, {opts.dtype}, {opts.threads} threads; a prompt of about "
+          f"{opts.long_prompt} tokens joins a running stream", flush=True)
+    for r in range(opts.rounds):
+        words = " ".join(m["content"] for m in conversation(opts.long_prompt, seed=r + 1)[1:])  # no prefix kept
+        tokens, seconds, gap, before, short = join_round(url, words, r)
+        print(f"round {r + 1}: prompt of {tokens} tokens answered in {seconds:.2f} s; the running stream's longest "
+              f"gap meanwhile {gap:.2f} s (median gap before {before:.3f} s); a short request sent 0.5 s after "
+              f"it: first token in {short:.2f} s", flush=True)
+
+
+def join_round(url: str, words: str, r: int) -> tuple[int, float, float, float, float]:
+    """One stream running, a long prompt joining, a short request after it -> (the long prompt's tokens, its time,
+    the stream's longest gap meanwhile, its median gap before, the short request's time to first token)."""
+    import itertools
+    import threading
+
+    times, done, joined = [], threading.Event(), [0.0, float("inf")]  # when the long prompt was sent, answered
+    data = json.dumps({"model": "bench", "prompt": f"Story {r}.", "max_tokens": 10_000, "temperature": 0,
+                       "stop": [], "stream": True}).encode()
+    request = urllib.request.Request(f"{url}/completions", data=data, headers={"Content-Type": "application/json"})
+
+    def stream() -> None:
+        with urllib.request.urlopen(request, timeout=600) as answer:
+            for line in answer:
+                if line.startswith(b"data: {"):
+                    times.append(time.perf_counter())
+                if done.is_set() and len(times) > 2 and times[-2] > joined[1]:
+                    return  # closing the connection ends the generation
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    while len(times) < 6:
+        time.sleep(0.05)
+    short = []
+    asker = threading.Thread(target=lambda: time.sleep(0.5) or short.append(first_chunk(
+        f"{url}/completions", {"model": "bench", "prompt": "A short question.", "max_tokens": 1})))
+    joined[0] = time.perf_counter()
+    asker.start()
+    seconds, answer = post(f"{url}/completions", {"model": "bench", "prompt": words, "max_tokens": 1})
+    joined[1] = time.perf_counter()
+    done.set()
+    asker.join()
+    reader.join()
+    gaps = list(itertools.pairwise(times))
+    before = [b - a for a, b in gaps if b < joined[0]]
+    during = [b - a for a, b in gaps if b > joined[0] and a < joined[1]]
+    return answer["usage"]["prompt_tokens"], seconds, max(during), statistics.median(before), short[0]
 
 if __name__ == "__main__":
     main()
