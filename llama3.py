@@ -3583,8 +3583,8 @@ class LlamaServer(ThreadingHTTPServer):
         then one decode_rows step makes a token for every row whose prompt is in; a row that is done leaves, freeing
         its slot. So a short request is never queued behind a long one, not even behind a long prompt (a request
         that arrives while a long prompt goes in is fed at the next step), and the rows decoding make a token
-        between any two chunks of it. A failure of the model (NaN logits, out of memory) goes
-        to its rows' clients as a 500 and to the log; the engine goes on."""
+        between any two chunks of it. A failure of the model (NaN logits, out of memory) goes to its rows' clients
+        as a 500 and to the log; the engine goes on."""
         rows: list[ServedRow] = []  # decoding
         filling: list[ServedRow] = []  # their prompts going in, in arrival order
         while True:
