@@ -3208,10 +3208,11 @@ def quantize_weights(model: Transformer, weights: Iterator[tuple[str, torch.Tens
 #   request (the engine drops its row at the next step) when its client times out or leaves.
 # Each slot keeps the tokens whose K/V it holds, and a request takes the free slot that shares the longest prefix
 # with its prompt, feeding only what follows (as Chat does): a chat client resends the whole history each turn,
-# and a turn then costs its new tokens. A request with a seed is fed whole instead, as it would be alone: how many
-# positions one forward covers changes how bf16 rounds, and a seed promises the same answer whatever came before.
-# A row's answer is the one it would get alone (its own position, cache, sampling settings, generator, stop
-# strings), up to the rounding of products over several rows that decode_rows' comment measures.
+# and a turn then costs its new tokens. A request with a seed is fed whole instead, and decoded in a step of its
+# own, as it would be alone: how many positions or rows one forward covers changes how products round, and a seed
+# promises the same answer whatever came before or runs beside. Any other row's answer is the one it would get
+# alone (its own position, cache, sampling settings, generator, stop strings), up to the rounding of products over
+# several rows that decode_rows' comment measures.
 # =============================================================================
 
 # Imported here, not at the top: deleting the appendix deletes what only it uses.
@@ -3296,6 +3297,7 @@ def check_fields(body: dict, honoured: set[str]) -> None:
             raise APIError(400, f"{name} must be 1: one answer per prompt", name)
     if _field(body, "suffix", str, ""):
         raise APIError(400, "suffix is not supported: Llama 3 text models do not fill in the middle", "suffix")
+    _field(body, "model", str)  # any name (the one model answers), but a name
 
 
 def _schema_type(schema: dict, where: str) -> str | None:
@@ -3605,23 +3607,28 @@ class LlamaServer(ThreadingHTTPServer):
                 elif row.fed == len(row.job.prompt):  # in: it decodes from this step on
                     filling.remove(row)
                     rows.append(row)
-            if not rows:
-                continue
-            try:
-                logits = decode_rows(self.model, self.cache, [r.slot for r in rows], [r.new[-1] for r in rows],
-                                     [r.position for r in rows])  # (B, vocab_size)
-            except Exception as e:  # noqa: BLE001 (the model's own failure, answered and logged)
-                for row in rows:
-                    self.fail(row.job, e)
-                    self.cached[row.slot] = row.job.prompt[: row.reuse]
-                rows = []
-                continue
-            going = []
-            for row, row_logits in zip(rows, logits):
-                row.position += 1
-                if self.step(row, row_logits):
-                    going.append(row)
-            rows = going
+            # A row with a seed decodes in a step of its own: products of several rows can round otherwise than
+            # one row's, and a seed promises the answer the request gets alone, to the last bit.
+            seeded = [[r] for r in rows if r.job.sampling.seed is not None]
+            others = [r for r in rows if r.job.sampling.seed is None]
+            rows = [row for step in [*seeded, others] if step for row in self.decode(step)]
+
+    def decode(self, rows: list[ServedRow]) -> list[ServedRow]:
+        """One decode_rows step that makes each row's next token -> the rows still going."""
+        try:
+            logits = decode_rows(self.model, self.cache, [r.slot for r in rows], [r.new[-1] for r in rows],
+                                 [r.position for r in rows])  # (B, vocab_size)
+        except Exception as e:  # noqa: BLE001 (the model's own failure, answered and logged)
+            for row in rows:
+                self.fail(row.job, e)
+                self.cached[row.slot] = row.job.prompt[: row.reuse]
+            return []
+        going = []
+        for row, row_logits in zip(rows, logits):
+            row.position += 1
+            if self.step(row, row_logits):
+                going.append(row)
+        return going
 
     def fail(self, job: Job, error: Exception) -> None:
         print(f"llama3.py: generation failed: {type(error).__name__}: {error}", file=self.log)
@@ -3849,7 +3856,7 @@ class ServeHandler(BaseHTTPRequestHandler):
         if len(data) < length:
             raise ConnectionAbortedError  # the client closed before its body was sent
         try:
-            body = json.loads(data, parse_constant=lambda name: float("nan"))  # NaN fails every range check
+            body = json.loads(data)  # NaN and Infinity parse as floats, and fail every range check
         except (ValueError, RecursionError) as e:
             raise APIError(400, f"the body is not JSON: {str(e)[:200]}") from None
         if not isinstance(body, dict):
