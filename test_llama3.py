@@ -369,8 +369,114 @@ def user_env(home: Path, **extra: str) -> dict:
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(HERE / "llama3.py"), *args], check=False, capture_output=True,
-                          text=True, timeout=300, stdin=subprocess.DEVNULL, env=env or user_env(EMPTY_HOME))
+    """`python llama3.py *args` in a process of its own (stdin empty), as a user runs it: forked from a process that
+    has imported torch already (about 3 s a run saved), or started afresh where env differs in what torch reads at
+    import."""
+    env = env or user_env(EMPTY_HOME)
+    argv = [sys.executable, str(HERE / "llama3.py"), *args]
+    if not ZYGOTE.takes(env):
+        return subprocess.run(argv, check=False, capture_output=True, text=True, timeout=300,
+                              stdin=subprocess.DEVNULL, env=env)
+    return ZYGOTE.run(argv, env, timeout=300)
+
+
+# The zygote: imports torch and llama3 once, then for each request forks a child that takes the request's
+# environment, working folder and argv, runs the script as __main__ (as `python script` would: its folder first on
+# sys.path, an uncaught exception printed and exit code 1), and exits with its code; the zygote sends back the exit
+# code and the child's stdout and stderr. The zygote runs no torch code, so it has no threads to lose in a fork.
+ZYGOTE_CODE = r"""
+import json, os, runpy, signal, sys, tempfile, time, traceback
+import torch, llama3, tokenizer  # the imports every run would pay for
+folder = tempfile.mkdtemp(prefix="llama3-zygote-")
+for line in sys.stdin:
+    request = json.loads(line)
+    out, err = os.path.join(folder, "out"), os.path.join(folder, "err")
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.environ.clear()
+            os.environ.update(request["env"])
+            os.chdir(request["cwd"])
+            for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+                                    (2, err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
+                os.dup2(os.open(path, flags), fd)
+            sys.stdin = open(0, closefd=False)
+            sys.argv = request["argv"][1:]
+            sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))
+            runpy.run_path(sys.argv[0], run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    deadline = time.monotonic() + request["timeout"]
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        answer = {"timeout": True}
+    else:
+        answer = {"rc": os.waitstatus_to_exitcode(done[1])}
+        for name, path in (("stdout", out), ("stderr", err)):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                answer[name] = f.read()
+    for path in (out, err):
+        if os.path.exists(path):
+            os.unlink(path)
+    print(json.dumps(answer), flush=True)
+os.rmdir(folder)
+"""
+
+
+class Zygote:
+    """The zygote process for this test session, started at its first run and ended with the session."""
+
+    # What torch and its libraries read when they are imported: a run whose environment differs here starts afresh.
+    IMPORT_TIME = ("OMP_", "MKL_", "ONEDNN_", "DNNL_", "ATEN_", "KMP_", "TORCH", "PYTORCH", "CUDA", "PYTHON", "LD_")
+
+    def __init__(self):
+        self.process = None
+        self.env = None  # the zygote's, taken when it starts (after the session's fixtures set theirs)
+
+    def takes(self, env: dict) -> bool:
+        own = self.env or user_env(EMPTY_HOME)
+        keys = {k for k in (*env, *own) if k.startswith(self.IMPORT_TIME)}
+        return hasattr(os, "fork") and all(env.get(k) == own.get(k) for k in keys)
+
+    def run(self, argv: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+        if self.process is None or self.process.poll() is not None:
+            self.env = user_env(EMPTY_HOME)
+            self.process = subprocess.Popen([sys.executable, "-c", ZYGOTE_CODE], stdin=subprocess.PIPE,
+                                            stdout=subprocess.PIPE, text=True, cwd=HERE, env=self.env)
+        request = {"argv": argv, "env": env, "cwd": os.getcwd(), "timeout": timeout}
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        answer = json.loads(self.process.stdout.readline())
+        if answer.get("timeout"):
+            raise subprocess.TimeoutExpired(argv, timeout)
+        return subprocess.CompletedProcess(argv, answer["rc"], answer["stdout"], answer["stderr"])
+
+    def close(self) -> None:
+        if self.process is not None:
+            self.process.stdin.close()
+            self.process.wait(timeout=30)
+
+
+ZYGOTE = Zygote()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def end_the_zygote():
+    yield
+    ZYGOTE.close()
 
 
 def greedy_pieces(folder: Path, tok, prompt_ids: list[int], n: int) -> list[str]:
