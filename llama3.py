@@ -3588,7 +3588,7 @@ class LlamaServer(ThreadingHTTPServer):
         between any two chunks of it. A failure of the model (NaN logits, out of memory) goes to its rows' clients
         as a 500 and to the log; the engine goes on."""
         rows: list[ServedRow] = []  # decoding
-        filling: list[ServedRow] = []  # their prompts going in, in arrival order
+        filling: list[ServedRow] = []  # rows whose prompts are going in, in arrival order
         while True:
             while len(rows) + len(filling) < self.max_batch:
                 try:
@@ -3611,7 +3611,11 @@ class LlamaServer(ThreadingHTTPServer):
             # one row's, and a seed promises the answer the request gets alone, to the last bit.
             seeded = [[r] for r in rows if r.job.sampling.seed is not None]
             others = [r for r in rows if r.job.sampling.seed is None]
-            rows = [row for step in [*seeded, others] if step for row in self.decode(step)]
+            going = []
+            for step in [*seeded, others]:
+                if step:
+                    going += self.decode(step)
+            rows = going
 
     def decode(self, rows: list[ServedRow]) -> list[ServedRow]:
         """One decode_rows step that makes each row's next token -> the rows still going."""
@@ -3719,7 +3723,6 @@ class LlamaServer(ThreadingHTTPServer):
             logits = prefill_row(self.model, self.cache, row.slot, chunk, i)
         row.fed += len(chunk)
         return logits if row.fed == len(job.prompt) else None
-
 
 
 class ServeHandler(BaseHTTPRequestHandler):
